@@ -1,0 +1,77 @@
+"""The one exception hierarchy of ollama-pull.
+
+Every error a user can meet in normal operation is one of these, with a message that says what failed and,
+where there is one, what to do about it::
+
+    OllamaPullError
+    ├── InvalidReference        the model reference cannot be parsed
+    ├── RegistryError           the registry answered something we cannot use
+    │   ├── ModelNotFound       404 on the manifest
+    │   ├── AuthenticationError 401/403 even with a token
+    │   ├── ClientTooOld        412: the registry wants a newer client
+    │   └── InvalidManifest     the manifest is malformed or unsafe
+    ├── BlobError               one blob could not be downloaded after every retry
+    │   └── IntegrityError      ... because its bytes never matched the digest
+    └── StorageError            the local store cannot be read or written
+
+Foreign exceptions (httpx, OSError) are translated once, where they happen, and chained with ``from``.
+The CLI alone maps these classes to exit codes.
+"""
+
+from __future__ import annotations
+
+
+class OllamaPullError(Exception):
+    """Base class of every error ollama-pull raises on purpose."""
+
+
+class InvalidReference(OllamaPullError, ValueError):
+    """A model reference that Ollama would not accept either."""
+
+    def __init__(self, reference: str, reason: str) -> None:
+        self.reference = reference
+        self.reason = reason
+        super().__init__(f"invalid model reference {reference!r}: {reason}")
+
+
+class RegistryError(OllamaPullError):
+    """The registry could not be reached or answered something unusable."""
+
+
+class ModelNotFound(RegistryError):
+    def __init__(self, model: str) -> None:
+        self.model = model
+        super().__init__(f"model {model!r} not found: check the name and tag, or the registry host")
+
+
+class AuthenticationError(RegistryError):
+    """The registry refused us even after answering its challenge."""
+
+
+class ClientTooOld(RegistryError):
+    def __init__(self, model: str) -> None:
+        super().__init__(f"the registry says {model!r} needs a newer client (HTTP 412): upgrade ollama-pull or Ollama")
+
+
+class InvalidManifest(RegistryError):
+    def __init__(self, model: str, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"invalid manifest for {model!r}: {reason}; nothing was written")
+
+
+class BlobError(OllamaPullError):
+    """A blob failed for good: every attempt was used."""
+
+    def __init__(self, digest: str, reason: str, attempts: int) -> None:
+        self.digest = digest
+        self.reason = reason
+        self.attempts = attempts
+        super().__init__(f"blob {digest} failed after {attempts} attempts: {reason}")
+
+
+class IntegrityError(BlobError):
+    """The blob's bytes never matched its digest or size."""
+
+
+class StorageError(OllamaPullError):
+    """The model store cannot be written: a full disk, missing permissions, a read-only filesystem."""

@@ -1,0 +1,123 @@
+"""The registry client: manifests and blob streams over the OCI distribution v2 API."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import httpx
+
+from . import __version__
+from .auth import RegistryAuth
+from .errors import AuthenticationError, ClientTooOld, InvalidManifest, ModelNotFound, RegistryError
+from .manifest import MANIFEST_MEDIA_TYPE, MAX_MANIFEST_BYTES, Manifest, parse_manifest
+from .reference import ModelReference
+from .retry import RETRYABLE_STATUS, Backoff, describe_transport_error, retry_after
+
+USER_AGENT = f"ollama-pull/{__version__}"
+
+
+def make_client(*, insecure: bool = False, concurrency: int = 64, read_timeout: float = 60.0) -> httpx.AsyncClient:
+    """The HTTP client a pull uses: registry auth, redirects followed, enough connections for every download.
+
+    httpx drops the ``Authorization`` header on a redirect to another host, so a CDN never sees the registry's
+    token. The read timeout only backs up the engine's own stall detection for sockets that go silent.
+    """
+    return httpx.AsyncClient(
+        auth=RegistryAuth(),
+        follow_redirects=True,
+        verify=not insecure,
+        headers={"User-Agent": USER_AGENT},
+        timeout=httpx.Timeout(30.0, read=read_timeout, pool=None),
+        limits=httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4),
+    )
+
+
+class RegistryClient:
+    """Talks to the registry a reference names; knows URLs, status codes and retries, nothing of the store."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        *,
+        insecure: bool = False,
+        attempts: int = 6,
+        backoff: Backoff = Backoff(),
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self.client = client
+        self.scheme = "http" if insecure else "https"
+        self.attempts = attempts
+        self.backoff = backoff
+        self._sleep = sleep
+        self._jitter = jitter
+
+    def repository_url(self, reference: ModelReference) -> str:
+        return f"{self.scheme}://{reference.host}/v2/{reference.repository}"
+
+    async def fetch_manifest(self, reference: ModelReference) -> Manifest:
+        """Fetch and validate the manifest, retrying 429, 5xx and network failures with backoff."""
+        url = f"{self.repository_url(reference)}/manifests/{reference.tag}"
+        reason = ""
+        for attempt in range(1, self.attempts + 1):
+            wait: float | None = None
+            try:
+                async with self.client.stream("GET", url, headers={"Accept": MANIFEST_MEDIA_TYPE}) as response:
+                    if response.status_code == 200:
+                        return await _read_manifest(response, reference)
+                    _raise_for_manifest_status(response, reference)
+                    reason = f"HTTP {response.status_code}"
+                    wait = retry_after(response)
+            except httpx.RequestError as exc:
+                reason = describe_transport_error(exc)
+            if attempt < self.attempts:
+                await self._sleep(max(wait or 0.0, self.backoff.delay(attempt, self._jitter())))
+        raise RegistryError(
+            f"cannot fetch the manifest of {reference.short} from {reference.host}: {reason} "
+            f"(tried {self.attempts} times)"
+        )
+
+    @asynccontextmanager
+    async def stream_blob(
+        self, reference: ModelReference, digest: str, *, offset: int = 0
+    ) -> AsyncIterator[httpx.Response]:
+        """Open a blob's bytes from ``offset``; the caller judges the status and reads the raw body."""
+        # Blobs are hashed as stored: ask for no content coding, and the engine reads the raw bytes.
+        headers = {"Accept-Encoding": "identity"}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        async with self.client.stream("GET", f"{self.repository_url(reference)}/blobs/{digest}", headers=headers) as r:
+            yield r
+
+
+def _raise_for_manifest_status(response: httpx.Response, reference: ModelReference) -> None:
+    """Raise the final error a manifest status means; return when the status is worth retrying."""
+    status = response.status_code
+    if status == 404:
+        raise ModelNotFound(reference.short)
+    if status in (401, 403):
+        raise AuthenticationError(
+            f"the registry {reference.host} refused access to {reference.short} (HTTP {status}): "
+            "the model may be private, or your credentials wrong"
+        )
+    if status == 412:
+        raise ClientTooOld(reference.short)
+    if status not in RETRYABLE_STATUS:
+        raise RegistryError(f"the registry {reference.host} answered HTTP {status} for {reference.short}")
+
+
+async def _read_manifest(response: httpx.Response, reference: ModelReference) -> Manifest:
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) > MAX_MANIFEST_BYTES:
+            raise InvalidManifest(reference.short, f"it is larger than {MAX_MANIFEST_BYTES} bytes")
+    raw = bytes(body)
+    announced = response.headers.get("Docker-Content-Digest", "")
+    if announced.startswith("sha256:") and announced != "sha256:" + hashlib.sha256(raw).hexdigest():
+        raise InvalidManifest(reference.short, f"its bytes do not match the Docker-Content-Digest {announced}")
+    return parse_manifest(raw, model=reference.short)

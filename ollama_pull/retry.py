@@ -1,0 +1,56 @@
+"""When to try again: backoff with jitter, and what a server's ``Retry-After`` asks for."""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from dataclasses import dataclass
+
+import httpx
+
+# A server may ask for hours; past this we would rather fail with a clear message than look hung.
+MAX_RETRY_AFTER = 60.0
+RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff, ``base * 2**(n-1)`` capped, times a jitter factor in [0.5, 1.5)."""
+
+    base: float = 0.2
+    cap: float = 10.0
+
+    def delay(self, failures: int, jitter: float) -> float:
+        return float(min(self.base * 2 ** max(failures - 1, 0), self.cap)) * (0.5 + jitter)
+
+
+def retry_after(response: httpx.Response, *, now: float | None = None) -> float | None:
+    """Seconds to wait as the response's ``Retry-After`` says (delta-seconds or HTTP date), if it says."""
+    value = response.headers.get("Retry-After", "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        seconds = float(value)
+    else:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+
+
+def describe_transport_error(exc: httpx.RequestError) -> str:
+    """A short reason for a network failure, without URLs or headers (which may carry credentials)."""
+    kind = {
+        httpx.ConnectError: "connection failed",
+        httpx.ConnectTimeout: "connection timed out",
+        httpx.ReadTimeout: "read timed out",
+        httpx.RemoteProtocolError: "connection closed early",
+        httpx.ReadError: "connection reset",
+        httpx.WriteError: "connection reset while sending",
+        httpx.TooManyRedirects: "too many redirects",
+        httpx.UnsupportedProtocol: "redirected to an unsupported URL scheme",
+    }.get(type(exc), "network error")
+    detail = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{kind} ({detail})" if detail and detail != kind else kind

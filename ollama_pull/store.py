@@ -1,0 +1,177 @@
+"""The local Ollama model store: where blobs and manifests live, and how they get there safely.
+
+Only a verified blob ever carries a ``sha256-<hex>`` name. Bytes in flight live in ``sha256-<hex>-partial``,
+a name Ollama never takes for a blob, and a manifest appears only once all its blobs are in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from .errors import StorageError
+from .manifest import DIGEST_PATTERN, Layer
+from .reference import ModelReference
+
+PARTIAL_SUFFIX = "-partial"
+_REHASH_CHUNK = 1024 * 1024
+
+
+def default_models_dir() -> Path:
+    """``$OLLAMA_MODELS`` (trimmed, as Ollama does), else ``~/.ollama/models``."""
+    configured = os.environ.get("OLLAMA_MODELS", "").strip()
+    return Path(configured).expanduser() if configured else Path.home() / ".ollama" / "models"
+
+
+@contextlib.contextmanager
+def storage_errors(action: str) -> Iterator[None]:
+    """Translate an ``OSError`` into a :class:`StorageError` that says what we were doing and what to check."""
+    try:
+        yield
+    except OSError as exc:
+        hint = {
+            errno.ENOSPC: "the disk is full: free some space and run again",
+            errno.EDQUOT: "the disk quota is exhausted: free some space and run again",
+            errno.EACCES: "permission denied: check the owner of the models directory or pass --models-dir",
+            errno.EPERM: "permission denied: check the owner of the models directory or pass --models-dir",
+            errno.EROFS: "the filesystem is read-only: pass a writable --models-dir",
+        }.get(exc.errno or 0, exc.strerror or str(exc))
+        raise StorageError(f"cannot {action}: {hint}") from exc
+
+
+class Store:
+    """An Ollama models directory (the one ``$OLLAMA_MODELS`` names)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.expanduser().absolute()
+
+    @property
+    def blobs_dir(self) -> Path:
+        return self.root / "blobs"
+
+    def blob_path(self, digest: str) -> Path:
+        if not DIGEST_PATTERN.fullmatch(digest):
+            # The manifest parser already refuses such digests; this guards every other caller.
+            raise ValueError(f"not a sha256 digest: {digest!r}")
+        return self._inside(self.blobs_dir / digest.replace(":", "-", 1))
+
+    def partial_path(self, digest: str) -> Path:
+        path = self.blob_path(digest)
+        return path.with_name(path.name + PARTIAL_SUFFIX)
+
+    def manifest_path(self, reference: ModelReference) -> Path:
+        parts = (reference.host, reference.namespace, reference.model, reference.tag)
+        return self._inside(self.root.joinpath("manifests", *parts))
+
+    def has_blob(self, layer: Layer) -> bool:
+        """A blob with the manifest's size is taken as present, as Ollama does: only verified bytes get its name."""
+        try:
+            return self.blob_path(layer.digest).stat().st_size == layer.size
+        except FileNotFoundError:
+            return False
+
+    def prepare(self) -> None:
+        with storage_errors(f"create the models directory {self.blobs_dir}"):
+            self.blobs_dir.mkdir(parents=True, exist_ok=True)
+
+    def open_blob(self, layer: Layer, *, resume: bool) -> BlobFile:
+        return BlobFile(self, layer, resume=resume)
+
+    def write_manifest(self, reference: ModelReference, raw: bytes) -> Path:
+        """Write the registry's exact bytes atomically: temp file, fsync, rename, fsync of the directory."""
+        path = self.manifest_path(reference)
+        temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with storage_errors(f"write the manifest {path}"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with open(temp, "wb") as handle:
+                    handle.write(raw)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(temp, path)
+            finally:
+                temp.unlink(missing_ok=True)
+            _fsync_dir(path.parent)
+        return path
+
+    def _inside(self, path: Path) -> Path:
+        # Reference and digest validation already keep paths inside; this is the last line of defence.
+        if not path.is_relative_to(self.root) or ".." in path.relative_to(self.root).parts:
+            raise ValueError(f"{path} is outside the models directory {self.root}")
+        return path
+
+
+class BlobFile:
+    """The partial file of one blob, hashed as it is written and renamed into place only once verified."""
+
+    def __init__(self, store: Store, layer: Layer, *, resume: bool) -> None:
+        self.layer = layer
+        self.path = store.partial_path(layer.digest)
+        self.final_path = store.blob_path(layer.digest)
+        self._hash = hashlib.sha256()
+        self.offset = 0
+        with storage_errors(f"open {self.path}"):
+            self._file: BinaryIO = open(self.path, "ab+" if resume else "wb+")  # noqa: SIM115 - closed in close()
+            if resume:
+                self._rehash_prefix()
+
+    def _rehash_prefix(self) -> None:
+        self._file.seek(0)
+        length = 0
+        while chunk := self._file.read(_REHASH_CHUNK):
+            self._hash.update(chunk)
+            length += len(chunk)
+        if length > self.layer.size:
+            self.restart()
+        else:
+            self.offset = length
+
+    def restart(self) -> None:
+        """Forget what was written: the server could not resume, or the bytes were wrong."""
+        with storage_errors(f"truncate {self.path}"):
+            self._file.seek(0)
+            self._file.truncate()
+        self._hash = hashlib.sha256()
+        self.offset = 0
+
+    def write(self, data: bytes) -> None:
+        with storage_errors(f"write {self.path}"):
+            self._file.write(data)
+        self._hash.update(data)
+        self.offset += len(data)
+
+    def mismatch(self) -> str | None:
+        """Why the bytes written are not the blob, or None when they are."""
+        if self.offset != self.layer.size:
+            return f"got {self.offset} bytes, expected {self.layer.size}"
+        actual = "sha256:" + self._hash.hexdigest()
+        if actual != self.layer.digest:
+            return f"digest mismatch: got {actual}"
+        return None
+
+    def commit(self) -> None:
+        """Make the verified bytes durable, then give them the blob's name."""
+        with storage_errors(f"finish {self.final_path}"):
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.replace(self.path, self.final_path)
+
+    def close(self, *, keep: bool) -> None:
+        """Close the file; keep it for a later resume, or remove it."""
+        self._file.close()
+        if not keep:
+            self.path.unlink(missing_ok=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

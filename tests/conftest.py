@@ -1,0 +1,19 @@
+"""Shared fixtures: every test gets its own models directory and no proxy from the environment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy")
+
+
+@pytest.fixture(autouse=True)
+def isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    models = tmp_path / "models"
+    monkeypatch.setenv("OLLAMA_MODELS", str(models))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for name in (*PROXY_VARIABLES, "OLLAMA_PULL_DEBUG", "NO_COLOR"):
+        monkeypatch.delenv(name, raising=False)
+    return models

@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from ollama_pull.errors import StorageError
+from ollama_pull.manifest import Layer
+from ollama_pull.reference import parse_reference
+from ollama_pull.store import Store, default_models_dir
+
+
+def layer_for(data: bytes) -> Layer:
+    return Layer("application/vnd.ollama.image.tensor", "sha256:" + hashlib.sha256(data).hexdigest(), len(data))
+
+
+def test_default_models_dir_follows_ollama(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("OLLAMA_MODELS", f"  {tmp_path}/m \n")
+    assert default_models_dir() == tmp_path / "m"
+    monkeypatch.setenv("OLLAMA_MODELS", "   ")
+    assert default_models_dir() == Path.home() / ".ollama" / "models"
+
+
+def test_paths_match_ollamas_layout(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    digest = "sha256:" + "ab" * 32
+    assert store.blob_path(digest) == tmp_path / "blobs" / ("sha256-" + "ab" * 32)
+    assert store.partial_path(digest).name == "sha256-" + "ab" * 32 + "-partial"
+    ref = parse_reference("127.0.0.1:5000/ns/model:tag")
+    assert store.manifest_path(ref) == tmp_path / "manifests" / "127.0.0.1:5000" / "ns" / "model" / "tag"
+
+
+@pytest.mark.parametrize("digest", ["sha256:../../x", "sha256:" + "0" * 63, "../" + "0" * 64, "sha256:" + "0" * 64 + "/"])
+def test_a_digest_cannot_escape_the_store(tmp_path: Path, digest: str) -> None:
+    with pytest.raises(ValueError, match="not a sha256 digest"):
+        Store(tmp_path).blob_path(digest)
+
+
+def test_blob_is_renamed_into_place_only_when_verified(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.prepare()
+    data = b"hello blob"
+    layer = layer_for(data)
+    blob = store.open_blob(layer, resume=False)
+    blob.write(data[:5] + b"X" + data[6:])
+    assert blob.mismatch() is not None and "digest mismatch" in (blob.mismatch() or "")
+    blob.restart()
+    blob.write(data[:4])
+    assert blob.mismatch() == f"got 4 bytes, expected {len(data)}"
+    blob.write(data[4:])
+    assert blob.mismatch() is None
+    assert not store.has_blob(layer)
+    blob.commit()
+    assert store.blob_path(layer.digest).read_bytes() == data
+    assert not store.partial_path(layer.digest).exists()
+    assert store.has_blob(layer)
+
+
+def test_resume_rehashes_the_kept_prefix(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.prepare()
+    data = os.urandom(3000)
+    layer = layer_for(data)
+    first = store.open_blob(layer, resume=True)
+    first.write(data[:1234])
+    first.close(keep=True)
+    second = store.open_blob(layer, resume=True)
+    assert second.offset == 1234
+    second.write(data[1234:])
+    assert second.mismatch() is None
+    second.close(keep=False)
+    assert not store.partial_path(layer.digest).exists()
+
+
+def test_a_partial_longer_than_the_blob_is_started_over(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.prepare()
+    layer = layer_for(b"abc")
+    store.partial_path(layer.digest).write_bytes(b"abcdef")
+    assert store.open_blob(layer, resume=True).offset == 0
+
+
+def test_manifest_write_is_atomic_and_exact(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    ref = parse_reference("h:1/ns/m:t")
+    path = store.write_manifest(ref, b'{"exact":  "bytes"}')
+    assert path.read_bytes() == b'{"exact":  "bytes"}'
+    assert [p.name for p in path.parent.iterdir()] == ["t"]
+
+
+def test_unwritable_store_is_a_storage_error(tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        # root ignores permissions; a file where the directory should be fails for everyone.
+        (tmp_path / "blobs").write_text("not a directory")
+    else:
+        tmp_path.chmod(0o500)
+    with pytest.raises(StorageError, match="cannot create the models directory"):
+        Store(tmp_path).prepare()
