@@ -268,6 +268,9 @@ class Downloader:
                         self._emit(BlobProgress(model, layer.digest, blob.offset, layer.size))
         except httpx.RequestError as exc:
             raise _AttemptFailed(describe_transport_error(exc)) from exc
+        if blob.offset < layer.size:
+            # Not corruption: the bytes so far may be good, and a resumable blob continues from them.
+            raise _AttemptFailed(f"the body ended after {blob.offset} of {layer.size} bytes")
         mismatch = blob.mismatch()
         if mismatch is not None:
             raise _AttemptFailed(mismatch, integrity=True, restart=True)

@@ -20,11 +20,18 @@ from .retry import RETRYABLE_STATUS, Backoff, describe_transport_error, retry_af
 USER_AGENT = f"ollama-pull/{__version__}"
 
 
-def make_client(*, insecure: bool = False, concurrency: int = 64, read_timeout: float = 60.0) -> httpx.AsyncClient:
+def make_client(
+    *,
+    insecure: bool = False,
+    concurrency: int = 64,
+    read_timeout: float = 60.0,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> httpx.AsyncClient:
     """The HTTP client a pull uses: registry auth, redirects followed, enough connections for every download.
 
     httpx drops the ``Authorization`` header on a redirect to another host, so a CDN never sees the registry's
     token. The read timeout only backs up the engine's own stall detection for sockets that go silent.
+    ``transport`` is the seam for tests (``httpx.MockTransport``) and for custom networking.
     """
     return httpx.AsyncClient(
         auth=RegistryAuth(),
@@ -33,6 +40,7 @@ def make_client(*, insecure: bool = False, concurrency: int = 64, read_timeout: 
         headers={"User-Agent": USER_AGENT},
         timeout=httpx.Timeout(30.0, read=read_timeout, pool=None),
         limits=httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4),
+        transport=transport,
     )
 
 

@@ -17,3 +17,9 @@ def isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Pat
     for name in (*PROXY_VARIABLES, "OLLAMA_PULL_DEBUG", "NO_COLOR"):
         monkeypatch.delenv(name, raising=False)
     return models
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """Async tests run on asyncio through anyio's pytest plugin, which httpx already brings."""
+    return "asyncio"

@@ -1,0 +1,118 @@
+"""Builders shared by the unit tests: synthetic models, a hand-driven clock, streams that misbehave."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+import respx
+
+from ollama_pull.engine import DownloadSettings
+from ollama_pull.manifest import Layer, Manifest, parse_manifest
+from ollama_pull.reference import parse_reference
+from ollama_pull.registry import RegistryClient, make_client
+from ollama_pull.retry import Backoff
+
+REF = parse_reference("registry.test/ns/model:tag")
+BASE = "https://registry.test/v2/ns/model"
+FAST = DownloadSettings(backoff=Backoff(base=0.0, cap=0.0), check_interval=0.005)
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class Model:
+    manifest: Manifest
+    blobs: dict[str, bytes]
+
+    @property
+    def layers(self) -> tuple[Layer, ...]:
+        return self.manifest.blobs
+
+
+def make_model(*sizes: int, seed: int = 1) -> Model:
+    blobs = {}
+    layers = []
+    config = b'{"model_format":"safetensors"}'
+    blobs[digest_of(config)] = config
+    for index, size in enumerate(sizes):
+        data = random.Random(seed * 1000 + index).randbytes(size)
+        blobs[digest_of(data)] = data
+        layers.append(
+            {
+                "mediaType": "application/vnd.ollama.image.tensor",
+                "digest": digest_of(data),
+                "size": size,
+                "name": f"tensor/{index}.st",
+            }
+        )
+    document = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "config": {
+            "mediaType": "application/vnd.docker.container.image.v1+json",
+            "digest": digest_of(config),
+            "size": len(config),
+        },
+        "layers": layers,
+    }
+    raw = json.dumps(document).encode()
+    return Model(parse_manifest(raw, model="m"), blobs)
+
+
+class FakeClock:
+    """Time that moves only when a test or a fake server says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class ChunkStream(httpx.AsyncByteStream):
+    """A body sent in chunks; each chunk moves the fake clock, and the stream may stall for good after some."""
+
+    def __init__(
+        self,
+        data: bytes,
+        *,
+        chunk: int = 16384,
+        clock: FakeClock | None = None,
+        seconds_per_chunk: float = 0.0,
+        stall_after: int | None = None,
+    ) -> None:
+        self.data = data
+        self.chunk = chunk
+        self.clock = clock
+        self.seconds_per_chunk = seconds_per_chunk
+        self.stall_after = stall_after
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for count, start in enumerate(range(0, len(self.data), self.chunk)):
+            if self.stall_after is not None and count >= self.stall_after:
+                await asyncio.Event().wait()
+            if self.clock is not None:
+                self.clock.advance(self.seconds_per_chunk)
+            # A real pause lets the engine's watchdog run between chunks.
+            await asyncio.sleep(0.001 if self.seconds_per_chunk else 0)
+            yield self.data[start : start + self.chunk]
+
+
+def registry_for(router: respx.MockRouter, *, attempts: int = 6) -> RegistryClient:
+    client = make_client(transport=httpx.MockTransport(router.async_handler))
+    return RegistryClient(client, attempts=attempts, backoff=Backoff(base=0.0, cap=0.0), sleep=no_sleep)
+
+
+async def no_sleep(_seconds: float) -> None:
+    await asyncio.sleep(0)

@@ -1,0 +1,340 @@
+"""The download engine's rules, driven through respx with an injected clock: no test waits for real seconds."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import gzip
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+import respx
+
+from ollama_pull.engine import Downloader, DownloadSettings
+from ollama_pull.errors import AuthenticationError, BlobError, IntegrityError
+from ollama_pull.events import BlobProgress, BlobRetry, Event
+from ollama_pull.progress import Tally
+from ollama_pull.store import Store
+
+from .fakes import BASE, FAST, REF, ChunkStream, FakeClock, Model, make_model, no_sleep, registry_for
+
+pytestmark = pytest.mark.anyio
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+class TickingClock(FakeClock):
+    """A clock that moves a second every time it is read: a stalled stream ages fast, with no real waiting."""
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def serve(router: respx.MockRouter, model: Model, handler: Callable[[httpx.Request, bytes], httpx.Response]) -> None:
+    for digest, data in model.blobs.items():
+        router.get(f"{BASE}/blobs/{digest}").mock(side_effect=lambda request, data=data: handler(request, data))
+
+
+def ok(_request: httpx.Request, data: bytes) -> httpx.Response:
+    return httpx.Response(200, stream=ChunkStream(data))
+
+
+async def download(
+    router: respx.MockRouter,
+    model: Model,
+    store: Store,
+    *,
+    settings: DownloadSettings = FAST,
+    clock: Callable[[], float] | None = None,
+) -> list[Event]:
+    events: list[Event] = []
+    store.prepare()
+    registry = registry_for(router)
+    engine = Downloader(
+        registry, store, settings=settings, on_event=events.append, sleep=no_sleep, **({"clock": clock} if clock else {})
+    )
+    async with registry.client:
+        await engine.download(REF, model.layers, model="m")
+    return events
+
+
+def assert_store_holds(store: Store, model: Model) -> None:
+    names = sorted(path.name for path in store.blobs_dir.iterdir())
+    assert names == sorted(digest.replace(":", "-") for digest in model.blobs)
+    for digest, data in model.blobs.items():
+        assert store.blob_path(digest).read_bytes() == data
+
+
+def retries(events: list[Event]) -> list[BlobRetry]:
+    return [event for event in events if isinstance(event, BlobRetry)]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(tmp_path / "models")
+
+
+async def test_downloads_every_blob_verified_within_the_concurrency_limit(store: Store) -> None:
+    model = make_model(*[50_000 + i for i in range(12)])
+    in_flight = peak = 0
+
+    class Counting(ChunkStream):
+        async def __aiter__(self):  # type: ignore[no-untyped-def]
+            nonlocal in_flight, peak
+            in_flight += 1
+            peak = max(peak, in_flight)
+            try:
+                async for chunk in super().__aiter__():
+                    yield chunk
+            finally:
+                in_flight -= 1
+
+    with respx.mock(using="httpx") as router:
+        serve(router, model, lambda _r, data: httpx.Response(200, stream=Counting(data, chunk=4096)))
+        events = await download(router, model, store, settings=dataclasses.replace(FAST, concurrency=3))
+    assert_store_holds(store, model)
+    assert 1 < peak <= 3
+    assert retries(events) == []
+
+
+async def test_corrupted_bytes_are_discarded_and_the_blob_retried(store: Store) -> None:
+    model = make_model(40_000)
+    corrupt_once = {"left": 1}
+
+    def handler(_request: httpx.Request, data: bytes) -> httpx.Response:
+        if len(data) == 40_000 and corrupt_once["left"]:
+            corrupt_once["left"] -= 1
+            data = data[:100] + bytes([data[100] ^ 0xFF]) + data[101:]
+        return httpx.Response(200, stream=ChunkStream(data))
+
+    with respx.mock(using="httpx") as router:
+        serve(router, model, handler)
+        events = await download(router, model, store)
+    assert_store_holds(store, model)
+    [retry] = retries(events)
+    assert "digest mismatch" in retry.reason
+
+
+async def test_a_blob_that_never_verifies_fails_with_an_integrity_error(store: Store) -> None:
+    model = make_model(40_000)
+    bad = model.layers[1]
+
+    def handler(_request: httpx.Request, data: bytes) -> httpx.Response:
+        return httpx.Response(200, stream=ChunkStream(data[:-1] + b"\0" if len(data) == bad.size else data))
+
+    with respx.mock(using="httpx") as router:
+        serve(router, model, handler)
+        with pytest.raises(IntegrityError) as caught:
+            await download(router, model, store, settings=dataclasses.replace(FAST, attempts=4))
+        assert router.get(f"{BASE}/blobs/{bad.digest}").call_count == 4
+    assert caught.value.digest == bad.digest and caught.value.attempts == 4
+    assert "digest mismatch" in str(caught.value) and bad.digest in str(caught.value)
+    assert not store.blob_path(bad.digest).exists()
+    assert not store.partial_path(bad.digest).exists()
+
+
+@pytest.mark.parametrize(
+    ("failure", "reason"),
+    [
+        # Each row: the first answer for the blob, and the reason the retry event must give.
+        (httpx.Response(503, headers={"Retry-After": "0"}), "HTTP 503"),
+        (httpx.Response(404), "HTTP 404"),
+        (httpx.ReadError("reset by peer"), "connection reset"),
+        (httpx.RemoteProtocolError("peer closed connection"), "connection closed early"),
+        (httpx.ConnectError("refused"), "connection failed"),
+        (httpx.Response(200, stream=ChunkStream(b"x" * 50_000)), "more than the manifest's 40000 bytes"),
+        (httpx.Response(200, stream=ChunkStream(b"x" * 1000)), "the body ended after 1000 of 40000 bytes"),
+        (httpx.Response(200, headers={"Content-Encoding": "gzip"}, stream=ChunkStream(gzip.compress(b"x"))), "gzip"),
+    ],
+)
+async def test_failures_are_retried_with_their_reason(store: Store, failure: object, reason: str) -> None:
+    model = make_model(40_000)
+    target = model.layers[1]
+    with respx.mock(using="httpx") as router:
+        serve(router, model, ok)
+        router.get(f"{BASE}/blobs/{target.digest}").mock(
+            side_effect=[failure, httpx.Response(200, stream=ChunkStream(model.blobs[target.digest]))]
+        )
+        events = await download(router, model, store)
+    assert_store_holds(store, model)
+    [retry] = retries(events)
+    assert reason in retry.reason
+
+
+async def test_retry_after_is_honoured(store: Store) -> None:
+    model = make_model(1000)
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    target = model.layers[1]
+    with respx.mock(using="httpx") as router:
+        serve(router, model, ok)
+        router.get(f"{BASE}/blobs/{target.digest}").mock(
+            side_effect=[httpx.Response(429, headers={"Retry-After": "7"}), httpx.Response(200, stream=ChunkStream(model.blobs[target.digest]))]
+        )
+        store.prepare()
+        registry = registry_for(router)
+        async with registry.client:
+            await Downloader(registry, store, settings=FAST, sleep=sleep).download(REF, model.layers, model="m")
+    assert slept == [7.0]
+
+
+async def test_a_rejected_token_is_final_not_retried(store: Store) -> None:
+    model = make_model(1000)
+    with respx.mock(using="httpx") as router:
+        serve(router, model, lambda _r, _d: httpx.Response(403))
+        with pytest.raises(AuthenticationError, match="HTTP 403"):
+            await download(router, model, store)
+
+
+async def test_stalls_are_retried_without_using_up_attempts(store: Store) -> None:
+    model = make_model(40_000)
+    target = model.layers[1]
+    stalls = [httpx.Response(200, stream=ChunkStream(model.blobs[target.digest], stall_after=n % 2)) for n in range(8)]
+    with respx.mock(using="httpx") as router:
+        serve(router, model, ok)
+        router.get(f"{BASE}/blobs/{target.digest}").mock(
+            side_effect=[*stalls, httpx.Response(200, stream=ChunkStream(model.blobs[target.digest]))]
+        )
+        settings = dataclasses.replace(FAST, attempts=2)
+        events = await download(router, model, store, settings=settings, clock=TickingClock())
+    assert_store_holds(store, model)
+    # Eight stalls, before the first byte and after one chunk, with only two attempts allowed: stalls are free.
+    assert len(retries(events)) == 8
+    assert all(retry.reason.startswith("stalled: no data for 10s") for retry in retries(events))
+
+
+async def test_a_server_that_always_stalls_cannot_hang_the_pull(store: Store) -> None:
+    model = make_model(40_000)
+    with respx.mock(using="httpx") as router:
+        serve(router, model, lambda _r, data: httpx.Response(200, stream=ChunkStream(data, stall_after=0)))
+        with pytest.raises(BlobError, match="stalled 4 times"):
+            await download(router, model, store, settings=dataclasses.replace(FAST, max_stalls=3), clock=TickingClock())
+    assert not any(store.blobs_dir.iterdir())
+
+
+async def test_slow_attempts_are_aborted_and_only_the_third_counts(store: Store) -> None:
+    # Six fast blobs set the median; the seventh trickles at 1 KiB per fake second, far below 10% of it.
+    model = make_model(*[200_000] * 6, 60_000)
+    clock = FakeClock()
+    slow = model.layers[-1]
+
+    def handler(_request: httpx.Request, data: bytes) -> httpx.Response:
+        if len(data) == slow.size:
+            return httpx.Response(200, stream=ChunkStream(data, chunk=1024, clock=clock, seconds_per_chunk=1.0))
+        return httpx.Response(200, stream=ChunkStream(data, chunk=50_000, clock=clock, seconds_per_chunk=0.01))
+
+    with respx.mock(using="httpx") as router:
+        serve(router, model, handler)
+        settings = dataclasses.replace(FAST, concurrency=1, attempts=2)
+        with pytest.raises(BlobError) as caught:
+            await download(router, model, store, settings=settings, clock=clock)
+        # Two free slow aborts, then two that count against attempts=2.
+        assert router.get(f"{BASE}/blobs/{slow.digest}").call_count == 4
+    assert caught.value.digest == slow.digest
+    assert "below 10% of the median" in caught.value.reason
+
+
+async def test_slow_detection_waits_for_five_samples(store: Store) -> None:
+    # With only four finished blobs there is no median yet, so a slow blob is left alone.
+    model = make_model(*[200_000] * 3, 20_000)
+    clock = FakeClock()
+
+    def handler(_request: httpx.Request, data: bytes) -> httpx.Response:
+        per_chunk = 1.0 if len(data) == 20_000 else 0.01
+        return httpx.Response(200, stream=ChunkStream(data, chunk=1024, clock=clock, seconds_per_chunk=per_chunk))
+
+    with respx.mock(using="httpx") as router:
+        serve(router, model, handler)
+        events = await download(router, model, store, settings=dataclasses.replace(FAST, concurrency=1), clock=clock)
+    assert retries(events) == []
+    assert_store_holds(store, model)
+
+
+async def test_progress_never_goes_backwards_when_an_attempt_fails(store: Store) -> None:
+    model = make_model(100_000)
+    target = model.layers[1]
+    data = model.blobs[target.digest]
+    with respx.mock(using="httpx") as router:
+        serve(router, model, ok)
+        router.get(f"{BASE}/blobs/{target.digest}").mock(
+            side_effect=[
+                httpx.Response(200, stream=ChunkStream(data[:70_000] + b"\0" * 30_000, chunk=10_000)),
+                httpx.Response(200, stream=ChunkStream(data, chunk=10_000)),
+            ]
+        )
+        events = await download(router, model, store)
+    tally = Tally()
+    overall: list[int] = []
+    for event in events:
+        tally.apply(event)
+        overall.append(tally.completed)
+    progress = [event.completed for event in events if isinstance(event, BlobProgress) and event.digest == target.digest]
+    assert progress == sorted(progress) and progress[-1] == 100_000
+    assert overall == sorted(overall)
+    assert len(retries(events)) == 1
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected_requests"),
+    [
+        # The server resumes as asked: the second request asks for the rest and gets it.
+        ("206", ["", "bytes=30000-"]),
+        # The server ignores Range and sends everything: start over from zero, still verified.
+        ("200", ["", "bytes=30000-"]),
+        # The server resumes at the wrong offset: refuse it, throw the prefix away, start over.
+        ("wrong", ["", "bytes=30000-", ""]),
+    ],
+)
+async def test_large_blobs_resume_with_range(store: Store, answer: str, expected_requests: list[str]) -> None:
+    model = make_model(100_000)
+    target = model.layers[1]
+    data = model.blobs[target.digest]
+    ranges: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        header = request.headers.get("Range", "")
+        ranges.append(header)
+        if len(ranges) == 1:
+            return httpx.Response(200, stream=ChunkStream(data[:30_000], chunk=10_000))
+        if not header or answer == "200":
+            return httpx.Response(200, stream=ChunkStream(data))
+        start = 30_000 if answer == "206" else 20_000
+        headers = {"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"}
+        return httpx.Response(206, headers=headers, stream=ChunkStream(data[start:]))
+
+    with respx.mock(using="httpx") as router:
+        serve(router, model, ok)
+        router.get(f"{BASE}/blobs/{target.digest}").mock(side_effect=handler)
+        await download(router, model, store, settings=dataclasses.replace(FAST, resume_min_size=50_000))
+    assert ranges == expected_requests
+    assert_store_holds(store, model)
+
+
+async def test_cancellation_leaves_no_task_and_no_unverified_blob(store: Store) -> None:
+    model = make_model(40_000, 200_000)
+    small, large = model.layers[1], model.layers[2]
+    with respx.mock(using="httpx") as router:
+        serve(router, model, lambda _r, data: httpx.Response(200, stream=ChunkStream(data, chunk=8192, stall_after=2)))
+        store.prepare()
+        tasks_before = asyncio.all_tasks()
+        registry = registry_for(router)
+        engine = Downloader(registry, store, settings=dataclasses.replace(FAST, resume_min_size=100_000))
+        async with registry.client:
+            task = asyncio.create_task(engine.download(REF, model.layers, model="m"))
+            while not (store.partial_path(small.digest).exists() and store.partial_path(large.digest).exists()):
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(0.02)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+    assert asyncio.all_tasks() == tasks_before
+    assert not store.blob_path(small.digest).exists() and not store.blob_path(large.digest).exists()
+    # A small blob's partial file is removed; a large one's is kept for the next run to resume.
+    assert not store.partial_path(small.digest).exists()
+    assert store.partial_path(large.digest).stat().st_size == 16384
