@@ -54,7 +54,12 @@ async def download(
     store.prepare()
     registry = registry_for(router)
     engine = Downloader(
-        registry, store, settings=settings, on_event=events.append, sleep=no_sleep, **({"clock": clock} if clock else {})
+        registry,
+        store,
+        settings=settings,
+        on_event=events.append,
+        sleep=no_sleep,
+        **({"clock": clock} if clock else {}),
     )
     async with registry.client:
         await engine.download(REF, model.layers, model="m")
@@ -130,8 +135,10 @@ async def test_a_blob_that_never_verifies_fails_with_an_integrity_error(store: S
         with pytest.raises(IntegrityError) as caught:
             await download(router, model, store, settings=dataclasses.replace(FAST, attempts=4))
         assert router.get(f"{BASE}/blobs/{bad.digest}").call_count == 4
-    assert caught.value.digest == bad.digest and caught.value.attempts == 4
-    assert "digest mismatch" in str(caught.value) and bad.digest in str(caught.value)
+    assert caught.value.digest == bad.digest
+    assert caught.value.attempts == 4
+    assert "digest mismatch" in str(caught.value)
+    assert bad.digest in str(caught.value)
     assert not store.blob_path(bad.digest).exists()
     assert not store.partial_path(bad.digest).exists()
 
@@ -175,7 +182,10 @@ async def test_retry_after_is_honoured(store: Store) -> None:
     with respx.mock(using="httpx") as router:
         serve(router, model, ok)
         router.get(f"{BASE}/blobs/{target.digest}").mock(
-            side_effect=[httpx.Response(429, headers={"Retry-After": "7"}), httpx.Response(200, stream=ChunkStream(model.blobs[target.digest]))]
+            side_effect=[
+                httpx.Response(429, headers={"Retry-After": "7"}),
+                httpx.Response(200, stream=ChunkStream(model.blobs[target.digest])),
+            ]
         )
         store.prepare()
         registry = registry_for(router)
@@ -274,8 +284,11 @@ async def test_progress_never_goes_backwards_when_an_attempt_fails(store: Store)
     for event in events:
         tally.apply(event)
         overall.append(tally.completed)
-    progress = [event.completed for event in events if isinstance(event, BlobProgress) and event.digest == target.digest]
-    assert progress == sorted(progress) and progress[-1] == 100_000
+    progress = [
+        event.completed for event in events if isinstance(event, BlobProgress) and event.digest == target.digest
+    ]
+    assert progress == sorted(progress)
+    assert progress[-1] == 100_000
     assert overall == sorted(overall)
     assert len(retries(events)) == 1
 
@@ -334,7 +347,8 @@ async def test_cancellation_leaves_no_task_and_no_unverified_blob(store: Store) 
             with pytest.raises(asyncio.CancelledError):
                 await task
     assert asyncio.all_tasks() == tasks_before
-    assert not store.blob_path(small.digest).exists() and not store.blob_path(large.digest).exists()
+    assert not store.blob_path(small.digest).exists()
+    assert not store.blob_path(large.digest).exists()
     # A small blob's partial file is removed; a large one's is kept for the next run to resume.
     assert not store.partial_path(small.digest).exists()
     assert store.partial_path(large.digest).stat().st_size == 16384

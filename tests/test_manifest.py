@@ -58,7 +58,10 @@ def test_a_blob_listed_twice_is_fetched_once() -> None:
         (json.dumps(document(config={"digest": D1, "size": 1})).encode(), "config.mediaType"),
         # Digests that would escape the store or are not sha256.
         (json.dumps(document(config={"mediaType": "x", "digest": "sha256:../../etc", "size": 1})).encode(), "digest"),
-        (json.dumps(document(config={"mediaType": "x", "digest": "sha512:" + "a" * 128, "size": 1})).encode(), "digest"),
+        (
+            json.dumps(document(config={"mediaType": "x", "digest": "sha512:" + "a" * 128, "size": 1})).encode(),
+            "digest",
+        ),
         (json.dumps(document(config={"mediaType": "x", "digest": "sha256:" + "A" * 64, "size": 1})).encode(), "digest"),
         (json.dumps(document(config={"mediaType": "x", "digest": D1 + "\n", "size": 1})).encode(), "digest"),
         (json.dumps(document(config={"mediaType": "x", "digest": D1, "size": -1})).encode(), "size"),

@@ -96,7 +96,8 @@ async def test_429_and_5xx_are_retried_honouring_retry_after() -> None:
         async with registry.client:
             await registry.fetch_manifest(REF)
     assert route.call_count == 4
-    assert slept[0] == 3.0 and len(slept) == 3
+    assert slept[0] == 3.0
+    assert len(slept) == 3
 
 
 async def test_retries_are_bounded() -> None:
@@ -227,9 +228,8 @@ async def test_blob_redirect_to_another_host_drops_the_registry_token() -> None:
         router.get(f"{BASE}/blobs/{digest}").mock(side_effect=blob)
         cdn = router.get("https://cdn.test/blob").respond(200, content=b"bytes")
         registry = registry_for(router)
-        async with registry.client:
-            async with registry.stream_blob(REF, digest, offset=5) as response:
-                assert response.status_code == 200
+        async with registry.client, registry.stream_blob(REF, digest, offset=5) as response:
+            assert response.status_code == 200
     request = cdn.calls.last.request
     assert "Authorization" not in request.headers
     assert request.headers["Range"] == "bytes=5-"

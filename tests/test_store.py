@@ -32,7 +32,9 @@ def test_paths_match_ollamas_layout(tmp_path: Path) -> None:
     assert store.manifest_path(ref) == tmp_path / "manifests" / "127.0.0.1:5000" / "ns" / "model" / "tag"
 
 
-@pytest.mark.parametrize("digest", ["sha256:../../x", "sha256:" + "0" * 63, "../" + "0" * 64, "sha256:" + "0" * 64 + "/"])
+@pytest.mark.parametrize(
+    "digest", ["sha256:../../x", "sha256:" + "0" * 63, "../" + "0" * 64, "sha256:" + "0" * 64 + "/"]
+)
 def test_a_digest_cannot_escape_the_store(tmp_path: Path, digest: str) -> None:
     with pytest.raises(ValueError, match="not a sha256 digest"):
         Store(tmp_path).blob_path(digest)
@@ -45,7 +47,8 @@ def test_blob_is_renamed_into_place_only_when_verified(tmp_path: Path) -> None:
     layer = layer_for(data)
     blob = store.open_blob(layer, resume=False)
     blob.write(data[:5] + b"X" + data[6:])
-    assert blob.mismatch() is not None and "digest mismatch" in (blob.mismatch() or "")
+    assert blob.mismatch() is not None
+    assert "digest mismatch" in (blob.mismatch() or "")
     blob.restart()
     blob.write(data[:4])
     assert blob.mismatch() == f"got 4 bytes, expected {len(data)}"
