@@ -69,7 +69,6 @@ Set OLLAMA_PULL_DEBUG=1 to see a traceback with an error.
 """
 
 app = typer.Typer(
-    add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},

@@ -1,0 +1,1 @@
+complete --command ollama-pull --no-files --arguments "(env _OLLAMA_PULL_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) ollama-pull)" --condition "env _OLLAMA_PULL_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) ollama-pull"
