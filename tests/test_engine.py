@@ -196,7 +196,8 @@ async def test_retry_after_is_honoured(store: Store) -> None:
 
 async def test_a_rejected_token_is_final_not_retried(store: Store) -> None:
     model = make_model(1000)
-    with respx.mock(using="httpx") as router:
+    # The first 403 cancels the other blob, whose route may then never be called.
+    with respx.mock(using="httpx", assert_all_called=False) as router:
         serve(router, model, lambda _r, _d: httpx.Response(403))
         with pytest.raises(AuthenticationError, match="HTTP 403"):
             await download(router, model, store)

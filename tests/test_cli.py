@@ -1,0 +1,145 @@
+"""The command line in-process: usage errors, version, help, completions, renderers."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ollama_pull import __version__
+from ollama_pull.cli import ExitCode, app, exit_code_for
+from ollama_pull.errors import (
+    AuthenticationError,
+    BlobError,
+    ClientTooOld,
+    IntegrityError,
+    InvalidManifest,
+    InvalidReference,
+    ModelNotFound,
+    RegistryError,
+    StorageError,
+)
+from ollama_pull.events import BlobFinished, BlobProgress, BlobRetry, BlobStarted, ManifestResolved, PullFinished
+from ollama_pull.progress import JsonRenderer, PlainRenderer
+
+ROOT = Path(__file__).resolve().parent.parent
+runner = CliRunner()
+DIGEST = "sha256:" + "a" * 64
+
+
+@pytest.mark.parametrize("reference", ["", "..", "a/b/c/d", "model:a:b", "my model", "ns/.x"])
+def test_invalid_reference_is_a_one_line_usage_error(reference: str) -> None:
+    result = runner.invoke(app, [reference])
+    assert result.exit_code == ExitCode.USAGE
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("error: invalid model reference")
+    assert "Traceback" not in result.output
+
+
+def test_version() -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"ollama-pull {__version__}"
+
+
+def test_help_explains_exit_codes_and_examples() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for text in (
+        "--models-dir",
+        "--concurrency",
+        "--stall-timeout",
+        "--retries",
+        "--json",
+        "--quiet",
+        "Exit codes: 0 ok, 1 failed, 2 usage, 3 not found",
+        "ollama-pull library/flux2-klein",
+    ):
+        assert text in result.output
+
+
+@pytest.mark.parametrize("args", [["-j", "0", "m"], ["--retries", "0", "m"], ["--stall-timeout", "0", "m"], []])
+def test_bad_options_are_usage_errors(args: list[str]) -> None:
+    assert runner.invoke(app, args).exit_code == ExitCode.USAGE
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (InvalidReference("x", "y"), ExitCode.USAGE),
+        (ModelNotFound("m"), ExitCode.NOT_FOUND),
+        (AuthenticationError("no"), ExitCode.AUTH),
+        (IntegrityError(DIGEST, "mismatch", 6), ExitCode.INTEGRITY),
+        (BlobError(DIGEST, "reset", 6), ExitCode.FAILED),
+        (StorageError("full"), ExitCode.STORAGE),
+        (InvalidManifest("m", "bad"), ExitCode.FAILED),
+        (ClientTooOld("m"), ExitCode.FAILED),
+        (RegistryError("x"), ExitCode.FAILED),
+    ],
+)
+def test_exit_codes(error: Exception, code: ExitCode) -> None:
+    assert exit_code_for(error) is code  # type: ignore[arg-type]
+
+
+def test_completion_scripts_are_current() -> None:
+    check = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "generate_completions.py"), "--check"], capture_output=True, text=True
+    )
+    assert check.returncode == 0, check.stderr
+    for shell in ("bash", "zsh", "fish"):
+        assert "_OLLAMA_PULL_COMPLETE" in (ROOT / "completions" / f"ollama-pull.{shell}").read_text()
+
+
+def sample_events() -> list[object]:
+    return [
+        ManifestResolved("m:latest", DIGEST, 2, 300, 1, 100),
+        BlobStarted("m:latest", DIGEST, "tensor/a.st", 200, 0),
+        BlobProgress("m:latest", DIGEST, 50, 200),
+        BlobRetry("m:latest", DIGEST, 1, "connection reset", 0.2),
+        BlobProgress("m:latest", DIGEST, 200, 200),
+        BlobFinished("m:latest", DIGEST, 200, 1.5),
+        PullFinished("m:latest", DIGEST, "/models/manifests/x", 300, 250, 1, 1, 2.0),
+    ]
+
+
+def test_json_renderer_writes_one_object_per_event_without_chunk_progress() -> None:
+    stream = io.StringIO()
+    renderer = JsonRenderer(stream)
+    for event in sample_events():
+        renderer(event)  # type: ignore[arg-type]
+    records = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [record["event"] for record in records] == ["manifest", "blob_start", "retry", "blob_done", "done"]
+    assert records[2] == {
+        "event": "retry",
+        "model": "m:latest",
+        "digest": DIGEST,
+        "attempt": 1,
+        "reason": "connection reset",
+        "delay": 0.2,
+    }
+    assert records[0]["present_bytes"] == 100
+
+
+def test_plain_renderer_prints_greppable_lines_without_escape_codes() -> None:
+    stream = io.StringIO()
+    now = [0.0]
+    renderer = PlainRenderer(stream, interval=5.0, clock=lambda: now[0])
+    for index, event in enumerate(sample_events()):
+        now[0] = index * 3.0
+        renderer(event)  # type: ignore[arg-type]
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "pulling m:latest: 2 blobs, 300 B (1 already present)"
+    # Progress at most every 5 s: the events come 3 s apart, so every other progress event prints.
+    assert lines[1:4] == [
+        "m:latest: 50% (150 B of 300 B)",
+        "retrying tensor/a.st (failure 1, in 0.2s): connection reset",
+        "m:latest: 100% (300 B of 300 B)",
+    ]
+    assert lines[4].startswith("pulled m:latest: 300 B in 2.0s")
+    assert "\x1b" not in stream.getvalue()
