@@ -143,3 +143,33 @@ def test_plain_renderer_prints_greppable_lines_without_escape_codes() -> None:
     ]
     assert lines[4].startswith("pulled m:latest: 300 B in 2.0s")
     assert "\x1b" not in stream.getvalue()
+
+
+def test_rich_renderer_shows_overall_and_a_few_blob_bars() -> None:
+    from rich.console import Console
+
+    from ollama_pull.progress import MAX_BLOB_BARS, RichRenderer
+
+    console = Console(file=io.StringIO(), force_terminal=True, width=120)
+    renderer = RichRenderer(console)
+    digests = [f"sha256:{n:064x}" for n in range(12)]
+    renderer(ManifestResolved("m:latest", DIGEST, 13, 1300, 1, 100))
+    for digest in digests:
+        renderer(BlobStarted("m:latest", digest, f"tensor/{digest[-2:]}.st", 100, 0))
+    progress = renderer._progress
+    descriptions = [task.description for task in progress.tasks]
+    assert descriptions[0] == "[bold]m:latest"
+    assert len([d for d in descriptions if d.startswith("  tensor/")]) == MAX_BLOB_BARS
+    assert "  +4 more" in descriptions
+    renderer(BlobProgress("m:latest", digests[0], 60, 100))
+    renderer(BlobFinished("m:latest", digests[0], 100, 0.1))
+    overall = progress.tasks[0]
+    assert overall.completed == 200
+    # A finished bar disappears and a waiting blob takes its place.
+    descriptions = [task.description for task in progress.tasks]
+    assert "  tensor/00.st" not in descriptions
+    assert "  +3 more" in descriptions
+    renderer(PullFinished("m:latest", DIGEST, "/x", 1300, 1200, 12, 1, 1.0))
+    renderer.close()
+    assert [task.description for task in progress.tasks] == ["[bold]m:latest"]
+    assert "pulled m:latest" in console.file.getvalue()  # type: ignore[attr-defined]
