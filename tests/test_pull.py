@@ -31,7 +31,8 @@ def routes(router: respx.MockRouter, model: Model) -> None:
 
 async def run(router: respx.MockRouter, models: Path, events: list[Event] | None = None) -> object:
     async with make_client(transport=httpx.MockTransport(router.async_handler)) as client:
-        return await pull(REF, models_dir=models, settings=FAST, client=client, on_event=(events if events is not None else []).append)
+        sink = events if events is not None else []
+        return await pull(REF, models_dir=models, settings=FAST, client=client, on_event=sink.append)
 
 
 async def test_pull_writes_blobs_then_the_exact_manifest(tmp_path: Path) -> None:

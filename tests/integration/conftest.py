@@ -1,0 +1,92 @@
+"""Integration fixtures: the project's fault-injecting registry on 127.0.0.1 and the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ollama_pull.fault_registry import FaultRegistry, ModelFixture
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass(frozen=True)
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.stdout.splitlines()]
+
+
+def cli_env(models: Path) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if "proxy" not in key.lower()}
+    env.update(OLLAMA_MODELS=str(models), PYTHONUNBUFFERED="1", NO_COLOR="1")
+    env.pop("OLLAMA_PULL_DEBUG", None)
+    return env
+
+
+def cli_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "ollama_pull", *args]
+
+
+def run_cli(models: Path, *args: str, timeout: float = 60) -> Run:
+    done = subprocess.run(
+        cli_command(*args),
+        env=cli_env(models),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+    return Run(done.returncode, done.stdout, done.stderr)
+
+
+@pytest.fixture
+def registry() -> Iterator[FaultRegistry]:
+    with FaultRegistry() as server:
+        yield server
+
+
+@pytest.fixture
+def models(isolated_environment: Path) -> Path:
+    return isolated_environment
+
+
+def reference(registry: FaultRegistry, model: ModelFixture) -> str:
+    return f"{registry.host}/{model.name}:{model.tag}"
+
+
+def assert_store_holds(models: Path, registry: FaultRegistry, *fixtures: ModelFixture) -> None:
+    """Byte for byte: every blob, nothing else in blobs/, and each manifest exactly as served."""
+    expected = {digest: data for fixture in fixtures for digest, data in fixture.blobs.items()}
+    blobs = models / "blobs"
+    assert sorted(path.name for path in blobs.iterdir()) == sorted(d.replace(":", "-") for d in expected)
+    for digest, data in expected.items():
+        assert (blobs / digest.replace(":", "-")).read_bytes() == data, digest
+    for fixture in fixtures:
+        namespace, model = fixture.name.split("/")
+        manifest = models / "manifests" / registry.host / namespace / model / fixture.tag
+        assert manifest.read_bytes() == fixture.manifest
+
+
+def assert_nothing_unverified(models: Path, fixture: ModelFixture) -> None:
+    """Every file named like a blob holds exactly the bytes of its digest."""
+    blobs = models / "blobs"
+    if not blobs.exists():
+        return
+    for path in blobs.iterdir():
+        if path.name.endswith("-partial"):
+            continue
+        digest = path.name.replace("-", ":", 1)
+        assert fixture.blobs[digest] == path.read_bytes(), path.name

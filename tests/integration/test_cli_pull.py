@@ -1,0 +1,315 @@
+"""The real CLI, in a subprocess, against the fault-injecting registry on 127.0.0.1; the store checked byte for byte."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from ollama_pull.fault_registry import Fault, FaultRegistry, ModelFixture
+
+from .conftest import (
+    assert_nothing_unverified,
+    assert_store_holds,
+    cli_command,
+    cli_env,
+    reference,
+    run_cli,
+)
+
+pytestmark = pytest.mark.integration
+
+FAST = ("--insecure", "--stall-timeout", "0.5")
+
+
+def tensor_model(
+    registry: FaultRegistry, *, blobs: int = 6, size: int = 64 * 1024, name: str = "library/demo"
+) -> ModelFixture:
+    return registry.add_synthetic_model(name, blobs=blobs, blob_size=size)
+
+
+def test_end_to_end_pull_in_plain_mode(registry: FaultRegistry, models: Path) -> None:
+    model = tensor_model(registry)
+    run = run_cli(models, *FAST, reference(registry, model))
+    assert run.returncode == 0, run.stderr
+    assert_store_holds(models, registry, model)
+    assert "\x1b" not in run.stderr
+    assert run.stderr.splitlines()[0].startswith(f"pulling {registry.host}/library/demo:latest: 7 blobs")
+    assert run.stderr.splitlines()[-1].startswith(f"pulled {registry.host}/library/demo:latest")
+    manifest_requests = [r for r in registry.requests if "/manifests/" in r.path]
+    assert manifest_requests[0].headers["accept"] == "application/vnd.docker.distribution.manifest.v2+json"
+    assert manifest_requests[0].headers["user-agent"].startswith("ollama-pull/")
+    blob_requests = [r for r in registry.requests if "/blobs/" in r.path]
+    assert len(blob_requests) == 7
+    assert all(r.headers.get("accept-encoding") == "identity" for r in blob_requests)
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [
+        # Each row: a fault on one blob's first request, and what the retry event must say about it.
+        (Fault("stall_before"), "stalled"),
+        (Fault("stall_during", at=0.5), "stalled"),
+        (Fault("truncate", at=0.3), "connection closed early"),
+        (Fault("reset", at=0.3), "connection"),
+        (Fault("corrupt", at=0.7), "digest mismatch"),
+        (Fault("status", status=503, retry_after="1"), "HTTP 503"),
+        (Fault("status", status=429, retry_after="0"), "HTTP 429"),
+        (Fault("gzip"), "Content-Encoding: gzip"),
+    ],
+)
+def test_each_fault_is_survived_and_reported(registry: FaultRegistry, models: Path, fault: Fault, reason: str) -> None:
+    model = tensor_model(registry)
+    target = model.layer_digests[2]
+    registry.inject(target, fault)
+    run = run_cli(models, *FAST, "--json", reference(registry, model))
+    assert run.returncode == 0, run.stderr
+    assert_store_holds(models, registry, model)
+    [retry] = [event for event in run.events if event["event"] == "retry"]
+    assert retry["digest"] == target
+    assert reason in retry["reason"]
+    assert len(registry.blob_requests(target)) == 2
+
+
+def test_slow_trickle_still_completes(registry: FaultRegistry, models: Path) -> None:
+    model = tensor_model(registry, blobs=2)
+    registry.inject(model.layer_digests[0], Fault("slow", rate=256 * 1024))
+    run = run_cli(models, "--insecure", reference(registry, model))
+    assert run.returncode == 0, run.stderr
+    assert_store_holds(models, registry, model)
+
+
+def test_json_events_of_a_pull_with_a_retry(registry: FaultRegistry, models: Path) -> None:
+    model = tensor_model(registry, blobs=3)
+    registry.inject(model.layer_digests[1], Fault("reset", at=0.5))
+    run = run_cli(models, *FAST, "--json", reference(registry, model))
+    assert run.returncode == 0, run.stderr
+    events = run.events
+    kinds = [event["event"] for event in events]
+    assert kinds[0] == "manifest"
+    assert kinds[-1] == "done"
+    assert kinds.count("blob_start") == 4
+    assert kinds.count("blob_done") == 4
+    assert kinds.count("retry") == 1
+    manifest, done = events[0], events[-1]
+    assert manifest["digest"] == model.manifest_digest
+    assert manifest["blobs"] == 4
+    assert manifest["total_bytes"] == sum(len(data) for data in model.blobs.values())
+    assert done["downloaded_blobs"] == 4
+    assert done["present_blobs"] == 0
+    assert done["manifest_path"].endswith(f"manifests/{registry.host}/library/demo/latest")
+    retry = events[kinds.index("retry")]
+    assert set(retry) == {"event", "model", "digest", "attempt", "reason", "delay"}
+    # The retried blob finishes after its retry.
+    finished = [event["digest"] for event in events if event["event"] == "blob_done"]
+    assert model.layer_digests[1] in finished
+    assert kinds.index("retry") < len(kinds) - 1 - finished[::-1].index(model.layer_digests[1])
+
+
+def test_a_rerun_skips_what_is_present(registry: FaultRegistry, models: Path) -> None:
+    model = tensor_model(registry)
+    assert run_cli(models, "--insecure", reference(registry, model)).returncode == 0
+    registry.reset_log()
+    run = run_cli(models, "--insecure", "--json", reference(registry, model))
+    assert run.returncode == 0, run.stderr
+    assert [r for r in registry.requests if "/blobs/" in r.path] == []
+    assert run.events[0]["present_blobs"] == 7
+    assert run.events[-1]["downloaded_blobs"] == 0
+    assert_store_holds(models, registry, model)
+
+
+def test_token_auth_with_expiring_tokens_never_shows_a_token(models: Path) -> None:
+    # A token lasts five requests, more than the four downloads at once, so a fresh token cannot be used up
+    # by its siblings before the request that asked for it is retried (real registries expire by time).
+    with FaultRegistry(require_auth=True, token_uses=5) as registry:
+        model = tensor_model(registry, blobs=8)
+        run = run_cli(models, *FAST, "--json", "-j", "4", reference(registry, model))
+        assert run.returncode == 0, run.stderr
+        assert_store_holds(models, registry, model)
+        tokens = registry.tokens_issued
+        refused = [r for r in registry.requests if r.status == 401 and "authorization" in r.headers]
+        # Ten requests at five uses a token: the first token plus refreshes, each merged across the downloads
+        # that met the same expiry.
+        assert 2 <= len(tokens) <= 3
+        assert len(refused) >= len(tokens) - 1
+        for token in tokens:
+            assert token not in run.stdout
+            assert token not in run.stderr
+
+
+def test_blobs_redirected_to_a_cdn_get_no_registry_token(models: Path) -> None:
+    with FaultRegistry(require_auth=True, redirect_blobs=True) as registry:
+        model = tensor_model(registry)
+        run = run_cli(models, *FAST, reference(registry, model))
+        assert run.returncode == 0, run.stderr
+        assert_store_holds(models, registry, model)
+        assert len(registry.cdn_requests) == 7
+        assert all("authorization" not in r.headers for r in registry.cdn_requests)
+        assert any("authorization" in r.headers for r in registry.requests if "/blobs/" in r.path)
+
+
+def test_model_not_found_is_exit_3(registry: FaultRegistry, models: Path) -> None:
+    run = run_cli(models, "--insecure", f"{registry.host}/library/missing:v1")
+    assert run.returncode == 3
+    assert run.stderr.strip().splitlines() == [
+        f"error: model '{registry.host}/library/missing:v1' not found: check the name and tag, or the registry host"
+    ]
+    assert not (models / "manifests").exists()
+
+
+def test_a_refused_token_is_exit_4(models: Path) -> None:
+    with FaultRegistry(require_auth=True) as registry:
+        model = tensor_model(registry)
+        registry.inject("token", Fault("status", status=403))
+        run = run_cli(models, "--insecure", reference(registry, model))
+    assert run.returncode == 4
+    assert "refused access" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_a_blob_that_is_always_corrupt_is_exit_5_and_named(registry: FaultRegistry, models: Path) -> None:
+    model = tensor_model(registry)
+    bad = model.layer_digests[3]
+    registry.inject(bad, Fault("corrupt", times=10))
+    run = run_cli(models, *FAST, "--retries", "3", reference(registry, model))
+    assert run.returncode == 5
+    assert bad in run.stderr
+    assert "digest mismatch" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert not (models / "manifests").exists()
+    assert not (models / "blobs" / bad.replace(":", "-")).exists()
+    assert_nothing_unverified(models, model)
+    assert len(registry.blob_requests(bad)) == 3
+
+
+def test_a_blob_that_always_fails_is_exit_1(registry: FaultRegistry, models: Path) -> None:
+    model = tensor_model(registry)
+    bad = model.layer_digests[0]
+    registry.inject(bad, Fault("status", status=500, times=10))
+    run = run_cli(models, *FAST, "--retries", "2", reference(registry, model))
+    assert run.returncode == 1
+    assert f"blob {bad} failed after 2 attempts: HTTP 500" in run.stderr
+    assert not (models / "manifests").exists()
+    assert_nothing_unverified(models, model)
+
+
+@pytest.mark.parametrize(
+    "digest",
+    ["sha256:../../../../etc/passwd", "sha256:" + "0" * 63 + "/", "../sha256:" + "0" * 64, "md5:" + "0" * 32],
+)
+def test_a_manifest_digest_cannot_escape_the_store(registry: FaultRegistry, models: Path, digest: str) -> None:
+    body = (
+        '{"schemaVersion":2,"config":{"mediaType":"application/vnd.docker.container.image.v1+json",'
+        f'"digest":"{digest}","size":3}},"layers":[]}}'
+    ).encode()
+    registry.set_manifest("library/evil", "latest", body)
+    run = run_cli(models, "--insecure", f"{registry.host}/library/evil")
+    assert run.returncode == 1
+    assert "invalid manifest" in run.stderr
+    assert not models.exists() or not any(models.rglob("*"))
+    assert not (models.parent / "etc").exists()
+
+
+def wait_for(condition, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.02)
+
+
+def partial_files(models: Path) -> list[Path]:
+    blobs = models / "blobs"
+    return [p for p in blobs.iterdir() if p.name.endswith("-partial")] if blobs.exists() else []
+
+
+def test_ctrl_c_stops_at_once_with_130_and_the_rerun_completes(registry: FaultRegistry, models: Path) -> None:
+    model = tensor_model(registry, blobs=4, size=512 * 1024)
+    registry.inject("blobs", Fault("slow", rate=64 * 1024, times=4))
+    process = subprocess.Popen(
+        cli_command("--insecure", reference(registry, model)),
+        env=cli_env(models),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: any(p.stat().st_size > 0 for p in partial_files(models)))
+        started = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=10)
+        stopped = time.monotonic() - started
+    finally:
+        process.kill()
+    assert process.returncode == 130
+    assert stopped < 1.0
+    assert "Traceback" not in stderr
+    assert "interrupted" in stderr
+    assert not (models / "manifests").exists()
+    assert_nothing_unverified(models, model)
+    run = run_cli(models, "--insecure", reference(registry, model))
+    assert run.returncode == 0, run.stderr
+    assert_store_holds(models, registry, model)
+
+
+def test_kill_9_then_a_rerun_completes(registry: FaultRegistry, models: Path) -> None:
+    model = tensor_model(registry, blobs=6, size=256 * 1024)
+    registry.inject("blobs", Fault("slow", rate=128 * 1024, times=6))
+    process = subprocess.Popen(
+        cli_command("--insecure", reference(registry, model)),
+        env=cli_env(models),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: any(p.stat().st_size > 0 for p in partial_files(models)))
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    assert partial_files(models)
+    assert_nothing_unverified(models, model)
+    run = run_cli(models, "--insecure", reference(registry, model))
+    assert run.returncode == 0, run.stderr
+    # blobs/ ends with finished blobs only: the re-run continued from or removed every partial file.
+    assert_store_holds(models, registry, model)
+
+
+def test_a_large_blob_resumes_across_runs(registry: FaultRegistry, models: Path) -> None:
+    size = 65 * 1024 * 1024
+    model = registry.add_model("library/big", layers=[("application/vnd.ollama.image.model", os.urandom(size), None)])
+    big = model.layer_digests[0]
+    registry.inject(big, Fault("slow", rate=32 * 1024 * 1024))
+    process = subprocess.Popen(
+        cli_command("--insecure", reference(registry, model)),
+        env=cli_env(models),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    partial = models / "blobs" / (big.replace(":", "-") + "-partial")
+    try:
+        wait_for(lambda: partial.exists() and partial.stat().st_size > 8 * 1024 * 1024)
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    kept = partial.stat().st_size
+    registry.reset_log()
+    run = run_cli(models, "--insecure", reference(registry, model))
+    assert run.returncode == 0, run.stderr
+    assert_store_holds(models, registry, model)
+    [resumed] = registry.blob_requests(big)
+    assert resumed.range == f"bytes={kept}-"
+    assert resumed.bytes_sent == size - kept
+
+
+def test_two_models_in_one_call(registry: FaultRegistry, models: Path) -> None:
+    first = tensor_model(registry, name="library/one")
+    second = registry.add_synthetic_model("team/two", tag="v2", blobs=3, blob_size=4096, seed=7)
+    run = run_cli(models, "--insecure", reference(registry, first), reference(registry, second))
+    assert run.returncode == 0, run.stderr
+    assert_store_holds(models, registry, first, second)
