@@ -7,20 +7,23 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from typing import IO, Any
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TaskID,
     TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+from rich.text import Text
 
 from .events import (
     BlobFinished,
@@ -138,38 +141,47 @@ class PlainRenderer:
         pass
 
 
+class _BlobColumn(ProgressColumn):
+    """A column drawn for real tasks only, so the "+N more" row shows as plain text."""
+
+    def __init__(self, inner: ProgressColumn) -> None:
+        super().__init__()
+        self._inner = inner
+
+    def render(self, task: Task) -> RenderableType:
+        return Text("") if task.fields.get("note") else self._inner.render(task)
+
+
+class _Display(Progress):
+    """Rich's progress display with the "+N more" row always drawn last, whatever order tasks were added in."""
+
+    def get_renderables(self) -> Iterable[RenderableType]:
+        yield self.make_tasks_table(sorted(self.tasks, key=lambda task: bool(task.fields.get("note"))))
+
+
 class RichRenderer:
-    """An overall bar plus a bar for each blob in flight (the first few), on a terminal."""
+    """An overall bar plus a bar for each blob in flight (the first few), on a terminal; one display per model."""
 
     def __init__(self, console: Console) -> None:
         self._console = console
         self._tally = Tally()
-        self._progress = Progress(
-            TextColumn("{task.description}", table_column=None),
-            BarColumn(),
-            DownloadColumn(binary_units=True),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            transient=False,
-        )
+        self._progress: Progress | None = None
         self._overall: TaskID | None = None
         self._more: TaskID | None = None
         self._bars: dict[str, TaskID] = {}
         self._waiting: dict[str, BlobStarted] = {}
-        self._progress.start()
 
     def __call__(self, event: Event) -> None:
         self._tally.apply(event)
-        progress = self._progress
         if isinstance(event, ManifestResolved):
-            self._reset()
-            self._overall = progress.add_task(
-                f"[bold]{event.model}", total=event.total_bytes, completed=event.present_bytes
-            )
-        elif isinstance(event, BlobStarted):
+            self._start(event)
+            return
+        progress = self._progress
+        if progress is None or self._overall is None:
+            return
+        if isinstance(event, BlobStarted):
             self._waiting[event.digest] = event
-            self._show_waiting()
+            self._show_waiting(progress)
         elif isinstance(event, BlobProgress) and event.digest in self._bars:
             progress.update(self._bars[event.digest], completed=event.completed)
         elif isinstance(event, BlobFinished):
@@ -177,37 +189,56 @@ class RichRenderer:
             bar = self._bars.pop(event.digest, None)
             if bar is not None:
                 progress.remove_task(bar)
-            self._show_waiting()
+            self._show_waiting(progress)
         elif isinstance(event, BlobRetry):
-            progress.console.print(f"[yellow]retrying[/] {event.digest[:19]}: {event.reason}", markup=True)
-        elif isinstance(event, PullFinished):
-            self._reset()
-            progress.console.print(summary_line(event), markup=False, highlight=False)
-        if self._overall is not None and not isinstance(event, PullFinished):
-            progress.update(self._overall, completed=self._tally.completed)
+            progress.console.print(f"[yellow]retrying[/] {event.digest[:19]}: {event.reason}", highlight=False)
+        progress.update(self._overall, completed=self._tally.completed)
+        if isinstance(event, PullFinished):
+            self.close()
+            self._console.print(summary_line(event), markup=False, highlight=False)
 
-    def _show_waiting(self) -> None:
+    def _start(self, event: ManifestResolved) -> None:
+        self.close()
+        self._progress = _Display(
+            TextColumn("{task.description}", table_column=None),
+            *(
+                _BlobColumn(column)
+                for column in (
+                    BarColumn(),
+                    DownloadColumn(binary_units=True),
+                    TransferSpeedColumn(),
+                    TimeRemainingColumn(),
+                )
+            ),
+            console=self._console,
+        )
+        self._overall = self._progress.add_task(
+            f"[bold]{event.model}", total=event.total_bytes, completed=event.present_bytes
+        )
+        self._progress.start()
+
+    def _show_waiting(self, progress: Progress) -> None:
         while self._waiting and len(self._bars) < MAX_BLOB_BARS:
             digest, started = next(iter(self._waiting.items()))
             del self._waiting[digest]
-            self._bars[digest] = self._progress.add_task(
-                f"  {started.label}", total=started.size, completed=started.offset
-            )
+            self._bars[digest] = progress.add_task(f"  {started.label}", total=started.size, completed=started.offset)
         if self._waiting and self._more is None:
-            self._more = self._progress.add_task("", total=None)
+            self._more = progress.add_task("", total=None, note=True)
         if self._more is not None:
             if self._waiting:
-                self._progress.update(self._more, description=f"  +{len(self._waiting)} more")
+                progress.update(self._more, description=f"  +{len(self._waiting)} more")
             else:
-                self._progress.remove_task(self._more)
+                progress.remove_task(self._more)
                 self._more = None
 
-    def _reset(self) -> None:
+    def close(self) -> None:
+        """Stop the display, leaving the overall bar on screen and dropping the blob bars."""
+        if self._progress is None:
+            return
         for task in (*self._bars.values(), *([self._more] if self._more is not None else [])):
             self._progress.remove_task(task)
         self._bars.clear()
         self._waiting.clear()
         self._more = None
-
-    def close(self) -> None:
         self._progress.stop()
+        self._progress = None

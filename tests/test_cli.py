@@ -157,19 +157,28 @@ def test_rich_renderer_shows_overall_and_a_few_blob_bars() -> None:
     for digest in digests:
         renderer(BlobStarted("m:latest", digest, f"tensor/{digest[-2:]}.st", 100, 0))
     progress = renderer._progress
-    descriptions = [task.description for task in progress.tasks]
-    assert descriptions[0] == "[bold]m:latest"
+    assert progress is not None
+
+    def descriptions_drawn() -> list[str]:
+        assert progress is not None
+        table = next(iter(progress.get_renderables()))
+        return [str(cell) for cell in table.columns[0]._cells]  # type: ignore[attr-defined]
+
+    descriptions = descriptions_drawn()
+    assert descriptions[0] == "m:latest"
     assert len([d for d in descriptions if d.startswith("  tensor/")]) == MAX_BLOB_BARS
-    assert "  +4 more" in descriptions
+    assert descriptions[-1] == "  +4 more"
     renderer(BlobProgress("m:latest", digests[0], 60, 100))
     renderer(BlobFinished("m:latest", digests[0], 100, 0.1))
     overall = progress.tasks[0]
     assert overall.completed == 200
-    # A finished bar disappears and a waiting blob takes its place.
-    descriptions = [task.description for task in progress.tasks]
+    # A finished bar disappears, a waiting blob takes its place, and "+N more" stays last.
+    descriptions = descriptions_drawn()
     assert "  tensor/00.st" not in descriptions
-    assert "  +3 more" in descriptions
+    assert "  tensor/08.st" in descriptions
+    assert descriptions[-1] == "  +3 more"
     renderer(PullFinished("m:latest", DIGEST, "/x", 1300, 1200, 12, 1, 1.0))
-    renderer.close()
     assert [task.description for task in progress.tasks] == ["[bold]m:latest"]
-    assert "pulled m:latest" in console.file.getvalue()  # type: ignore[attr-defined]
+    output = console.file.getvalue()  # type: ignore[attr-defined]
+    # The summary comes after the last frame of the bars.
+    assert "pulled m:latest" in output.rstrip().splitlines()[-1]
