@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import sys
 import traceback
 from enum import IntEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
+import httpx
 import typer
 from rich.console import Console
 
@@ -17,17 +19,20 @@ from . import __version__
 from .engine import DownloadSettings
 from .errors import (
     AuthenticationError,
+    CorruptModel,
     IntegrityError,
     InvalidReference,
     ModelNotFound,
+    NotInStore,
     OllamaPullError,
     StorageError,
 )
-from .events import EventCallback
+from .events import Event
 from .progress import JsonRenderer, PlainRenderer, RichRenderer
-from .pull import pull
+from .pull import pull, resolve, verify
 from .reference import ModelReference, parse_reference
 from .registry import make_client
+from .units import format_size
 
 
 class ExitCode(IntEnum):
@@ -47,8 +52,10 @@ def exit_code_for(error: OllamaPullError) -> ExitCode:
     for kind, code in (
         (InvalidReference, ExitCode.USAGE),
         (ModelNotFound, ExitCode.NOT_FOUND),
+        (NotInStore, ExitCode.NOT_FOUND),
         (AuthenticationError, ExitCode.AUTH),
         (IntegrityError, ExitCode.INTEGRITY),
+        (CorruptModel, ExitCode.INTEGRITY),
         (StorageError, ExitCode.STORAGE),
     ):
         if isinstance(error, kind):
@@ -57,12 +64,23 @@ def exit_code_for(error: OllamaPullError) -> ExitCode:
 
 
 # "\b" keeps Click from re-wrapping the example block.
+# "\b" keeps Click from re-wrapping the example blocks.
 EPILOG = """\
 \b
-Examples:
-  ollama-pull library/flux2-klein                 pull into ~/.ollama/models (or $OLLAMA_MODELS)
-  ollama-pull --json qwen3:8b | jq -c .           one JSON event per line, for scripts
-  ollama-pull --models-dir ./cache/models -q a b  several models, quiet, into a CI cache directory
+In a terminal:
+  ollama-pull library/flux2-klein               pull into ~/.ollama/models (or $OLLAMA_MODELS)
+  ollama-pull qwen3:8b gemma3 --models-dir DIR  several models into another store
+
+\b
+In scripts:
+  ollama-pull --json qwen3:8b | jq -c .         one JSON event per line on stdout
+  ollama-pull -q qwen3:8b || echo failed        errors only; the exit code says what went wrong
+
+\b
+In CI caching steps:
+  ollama-pull --dry-run --json -f models.txt    manifest digests for a cache key, nothing written
+  ollama-pull -f models.txt                     pull every model listed (one per line, # comments)
+  ollama-pull --verify -f models.txt            re-hash restored models; exit 5 names a bad blob
 
 Exit codes: 0 ok, 1 failed, 2 usage, 3 not found, 4 authentication, 5 integrity, 6 local storage, 130 interrupted.
 Set OLLAMA_PULL_DEBUG=1 to see a traceback with an error.
@@ -74,6 +92,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+Renderer = JsonRenderer | PlainRenderer | RichRenderer
+
 
 def _version(value: bool) -> None:
     if value:
@@ -84,13 +104,22 @@ def _version(value: bool) -> None:
 @app.command(epilog=EPILOG)
 def command(
     models: Annotated[
-        list[str],
+        list[str] | None,
         typer.Argument(
             metavar="MODEL",
             show_default=False,
             help="Model references: [host[:port]/][namespace/]model[:tag], e.g. library/flux2-klein or qwen3:8b.",
         ),
-    ],
+    ] = None,
+    file: Annotated[
+        str | None,
+        typer.Option(
+            "--file",
+            "-f",
+            metavar="FILE",
+            help="Read model references from FILE, one per line, # comments; - is stdin.",
+        ),
+    ] = None,
     models_dir: Annotated[
         Path | None,
         typer.Option(
@@ -113,6 +142,18 @@ def command(
     retries: Annotated[
         int, typer.Option("--retries", min=1, max=100, help="Attempts per blob before the pull fails.")
     ] = 6,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Resolve every manifest and print what would be downloaded; write nothing."),
+    ] = False,
+    verify_only: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="Check models already in the store: re-hash every blob against the manifest (no network). "
+            "Bad blobs are removed so that the next pull fetches them again.",
+        ),
+    ] = False,
     json_output: Annotated[
         bool, typer.Option("--json", help="Write one JSON event per line to stdout instead of progress.")
     ] = False,
@@ -123,39 +164,69 @@ def command(
     ] = None,
 ) -> None:
     """Pull models from an Ollama registry into the local Ollama model store, verified blob by blob."""
-    errors = Console(stderr=True, highlight=False, soft_wrap=True)
-    references: list[ModelReference] = []
-    for text in models:
-        try:
-            references.append(parse_reference(text))
-        except InvalidReference as exc:
-            _report(errors, exc)
-            raise typer.Exit(ExitCode.USAGE) from None
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    if dry_run and verify_only:
+        _usage(console, "--dry-run and --verify do not go together")
+    references = _references(console, models or [], file)
     settings = DownloadSettings(concurrency=concurrency, attempts=retries, stall_timeout=stall_timeout)
     json_renderer = JsonRenderer(sys.stdout) if json_output else None
-    renderer: JsonRenderer | PlainRenderer | RichRenderer | None = json_renderer
-    if renderer is None and not quiet:
-        renderer = RichRenderer(errors) if errors.is_terminal else PlainRenderer(sys.stderr)
-    on_event: EventCallback = renderer if renderer is not None else _ignore
+    renderer: Renderer | None = json_renderer
+    if renderer is None and not quiet and not dry_run and not verify_only:
+        renderer = RichRenderer(console) if console.is_terminal else PlainRenderer(sys.stderr)
+
+    def on_event(event: Event) -> None:
+        if renderer is not None:
+            renderer(event)
+
+    def say(text: str, record: dict[str, object], *, stdout: bool = False) -> None:
+        if json_renderer is not None:
+            json_renderer.write(record)
+        elif stdout:
+            typer.echo(text)
+        elif not quiet:
+            console.print(text, markup=False)
+
+    async def one(reference: ModelReference, client: httpx.AsyncClient) -> None:
+        if verify_only:
+            manifest = await verify(reference, models_dir=models_dir)
+            say(
+                f"verified {reference.short}: {len(manifest.blobs)} blobs, {format_size(manifest.total_size)}, "
+                "every one matches its digest",
+                {
+                    "event": "verified",
+                    "model": reference.short,
+                    "digest": manifest.digest,
+                    "blobs": len(manifest.blobs),
+                    "total_bytes": manifest.total_size,
+                },
+            )
+        elif dry_run:
+            plan = await resolve(reference, models_dir=models_dir, insecure=insecure, settings=settings, client=client)
+            event = plan.event()
+            say(
+                f"{event.model}: {event.blobs} blobs, {format_size(event.total_bytes)}; "
+                f"{event.present_blobs} already present, {len(plan.missing)} to download "
+                f"({format_size(plan.missing_bytes)}); manifest {event.digest}",
+                {"event": event.kind, **dataclasses.asdict(event)},
+                stdout=True,
+            )
+        else:
+            await pull(
+                reference, models_dir=models_dir, insecure=insecure, settings=settings, on_event=on_event, client=client
+            )
 
     failures: list[ExitCode] = []
 
     async def run() -> None:
+        # One client for every model: one connection pool, one token cache.
         async with make_client(insecure=insecure, concurrency=concurrency) as client:
             for reference in references:
                 try:
-                    await pull(
-                        reference,
-                        models_dir=models_dir,
-                        insecure=insecure,
-                        settings=settings,
-                        on_event=on_event,
-                        client=client,
-                    )
+                    await one(reference, client)
                 except OllamaPullError as exc:
                     code = exit_code_for(exc)
                     failures.append(code)
-                    _report(errors, exc, model=reference.short)
+                    _report(console, exc, model=reference.short)
                     if json_renderer is not None:
                         json_renderer.write(
                             {"event": "error", "model": reference.short, "message": str(exc), "exit_code": int(code)}
@@ -170,14 +241,39 @@ def command(
         if renderer is not None:
             renderer.close()
     if interrupted:
-        errors.print("interrupted: nothing unverified was kept as a blob; run again to continue", style="yellow")
+        console.print("interrupted: nothing unverified was kept as a blob; run again to continue", style="yellow")
         raise typer.Exit(ExitCode.INTERRUPTED)
     if failures:
         raise typer.Exit(failures[0])
 
 
-def _ignore(_event: object) -> None:
-    """No renderer in --quiet mode."""
+def _references(console: Console, models: list[str], file: str | None) -> list[ModelReference]:
+    """The references from the arguments, then the file; any invalid one is a usage error before any download."""
+    texts = list(models)
+    if file is not None:
+        try:
+            content = sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            _usage(console, f"cannot read the model list {file}: {getattr(exc, 'strerror', None) or exc}")
+        texts += [line.split("#", 1)[0].strip() for line in content.splitlines()]
+        texts = [text for text in texts if text]
+    if not texts:
+        _usage(console, "no model given: pass MODEL arguments or --file FILE (see --help)")
+    references: list[ModelReference] = []
+    for text in texts:
+        try:
+            reference = parse_reference(text)
+        except InvalidReference as exc:
+            _report(console, exc)
+            raise typer.Exit(ExitCode.USAGE) from None
+        if reference not in references:
+            references.append(reference)
+    return references
+
+
+def _usage(console: Console, message: str) -> NoReturn:
+    console.print(f"error: {message}", style="bold red", markup=False)
+    raise typer.Exit(ExitCode.USAGE)
 
 
 def _report(console: Console, error: OllamaPullError, *, model: str | None = None) -> None:

@@ -12,6 +12,8 @@ where there is one, what to do about it::
     │   └── InvalidManifest     the manifest is malformed or unsafe
     ├── BlobError               one blob could not be downloaded after every retry
     │   └── IntegrityError      ... because its bytes never matched the digest
+    ├── CorruptModel            a model in the store does not match its manifest (found by verify)
+    ├── NotInStore              verify was asked for a model the store does not hold
     └── StorageError            the local store cannot be read or written
 
 Foreign exceptions (httpx, OSError) are translated once, where they happen, and chained with ``from``.
@@ -71,6 +73,22 @@ class BlobError(OllamaPullError):
 
 class IntegrityError(BlobError):
     """The blob's bytes never matched its digest or size."""
+
+
+class CorruptModel(OllamaPullError):
+    """Blobs in the store whose bytes are missing or differ from what the manifest names."""
+
+    def __init__(self, model: str, problems: dict[str, str]) -> None:
+        self.problems = problems
+        listed = "; ".join(f"blob {digest}: {reason}" for digest, reason in problems.items())
+        super().__init__(
+            f"{model} is corrupt in the store ({listed}); the bad blobs were removed: pull the model again to repair it"
+        )
+
+
+class NotInStore(OllamaPullError):
+    def __init__(self, model: str, path: str) -> None:
+        super().__init__(f"{model} is not in the store: no manifest at {path}")
 
 
 class StorageError(OllamaPullError):

@@ -34,17 +34,10 @@ from .events import (
     ManifestResolved,
     PullFinished,
 )
+from .units import format_size
 
 # More bars than this flood a terminal and say nothing more; the rest are summed up in one line.
 MAX_BLOB_BARS = 8
-
-
-def format_size(size: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(size) < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
 
 
 def summary_line(event: PullFinished) -> str:

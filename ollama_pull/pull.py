@@ -1,18 +1,51 @@
-"""Pull one model end to end: manifest, blobs, then the manifest file last. The library's front door."""
+"""Pull one model end to end: manifest, blobs, then the manifest file last. The library's front door.
+
+:func:`resolve` answers what a pull would do without writing anything (``--dry-run``), :func:`pull` does it,
+and :func:`verify` re-hashes a model already in the store against its manifest.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
 from .engine import Clock, Downloader, DownloadSettings
+from .errors import CorruptModel
 from .events import EventCallback, ManifestResolved, PullFinished, ignore_event
+from .manifest import Layer, Manifest, parse_manifest
 from .reference import ModelReference, parse_reference
 from .registry import RegistryClient, make_client
 from .store import Store, default_models_dir
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a pull of one model has to do: the manifest, and which of its blobs the store already holds."""
+
+    reference: ModelReference
+    manifest: Manifest
+    present: tuple[Layer, ...]
+    missing: tuple[Layer, ...]
+
+    @property
+    def missing_bytes(self) -> int:
+        return sum(layer.size for layer in self.missing)
+
+    def event(self) -> ManifestResolved:
+        return ManifestResolved(
+            model=self.reference.short,
+            digest=self.manifest.digest,
+            blobs=len(self.manifest.blobs),
+            total_bytes=self.manifest.total_size,
+            present_blobs=len(self.present),
+            present_bytes=sum(layer.size for layer in self.present),
+        )
 
 
 @dataclass(frozen=True)
@@ -25,6 +58,20 @@ class PullResult:
     downloaded_blobs: int
     present_blobs: int
     seconds: float
+
+
+async def resolve(
+    reference: str | ModelReference,
+    *,
+    models_dir: Path | None = None,
+    insecure: bool = False,
+    settings: DownloadSettings = DownloadSettings(),
+    client: httpx.AsyncClient | None = None,
+) -> Plan:
+    """Fetch and validate the manifest and compare it with the store; write nothing."""
+    ref = _reference(reference)
+    async with _client(client, insecure, settings) as http:
+        return await _plan(ref, Store(models_dir or default_models_dir()), _registry(http, insecure, settings))
 
 
 async def pull(
@@ -42,51 +89,26 @@ async def pull(
     Pass ``client`` to reuse one HTTP client across pulls (it is then left open); otherwise one is made and
     closed here. Raises a subclass of :class:`ollama_pull.errors.OllamaPullError` on any expected failure.
     """
-    ref = reference if isinstance(reference, ModelReference) else parse_reference(reference)
+    ref = _reference(reference)
     store = Store(models_dir or default_models_dir())
-    if client is None:
-        async with make_client(insecure=insecure, concurrency=settings.concurrency) as own_client:
-            return await _pull(ref, store, own_client, insecure, settings, on_event, clock)
-    return await _pull(ref, store, client, insecure, settings, on_event, clock)
-
-
-async def _pull(
-    ref: ModelReference,
-    store: Store,
-    client: httpx.AsyncClient,
-    insecure: bool,
-    settings: DownloadSettings,
-    on_event: EventCallback,
-    clock: Clock,
-) -> PullResult:
-    started = clock()
-    registry = RegistryClient(client, insecure=insecure, attempts=settings.attempts, backoff=settings.backoff)
-    manifest = await registry.fetch_manifest(ref)
-    store.prepare()
-    blobs = manifest.blobs
-    present = [layer for layer in blobs if store.has_blob(layer)]
-    missing = [layer for layer in blobs if layer not in present]
-    on_event(
-        ManifestResolved(
-            model=ref.short,
-            digest=manifest.digest,
-            blobs=len(blobs),
-            total_bytes=manifest.total_size,
-            present_blobs=len(present),
-            present_bytes=sum(layer.size for layer in present),
-        )
-    )
-    downloader = Downloader(registry, store, settings=settings, on_event=on_event, clock=clock)
-    stats = await downloader.download(ref, missing, model=ref.short)
-    path = store.write_manifest(ref, manifest.raw)
+    async with _client(client, insecure, settings) as http:
+        started = clock()
+        registry = _registry(http, insecure, settings)
+        plan = await _plan(ref, store, registry)
+        store.check_space(plan.missing_bytes)
+        store.prepare()
+        on_event(plan.event())
+        downloader = Downloader(registry, store, settings=settings, on_event=on_event, clock=clock)
+        stats = await downloader.download(ref, plan.missing, model=ref.short)
+        path = store.write_manifest(ref, plan.manifest.raw)
     result = PullResult(
         reference=ref,
-        manifest_digest=manifest.digest,
+        manifest_digest=plan.manifest.digest,
         manifest_path=path,
-        total_bytes=manifest.total_size,
+        total_bytes=plan.manifest.total_size,
         downloaded_bytes=stats.downloaded_bytes,
         downloaded_blobs=stats.downloaded_blobs,
-        present_blobs=len(present),
+        present_blobs=len(plan.present),
         seconds=clock() - started,
     )
     on_event(
@@ -102,3 +124,58 @@ async def _pull(
         )
     )
     return result
+
+
+async def verify(reference: str | ModelReference, *, models_dir: Path | None = None) -> Manifest:
+    """Re-hash every blob of a model in the store; raise :class:`CorruptModel` naming each bad one.
+
+    Bad blobs are removed, so that the next pull downloads them again instead of skipping them for their size.
+    """
+    ref = _reference(reference)
+    store = Store(models_dir or default_models_dir())
+    manifest = parse_manifest(store.read_manifest(ref), model=ref.short)
+    # hashlib releases the GIL on large buffers: a few threads re-hash several blobs at once.
+    limit = asyncio.Semaphore(4)
+    problems: dict[str, str] = {}
+
+    async def check(layer: Layer) -> None:
+        async with limit:
+            reason = await asyncio.to_thread(store.check_blob, layer)
+        if reason is not None:
+            problems[layer.digest] = reason
+
+    async with asyncio.TaskGroup() as group:
+        for layer in manifest.blobs:
+            group.create_task(check(layer))
+    if problems:
+        for digest in problems:
+            store.blob_path(digest).unlink(missing_ok=True)
+        raise CorruptModel(ref.short, problems)
+    return manifest
+
+
+def _reference(reference: str | ModelReference) -> ModelReference:
+    return reference if isinstance(reference, ModelReference) else parse_reference(reference)
+
+
+@asynccontextmanager
+async def _client(
+    client: httpx.AsyncClient | None, insecure: bool, settings: DownloadSettings
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The caller's client, left open; or one of our own, closed after use."""
+    if client is not None:
+        yield client
+        return
+    async with make_client(insecure=insecure, concurrency=settings.concurrency) as own:
+        yield own
+
+
+def _registry(client: httpx.AsyncClient, insecure: bool, settings: DownloadSettings) -> RegistryClient:
+    return RegistryClient(client, insecure=insecure, attempts=settings.attempts, backoff=settings.backoff)
+
+
+async def _plan(ref: ModelReference, store: Store, registry: RegistryClient) -> Plan:
+    manifest = await registry.fetch_manifest(ref)
+    present = tuple(layer for layer in manifest.blobs if store.has_blob(layer))
+    missing = tuple(layer for layer in manifest.blobs if layer not in present)
+    return Plan(reference=ref, manifest=manifest, present=present, missing=missing)

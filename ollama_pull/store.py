@@ -10,13 +10,15 @@ import contextlib
 import errno
 import hashlib
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import StorageError
+from .errors import NotInStore, StorageError
 from .manifest import DIGEST_PATTERN, Layer
 from .reference import ModelReference
+from .units import format_size
 
 PARTIAL_SUFFIX = "-partial"
 _REHASH_CHUNK = 1024 * 1024
@@ -70,10 +72,58 @@ class Store:
 
     def has_blob(self, layer: Layer) -> bool:
         """A blob with the manifest's size is taken as present, as Ollama does: only verified bytes get its name."""
+        path = self.blob_path(layer.digest)
         try:
-            return self.blob_path(layer.digest).stat().st_size == layer.size
-        except FileNotFoundError:
+            return path.stat().st_size == layer.size
+        except (FileNotFoundError, NotADirectoryError):
             return False
+        except OSError as exc:
+            raise StorageError(f"cannot read {path}: {exc.strerror}") from exc
+
+    def free_bytes(self) -> int:
+        """Free space on the filesystem that holds (or will hold) the store."""
+        path = self.root
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        with storage_errors(f"read the free space of {path}"):
+            return shutil.disk_usage(path).free
+
+    def check_space(self, needed: int) -> None:
+        """Stop before downloading when the bytes still needed cannot fit: a full disk mid-pull helps nobody."""
+        free = self.free_bytes()
+        if needed > free:
+            raise StorageError(
+                f"not enough free space in {self.root}: {format_size(needed)} needed, {format_size(free)} free; "
+                "free some space or pass another --models-dir"
+            )
+
+    def read_manifest(self, reference: ModelReference) -> bytes:
+        path = self.manifest_path(reference)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise NotInStore(reference.short, str(path)) from None
+        except OSError as exc:
+            raise StorageError(f"cannot read the manifest {path}: {exc.strerror}") from exc
+
+    def check_blob(self, layer: Layer) -> str | None:
+        """Re-hash a stored blob: why it is bad, or None when its bytes are the digest's."""
+        path = self.blob_path(layer.digest)
+        digest = hashlib.sha256()
+        try:
+            with open(path, "rb") as handle:
+                while chunk := handle.read(_REHASH_CHUNK):
+                    digest.update(chunk)
+                size = handle.tell()
+        except FileNotFoundError:
+            return "missing"
+        except OSError as exc:
+            return f"unreadable: {exc.strerror}"
+        if size != layer.size:
+            return f"{size} bytes, expected {layer.size}"
+        if "sha256:" + digest.hexdigest() != layer.digest:
+            return "bytes do not match the digest"
+        return None
 
     def prepare(self) -> None:
         with storage_errors(f"create the models directory {self.blobs_dir}"):
