@@ -1,9 +1,11 @@
-"""Registry authentication: answer a ``WWW-Authenticate: Bearer`` challenge with a token, on demand.
+"""Registry authentication: answer a ``WWW-Authenticate`` challenge (Bearer token or Basic), on demand.
 
 The first request goes out anonymously, as Ollama's does; a 401 that carries a Bearer challenge makes us fetch a
 token from the realm and send the request again. Tokens are cached per repository. When a cached token expires,
 the next 401 refreshes it once; concurrent downloads that hit the same 401 wait for that one refresh instead of
-each asking for a token. Tokens never leave this module except in the ``Authorization`` header.
+each asking for a token. A Basic challenge is answered with the configured credentials (see
+:mod:`ollama_pull.credentials`), which also go to the token service when there is one. Tokens and credentials
+never leave this module except in ``Authorization`` headers, and httpx drops those on a redirect to another host.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from .credentials import CredentialLookup, Credentials, find_credentials
 from .errors import AuthenticationError, RegistryError
 
 _PARAM = re.compile(r'(\w+)\s*=\s*(?:"([^"]*)"|([^\s,]*))')
@@ -41,31 +44,38 @@ def parse_challenge(header: str) -> BearerChallenge | None:
 
 
 class RegistryAuth(httpx.Auth):
-    """An httpx auth flow for OCI registries' token authentication."""
+    """An httpx auth flow for OCI registries: token authentication, or Basic where the registry asks for it."""
 
-    def __init__(self) -> None:
-        self._tokens: dict[str, str] = {}
+    def __init__(self, credentials: CredentialLookup = find_credentials) -> None:
+        self._credentials = credentials
+        # The Authorization value that works for a repository: "Bearer <token>" or "Basic <...>".
+        self._headers: dict[str, str] = {}
         self._refresh = asyncio.Lock()
 
     async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
         key = _cache_key(request.url)
-        token = self._tokens.get(key)
-        if token is not None:
-            request.headers["Authorization"] = f"Bearer {token}"
+        sent = self._headers.get(key)
+        if sent is not None:
+            request.headers["Authorization"] = sent
         response = yield request
         if response.status_code != 401:
             return
-        challenge = parse_challenge(response.headers.get("WWW-Authenticate", ""))
-        if challenge is None:
-            return
+        header = response.headers.get("WWW-Authenticate", "")
         async with self._refresh:
-            # Another download may have refreshed the token while we waited for the lock: use its token.
-            if self._tokens.get(key) == token:
-                token_response = yield _token_request(challenge, request)
-                await token_response.aread()
-                self._tokens[key] = _token_from(token_response, challenge)
-            token = self._tokens[key]
-        request.headers["Authorization"] = f"Bearer {token}"
+            # Another download may have refreshed the header while we waited for the lock: use what it got.
+            if self._headers.get(key) == sent:
+                credentials = self._credentials(request.url.netloc.decode("ascii"))
+                challenge = parse_challenge(header)
+                if challenge is not None:
+                    token_response = yield _token_request(challenge, request, credentials)
+                    await token_response.aread()
+                    self._headers[key] = "Bearer " + _token_from(token_response, challenge)
+                elif header.strip().lower().startswith("basic") and credentials is not None and sent is None:
+                    self._headers[key] = credentials.basic_header()
+                else:
+                    # Refused credentials, or no way to answer: the caller reports the 401.
+                    return
+            request.headers["Authorization"] = self._headers[key]
         yield request
 
 
@@ -74,7 +84,9 @@ def _cache_key(url: httpx.URL) -> str:
     return f"{url.host}:{url.port}/{match.group(1) if match else ''}"
 
 
-def _token_request(challenge: BearerChallenge, original: httpx.Request) -> httpx.Request:
+def _token_request(
+    challenge: BearerChallenge, original: httpx.Request, credentials: Credentials | None
+) -> httpx.Request:
     params: list[tuple[str, str | int | float | bool | None]] = []
     if challenge.service:
         params.append(("service", challenge.service))
@@ -82,11 +94,10 @@ def _token_request(challenge: BearerChallenge, original: httpx.Request) -> httpx
     url = httpx.URL(challenge.realm)
     if url.scheme not in ("http", "https"):
         raise AuthenticationError(f"the registry's token realm is not an HTTP URL: {challenge.realm!r}")
-    return httpx.Request(
-        "GET",
-        url.copy_merge_params(params),
-        headers={"User-Agent": original.headers.get("User-Agent", ""), "Accept": "application/json"},
-    )
+    headers = {"User-Agent": original.headers.get("User-Agent", ""), "Accept": "application/json"}
+    if credentials is not None:
+        headers["Authorization"] = credentials.basic_header()
+    return httpx.Request("GET", url.copy_merge_params(params), headers=headers)
 
 
 def _token_from(response: httpx.Response, challenge: BearerChallenge) -> str:

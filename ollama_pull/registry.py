@@ -12,6 +12,7 @@ import httpx
 
 from . import __version__
 from .auth import RegistryAuth
+from .credentials import PASSWORD_VARIABLE, USERNAME_VARIABLE
 from .errors import AuthenticationError, ClientTooOld, InvalidManifest, ModelNotFound, RegistryError
 from .manifest import MANIFEST_MEDIA_TYPE, MAX_MANIFEST_BYTES, Manifest, parse_manifest
 from .reference import ModelReference
@@ -110,7 +111,8 @@ def _raise_for_manifest_status(response: httpx.Response, reference: ModelReferen
     if status in (401, 403):
         raise AuthenticationError(
             f"the registry {reference.host} refused access to {reference.short} (HTTP {status}): "
-            "the model may be private, or your credentials wrong"
+            f"the model may be private, or the credentials wrong; set {USERNAME_VARIABLE} and "
+            f"{PASSWORD_VARIABLE}, or log in with docker login"
         )
     if status == 412:
         raise ClientTooOld(reference.short)

@@ -14,7 +14,15 @@ def isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Pat
     models = tmp_path / "models"
     monkeypatch.setenv("OLLAMA_MODELS", str(models))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    for name in (*PROXY_VARIABLES, "OLLAMA_PULL_DEBUG", "NO_COLOR"):
+    for name in (
+        *PROXY_VARIABLES,
+        "OLLAMA_PULL_DEBUG",
+        "NO_COLOR",
+        "OLLAMA_PULL_USERNAME",
+        "OLLAMA_PULL_PASSWORD",
+        "DOCKER_CONFIG",
+        "SSL_CERT_FILE",
+    ):
         monkeypatch.delenv(name, raising=False)
     return models
 
