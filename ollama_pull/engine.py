@@ -166,7 +166,11 @@ class Downloader:
     async def _download_blob(
         self, reference: ModelReference, layer: Layer, model: str, semaphore: asyncio.Semaphore
     ) -> None:
-        async with semaphore:
+        async with semaphore, self.store.blob_lock(layer.digest):
+            if self.store.has_blob(layer):
+                # Another process sharing the store downloaded it while we waited for its lock.
+                self._emit(BlobFinished(model, layer.digest, layer.size, 0.0))
+                return
             resumable = layer.size >= self.settings.resume_min_size
             blob = await asyncio.to_thread(self.store.open_blob, layer, resume=resumable)
             state = _BlobState(layer, reported=blob.offset)

@@ -2,16 +2,23 @@
 
 Only a verified blob ever carries a ``sha256-<hex>`` name. Bytes in flight live in ``sha256-<hex>-partial``,
 a name Ollama never takes for a blob, and a manifest appears only once all its blobs are in place.
+
+Processes that share a store take an exclusive ``flock`` on ``.ollama-pull/locks/sha256-<hex>.lock`` while they
+download a blob, outside ``blobs/`` where Ollama expects only blobs. The kernel drops the lock when its process
+dies, even by kill -9, so a lock is never stale; the small lock files are kept, since removing one would race
+with a process about to lock it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
+import fcntl
 import hashlib
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -21,6 +28,7 @@ from .reference import ModelReference
 from .units import format_size
 
 PARTIAL_SUFFIX = "-partial"
+LOCKS_DIR = Path(".ollama-pull") / "locks"
 _REHASH_CHUNK = 1024 * 1024
 
 
@@ -128,6 +136,24 @@ class Store:
     def prepare(self) -> None:
         with storage_errors(f"create the models directory {self.blobs_dir}"):
             self.blobs_dir.mkdir(parents=True, exist_ok=True)
+
+    @contextlib.asynccontextmanager
+    async def blob_lock(self, digest: str, *, poll: float = 0.05) -> AsyncIterator[None]:
+        """Hold the store-wide lock of one blob; wait (cancellably) while another process holds it."""
+        path = self._inside(self.root / LOCKS_DIR / (self.blob_path(digest).name + ".lock"))
+        with storage_errors(f"create the lock file {path}"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(poll)
+            yield
+        finally:
+            os.close(fd)
 
     def open_blob(self, layer: Layer, *, resume: bool) -> BlobFile:
         return BlobFile(self, layer, resume=resume)

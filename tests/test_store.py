@@ -101,3 +101,26 @@ def test_unwritable_store_is_a_storage_error(tmp_path: Path) -> None:
         tmp_path.chmod(0o500)
     with pytest.raises(StorageError, match="cannot create the models directory"):
         Store(tmp_path).prepare()
+
+
+@pytest.mark.anyio
+async def test_the_blob_lock_excludes_a_second_holder_until_released(tmp_path: Path) -> None:
+    import asyncio
+
+    store = Store(tmp_path)
+    digest = "sha256:" + "c" * 64
+    order: list[str] = []
+
+    async def second() -> None:
+        async with store.blob_lock(digest, poll=0.005):
+            order.append("second")
+
+    async with store.blob_lock(digest):
+        waiter = asyncio.create_task(second())
+        await asyncio.sleep(0.05)
+        order.append("first done")
+    await waiter
+    assert order == ["first done", "second"]
+    # Outside blobs/, where Ollama expects nothing but blobs.
+    assert not (tmp_path / "blobs").exists()
+    assert (tmp_path / ".ollama-pull" / "locks" / ("sha256-" + "c" * 64 + ".lock")).exists()
