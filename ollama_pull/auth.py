@@ -14,11 +14,13 @@ import asyncio
 import re
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
 from .credentials import CredentialLookup, Credentials, find_credentials
 from .errors import AuthenticationError, RegistryError
+from .signing import OllamaKey, default_key_path, signed_token_url
 
 _PARAM = re.compile(r'(\w+)\s*=\s*(?:"([^"]*)"|([^\s,]*))')
 _REPOSITORY = re.compile(r"^/v2/(.+)/(?:manifests|blobs)/")
@@ -46,8 +48,11 @@ def parse_challenge(header: str) -> BearerChallenge | None:
 class RegistryAuth(httpx.Auth):
     """An httpx auth flow for OCI registries: token authentication, or Basic where the registry asks for it."""
 
-    def __init__(self, credentials: CredentialLookup = find_credentials) -> None:
+    def __init__(self, credentials: CredentialLookup = find_credentials, key_path: Path | None = None) -> None:
         self._credentials = credentials
+        self._key_path = key_path
+        self._key: OllamaKey | None = None
+        self._key_loaded = False
         # The Authorization value that works for a repository: "Bearer <token>" or "Basic <...>".
         self._headers: dict[str, str] = {}
         self._refresh = asyncio.Lock()
@@ -67,7 +72,7 @@ class RegistryAuth(httpx.Auth):
                 credentials = self._credentials(request.url.netloc.decode("ascii"))
                 challenge = parse_challenge(header)
                 if challenge is not None:
-                    token_response = yield _token_request(challenge, request, credentials)
+                    token_response = yield _token_request(challenge, request, credentials, self._ollama_key())
                     await token_response.aread()
                     self._headers[key] = "Bearer " + _token_from(token_response, challenge)
                 elif header.strip().lower().startswith("basic") and credentials is not None and sent is None:
@@ -78,6 +83,13 @@ class RegistryAuth(httpx.Auth):
             request.headers["Authorization"] = self._headers[key]
         yield request
 
+    def _ollama_key(self) -> OllamaKey | None:
+        # Read once, at the first challenge: anonymous pulls never touch the key.
+        if not self._key_loaded:
+            self._key = OllamaKey.load(self._key_path or default_key_path())
+            self._key_loaded = True
+        return self._key
+
 
 def _cache_key(url: httpx.URL) -> str:
     match = _REPOSITORY.match(url.path)
@@ -85,19 +97,25 @@ def _cache_key(url: httpx.URL) -> str:
 
 
 def _token_request(
-    challenge: BearerChallenge, original: httpx.Request, credentials: Credentials | None
+    challenge: BearerChallenge, original: httpx.Request, credentials: Credentials | None, key: OllamaKey | None
 ) -> httpx.Request:
+    realm = httpx.URL(challenge.realm)
+    if realm.scheme not in ("http", "https"):
+        raise AuthenticationError(f"the registry's token realm is not an HTTP URL: {challenge.realm!r}")
+    headers = {"User-Agent": original.headers.get("User-Agent", ""), "Accept": "application/json"}
+    # The Ollama key signs only for a realm on the registry's own host, as Ollama insists: a signature is never
+    # handed to another host, which then gets the plain request any registry client would send.
+    if key is not None and realm.netloc == original.url.netloc:
+        url = signed_token_url(challenge.realm, challenge.service, challenge.scopes)
+        headers["Authorization"] = key.authorization(url)
+        return httpx.Request("GET", url, headers=headers)
     params: list[tuple[str, str | int | float | bool | None]] = []
     if challenge.service:
         params.append(("service", challenge.service))
     params.extend(("scope", scope) for scope in challenge.scopes)
-    url = httpx.URL(challenge.realm)
-    if url.scheme not in ("http", "https"):
-        raise AuthenticationError(f"the registry's token realm is not an HTTP URL: {challenge.realm!r}")
-    headers = {"User-Agent": original.headers.get("User-Agent", ""), "Accept": "application/json"}
     if credentials is not None:
         headers["Authorization"] = credentials.basic_header()
-    return httpx.Request("GET", url.copy_merge_params(params), headers=headers)
+    return httpx.Request("GET", realm.copy_merge_params(params), headers=headers)
 
 
 def _token_from(response: httpx.Response, challenge: BearerChallenge) -> str:
