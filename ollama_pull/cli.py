@@ -30,6 +30,7 @@ from .errors import (
 from .events import Event
 from .progress import JsonRenderer, PlainRenderer, RichRenderer
 from .pull import pull, resolve, verify
+from .ratelimit import parse_rate
 from .reference import ModelReference, parse_reference
 from .registry import make_client
 from .units import format_size
@@ -95,6 +96,15 @@ app = typer.Typer(
 Renderer = JsonRenderer | PlainRenderer | RichRenderer
 
 
+def _rate(value: str | None) -> str | None:
+    if value is not None:
+        try:
+            parse_rate(value)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+    return value
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"ollama-pull {__version__}")
@@ -142,6 +152,26 @@ def command(
     retries: Annotated[
         int, typer.Option("--retries", min=1, max=100, help="Attempts per blob before the pull fails.")
     ] = 6,
+    max_rate: Annotated[
+        str | None,
+        typer.Option(
+            "--max-rate",
+            metavar="RATE",
+            callback=_rate,
+            help="One bandwidth limit for the whole pull, in bytes per second: 500k, 50M, 1.5G (binary multiples).",
+        ),
+    ] = None,
+    ca_cert: Annotated[
+        Path | None,
+        typer.Option(
+            "--ca-cert",
+            metavar="FILE",
+            exists=True,
+            dir_okay=False,
+            help="Also trust the CA certificates in this PEM file (a corporate CA). SSL_CERT_FILE replaces the "
+            "default bundle instead.",
+        ),
+    ] = None,
     dry_run: Annotated[
         bool,
         typer.Option("--dry-run", help="Resolve every manifest and print what would be downloaded; write nothing."),
@@ -168,7 +198,12 @@ def command(
     if dry_run and verify_only:
         _usage(console, "--dry-run and --verify do not go together")
     references = _references(console, models or [], file)
-    settings = DownloadSettings(concurrency=concurrency, attempts=retries, stall_timeout=stall_timeout)
+    settings = DownloadSettings(
+        concurrency=concurrency,
+        attempts=retries,
+        stall_timeout=stall_timeout,
+        max_rate=parse_rate(max_rate) if max_rate else None,
+    )
     json_renderer = JsonRenderer(sys.stdout) if json_output else None
     renderer: Renderer | None = json_renderer
     if renderer is None and not quiet and not dry_run and not verify_only:
@@ -219,7 +254,13 @@ def command(
 
     async def run() -> None:
         # One client for every model: one connection pool, one token cache.
-        async with make_client(insecure=insecure, concurrency=concurrency) as client:
+        try:
+            client = make_client(insecure=insecure, concurrency=concurrency, ca_cert=ca_cert)
+        except OllamaPullError as exc:
+            failures.append(exit_code_for(exc))
+            _report(console, exc)
+            return
+        async with client:
             for reference in references:
                 try:
                     await one(reference, client)

@@ -24,6 +24,7 @@ import httpx
 from .errors import AuthenticationError, BlobError, IntegrityError, OllamaPullError
 from .events import BlobFinished, BlobProgress, BlobRetry, BlobStarted, EventCallback, ignore_event
 from .manifest import Layer
+from .ratelimit import RateLimiter
 from .reference import ModelReference
 from .registry import RegistryClient
 from .retry import Backoff, describe_transport_error, retry_after
@@ -56,6 +57,8 @@ class DownloadSettings:
     resume_min_size: int = 64 * MIB
     check_interval: float = 1.0
     backoff: Backoff = Backoff()
+    # Bytes per second across every stream of the pull; None for no limit.
+    max_rate: float | None = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,8 @@ class _Watch:
     started: float
     last_read: float
     received: int = 0
+    # Waiting on --max-rate is our own doing, not the server's: neither a stall nor slowness.
+    throttled: bool = False
 
 
 @dataclass
@@ -151,6 +156,7 @@ class Downloader:
         )
         self._downloaded_bytes = 0
         self._downloaded_blobs = 0
+        self._limiter = RateLimiter(settings.max_rate, clock=clock, sleep=sleep) if settings.max_rate else None
 
     async def download(self, reference: ModelReference, layers: Sequence[Layer], *, model: str) -> DownloadStats:
         """Download every layer; on the first blob that fails for good, cancel the rest and raise its error."""
@@ -237,6 +243,8 @@ class Downloader:
                     await stream
 
     def _check(self, watch: _Watch) -> None:
+        if watch.throttled:
+            return
         now = self._clock()
         silent = now - watch.last_read
         if silent >= self.settings.stall_timeout:
@@ -267,6 +275,11 @@ class Downloader:
                             f"the server sent more than the manifest's {layer.size} bytes", integrity=True, restart=True
                         )
                     blob.write(chunk)
+                    if self._limiter is not None:
+                        watch.throttled = True
+                        await self._limiter.take(len(chunk))
+                        watch.throttled = False
+                        watch.last_read = self._clock()
                     if blob.offset > state.reported:
                         state.reported = blob.offset
                         self._emit(BlobProgress(model, layer.digest, blob.offset, layer.size))

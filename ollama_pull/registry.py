@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
+import certifi
 import httpx
 
 from . import __version__
@@ -26,18 +29,28 @@ def make_client(
     insecure: bool = False,
     concurrency: int = 64,
     read_timeout: float = 60.0,
+    ca_cert: Path | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> httpx.AsyncClient:
     """The HTTP client a pull uses: registry auth, redirects followed, enough connections for every download.
 
     httpx drops the ``Authorization`` header on a redirect to another host, so a CDN never sees the registry's
     token. The read timeout only backs up the engine's own stall detection for sockets that go silent.
-    ``transport`` is the seam for tests (``httpx.MockTransport``) and for custom networking.
+    ``transport`` is the seam for tests (``httpx.MockTransport``) and for custom networking. Proxies come from
+    ``HTTP(S)_PROXY``/``ALL_PROXY``/``NO_PROXY`` and a CA bundle from ``SSL_CERT_FILE``, through httpx; ``ca_cert``
+    adds a CA (a corporate one, say) to the public ones.
     """
+    verify: bool | ssl.SSLContext = not insecure
+    if ca_cert is not None and not insecure:
+        verify = ssl.create_default_context(cafile=certifi.where())
+        try:
+            verify.load_verify_locations(cafile=ca_cert)
+        except (OSError, ssl.SSLError) as exc:
+            raise RegistryError(f"cannot use the CA certificate {ca_cert}: {exc}") from exc
     return httpx.AsyncClient(
         auth=RegistryAuth(),
         follow_redirects=True,
-        verify=not insecure,
+        verify=verify,
         headers={"User-Agent": USER_AGENT},
         timeout=httpx.Timeout(30.0, read=read_timeout, pool=None),
         limits=httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4),

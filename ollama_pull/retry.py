@@ -53,4 +53,6 @@ def describe_transport_error(exc: httpx.RequestError) -> str:
         httpx.UnsupportedProtocol: "redirected to an unsupported URL scheme",
     }.get(type(exc), "network error")
     detail = str(exc).splitlines()[0] if str(exc) else ""
+    if "CERTIFICATE_VERIFY_FAILED" in detail:
+        return f"the server's TLS certificate is not trusted ({detail}): pass --ca-cert FILE or set SSL_CERT_FILE"
     return f"{kind} ({detail})" if detail and detail != kind else kind
