@@ -122,10 +122,15 @@ def _raise_for_manifest_status(response: httpx.Response, reference: ModelReferen
     if status == 404:
         raise ModelNotFound(reference.short)
     if status in (401, 403):
+        sent = response.request.headers.get("Authorization", "").split(" ", 1)[0].lower()
+        if sent == "basic":
+            hint = "the credentials were refused: check them"
+        elif sent == "bearer":
+            hint = "the token it issued does not grant access: the model may be private, or the credentials wrong"
+        else:
+            hint = f"it wants credentials: set {USERNAME_VARIABLE} and {PASSWORD_VARIABLE}, or use docker login"
         raise AuthenticationError(
-            f"the registry {reference.host} refused access to {reference.short} (HTTP {status}): "
-            f"the model may be private, or the credentials wrong; set {USERNAME_VARIABLE} and "
-            f"{PASSWORD_VARIABLE}, or log in with docker login"
+            f"the registry {reference.host} refused access to {reference.short} (HTTP {status}): {hint}"
         )
     if status == 412:
         raise ClientTooOld(reference.short)

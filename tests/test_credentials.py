@@ -88,7 +88,7 @@ async def test_wrong_basic_credentials_are_an_auth_error_without_the_password() 
         route = router.get(f"{BASE}/manifests/tag").respond(401, headers={"WWW-Authenticate": 'Basic realm="r"'})
         registry = registry_with(router, Credentials("u", "wrong-password"))
         async with registry.client:
-            with pytest.raises(AuthenticationError, match="OLLAMA_PULL_USERNAME") as caught:
+            with pytest.raises(AuthenticationError, match="the credentials were refused") as caught:
                 await registry.fetch_manifest(REF)
     assert route.call_count == 2
     assert "wrong-password" not in str(caught.value)
