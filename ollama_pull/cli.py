@@ -105,6 +105,12 @@ def _rate(value: str | None) -> str | None:
     return value
 
 
+def _mirror(value: str | None) -> str | None:
+    if value is not None and not value.startswith(("http://", "https://")):
+        raise typer.BadParameter(f"{value!r} is not an http:// or https:// URL")
+    return value
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"ollama-pull {__version__}")
@@ -159,6 +165,16 @@ def command(
             metavar="RATE",
             callback=_rate,
             help="One bandwidth limit for the whole pull, in bytes per second: 500k, 50M, 1.5G (binary multiples).",
+        ),
+    ] = None,
+    mirror: Annotated[
+        str | None,
+        typer.Option(
+            "--mirror",
+            metavar="URL",
+            envvar="OLLAMA_PULL_MIRROR",
+            callback=_mirror,
+            help="A registry mirror (e.g. a pull-through cache) to try before the model's own registry.",
         ),
     ] = None,
     ca_cert: Annotated[
@@ -236,7 +252,9 @@ def command(
                 },
             )
         elif dry_run:
-            plan = await resolve(reference, models_dir=models_dir, insecure=insecure, settings=settings, client=client)
+            plan = await resolve(
+                reference, models_dir=models_dir, insecure=insecure, settings=settings, client=client, mirror=mirror
+            )
             event = plan.event()
             say(
                 f"{event.model}: {event.blobs} blobs, {format_size(event.total_bytes)}; "
@@ -247,7 +265,13 @@ def command(
             )
         else:
             await pull(
-                reference, models_dir=models_dir, insecure=insecure, settings=settings, on_event=on_event, client=client
+                reference,
+                models_dir=models_dir,
+                insecure=insecure,
+                settings=settings,
+                on_event=on_event,
+                client=client,
+                mirror=mirror,
             )
 
     failures: list[ExitCode] = []

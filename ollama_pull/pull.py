@@ -67,11 +67,13 @@ async def resolve(
     insecure: bool = False,
     settings: DownloadSettings = DownloadSettings(),
     client: httpx.AsyncClient | None = None,
+    mirror: str | None = None,
 ) -> Plan:
     """Fetch and validate the manifest and compare it with the store; write nothing."""
     ref = _reference(reference)
     async with _client(client, insecure, settings) as http:
-        return await _plan(ref, Store(models_dir or default_models_dir()), _registry(http, insecure, settings))
+        registry = _registry(http, insecure, settings, mirror)
+        return await _plan(ref, Store(models_dir or default_models_dir()), registry)
 
 
 async def pull(
@@ -83,17 +85,19 @@ async def pull(
     on_event: EventCallback = ignore_event,
     client: httpx.AsyncClient | None = None,
     clock: Clock = time.monotonic,
+    mirror: str | None = None,
 ) -> PullResult:
     """Pull ``reference`` into the Ollama store at ``models_dir`` (default: ``$OLLAMA_MODELS``).
 
     Pass ``client`` to reuse one HTTP client across pulls (it is then left open); otherwise one is made and
-    closed here. Raises a subclass of :class:`ollama_pull.errors.OllamaPullError` on any expected failure.
+    closed here. With ``mirror`` (a registry mirror's base URL), requests try the mirror before the origin.
+    Raises a subclass of :class:`ollama_pull.errors.OllamaPullError` on any expected failure.
     """
     ref = _reference(reference)
     store = Store(models_dir or default_models_dir())
     async with _client(client, insecure, settings) as http:
         started = clock()
-        registry = _registry(http, insecure, settings)
+        registry = _registry(http, insecure, settings, mirror)
         plan = await _plan(ref, store, registry)
         store.check_space(plan.missing_bytes)
         store.prepare()
@@ -170,8 +174,12 @@ async def _client(
         yield own
 
 
-def _registry(client: httpx.AsyncClient, insecure: bool, settings: DownloadSettings) -> RegistryClient:
-    return RegistryClient(client, insecure=insecure, attempts=settings.attempts, backoff=settings.backoff)
+def _registry(
+    client: httpx.AsyncClient, insecure: bool, settings: DownloadSettings, mirror: str | None
+) -> RegistryClient:
+    return RegistryClient(
+        client, insecure=insecure, attempts=settings.attempts, backoff=settings.backoff, mirror=mirror
+    )
 
 
 async def _plan(ref: ModelReference, store: Store, registry: RegistryClient) -> Plan:

@@ -7,7 +7,7 @@ import hashlib
 import random
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import certifi
@@ -59,7 +59,12 @@ def make_client(
 
 
 class RegistryClient:
-    """Talks to the registry a reference names; knows URLs, status codes and retries, nothing of the store."""
+    """Talks to the registry a reference names; knows URLs, status codes and retries, nothing of the store.
+
+    With a ``mirror`` (a registry mirror such as a pull-through cache), every request goes to the mirror first
+    and falls back to the origin when the mirror cannot answer it. A mirror that is down (a network error or a
+    5xx) is left alone for the rest of the pull, so a dead mirror costs one failed request, not one per blob.
+    """
 
     def __init__(
         self,
@@ -70,9 +75,12 @@ class RegistryClient:
         backoff: Backoff = Backoff(),
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         jitter: Callable[[], float] = random.random,
+        mirror: str | None = None,
     ) -> None:
         self.client = client
         self.scheme = "http" if insecure else "https"
+        self.mirror = mirror.rstrip("/") if mirror else None
+        self.mirror_failure: str | None = None
         self.attempts = attempts
         self.backoff = backoff
         self._sleep = sleep
@@ -81,8 +89,29 @@ class RegistryClient:
     def repository_url(self, reference: ModelReference) -> str:
         return f"{self.scheme}://{reference.host}/v2/{reference.repository}"
 
+    def _mirror_url(self, reference: ModelReference) -> str | None:
+        return None if self.mirror is None or self.mirror_failure else f"{self.mirror}/v2/{reference.repository}"
+
+    def _mirror_failed(self, reason: str, *, down: bool) -> None:
+        if down:
+            self.mirror_failure = reason
+
     async def fetch_manifest(self, reference: ModelReference) -> Manifest:
         """Fetch and validate the manifest, retrying 429, 5xx and network failures with backoff."""
+        mirror = self._mirror_url(reference)
+        if mirror is not None:
+            try:
+                async with self.client.stream(
+                    "GET", f"{mirror}/manifests/{reference.tag}", headers={"Accept": MANIFEST_MEDIA_TYPE}
+                ) as response:
+                    if response.status_code == 200:
+                        return await _read_manifest(response, reference)
+                    self._mirror_failed(f"HTTP {response.status_code}", down=response.status_code >= 500)
+            except httpx.RequestError as exc:
+                self._mirror_failed(describe_transport_error(exc), down=True)
+            except InvalidManifest:
+                # A mirror that serves a bad manifest is no reason to fail: the origin may serve a good one.
+                self._mirror_failed("invalid manifest", down=False)
         url = f"{self.repository_url(reference)}/manifests/{reference.tag}"
         reason = ""
         for attempt in range(1, self.attempts + 1):
@@ -112,6 +141,24 @@ class RegistryClient:
         headers = {"Accept-Encoding": "identity"}
         if offset:
             headers["Range"] = f"bytes={offset}-"
+        mirror = self._mirror_url(reference)
+        if mirror is not None:
+            # Only opening the mirror's response may fall back; a failure while the caller reads it is an
+            # ordinary failed attempt, which the engine retries (through the mirror again).
+            stack = AsyncExitStack()
+            try:
+                response = await stack.enter_async_context(
+                    self.client.stream("GET", f"{mirror}/blobs/{digest}", headers=headers)
+                )
+            except httpx.RequestError as exc:
+                self._mirror_failed(describe_transport_error(exc), down=True)
+            else:
+                if response.status_code in (200, 206):
+                    async with stack:
+                        yield response
+                    return
+                await stack.aclose()
+                self._mirror_failed(f"HTTP {response.status_code}", down=response.status_code >= 500)
         async with self.client.stream("GET", f"{self.repository_url(reference)}/blobs/{digest}", headers=headers) as r:
             yield r
 
