@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
 import sys
 import traceback
@@ -14,6 +15,7 @@ from typing import Annotated, NoReturn
 import httpx
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from . import __version__
 from .engine import DownloadSettings
@@ -28,6 +30,7 @@ from .errors import (
     StorageError,
 )
 from .events import Event
+from .housekeeping import LocalModel, list_models, prune
 from .progress import JsonRenderer, PlainRenderer, RichRenderer
 from .pull import pull, resolve, verify
 from .ratelimit import parse_rate
@@ -200,6 +203,18 @@ def command(
             "Bad blobs are removed so that the next pull fetches them again.",
         ),
     ] = False,
+    list_models_only: Annotated[
+        bool,
+        typer.Option("--list", help="List the models in the store (name, size, blobs, digest) and exit; no network."),
+    ] = False,
+    prune_store: Annotated[
+        bool,
+        typer.Option(
+            "--prune",
+            help="After pulling (or alone), remove blobs that no manifest in the store references any more; "
+            "it waits for pulls running in other processes.",
+        ),
+    ] = False,
     json_output: Annotated[
         bool, typer.Option("--json", help="Write one JSON event per line to stdout instead of progress.")
     ] = False,
@@ -213,7 +228,12 @@ def command(
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     if dry_run and verify_only:
         _usage(console, "--dry-run and --verify do not go together")
-    references = _references(console, models or [], file)
+    if list_models_only:
+        if models or file or dry_run or verify_only or prune_store:
+            _usage(console, "--list takes no models and no other action")
+        _print_models(list_models(models_dir), json_output=json_output)
+        return
+    references = _references(console, models or [], file, required=not prune_store)
     settings = DownloadSettings(
         concurrency=concurrency,
         attempts=retries,
@@ -308,11 +328,63 @@ def command(
     if interrupted:
         console.print("interrupted: nothing unverified was kept as a blob; run again to continue", style="yellow")
         raise typer.Exit(ExitCode.INTERRUPTED)
+    if prune_store and not failures:
+        try:
+            pruned = asyncio.run(prune(models_dir))
+        except KeyboardInterrupt:
+            raise typer.Exit(ExitCode.INTERRUPTED) from None
+        except OllamaPullError as exc:
+            _report(console, exc)
+            raise typer.Exit(exit_code_for(exc)) from None
+        say(
+            f"pruned {len(pruned.removed)} unreferenced blobs, {format_size(pruned.freed_bytes)} freed",
+            {
+                "event": "pruned",
+                "blobs": len(pruned.removed),
+                "freed_bytes": pruned.freed_bytes,
+                "digests": list(pruned.removed),
+            },
+        )
     if failures:
         raise typer.Exit(failures[0])
 
 
-def _references(console: Console, models: list[str], file: str | None) -> list[ModelReference]:
+def _print_models(models: list[LocalModel], *, json_output: bool) -> None:
+    out = Console(highlight=False, soft_wrap=True)
+    if json_output:
+        for model in models:
+            record = {
+                "event": "model",
+                "model": model.reference.short,
+                "digest": model.digest,
+                "total_bytes": model.total_bytes,
+                "blobs": model.blobs,
+                "missing_blobs": model.missing_blobs,
+                "manifest_path": str(model.manifest_path),
+            }
+            typer.echo(json.dumps(record, separators=(",", ":")))
+        return
+    rows = [
+        (
+            model.reference.short,
+            format_size(model.total_bytes) if model.digest else "-",
+            str(model.blobs),
+            (model.digest or "")[7:19] or "invalid manifest",
+            f"{model.missing_blobs} blobs missing" if model.missing_blobs else "",
+        )
+        for model in models
+    ]
+    if out.is_terminal:
+        table = Table("MODEL", "SIZE", "BLOBS", "DIGEST", "", box=None, header_style="bold")
+        for row in rows:
+            table.add_row(*row)
+        out.print(table)
+    else:
+        for row in rows:
+            typer.echo("\t".join(row).rstrip())
+
+
+def _references(console: Console, models: list[str], file: str | None, *, required: bool) -> list[ModelReference]:
     """The references from the arguments, then the file; any invalid one is a usage error before any download."""
     texts = list(models)
     if file is not None:
@@ -322,7 +394,7 @@ def _references(console: Console, models: list[str], file: str | None) -> list[M
             _usage(console, f"cannot read the model list {file}: {getattr(exc, 'strerror', None) or exc}")
         texts += [line.split("#", 1)[0].strip() for line in content.splitlines()]
         texts = [text for text in texts if text]
-    if not texts:
+    if not texts and required:
         _usage(console, "no model given: pass MODEL arguments or --file FILE (see --help)")
     references: list[ModelReference] = []
     for text in texts:

@@ -12,6 +12,8 @@ By hand, ``python -m ollama_pull.fault_registry`` serves a synthetic model until
 
 Faults are consumed only by GET requests that would otherwise succeed (200 or 206), never by HEAD, by an auth
 challenge, a 404 or a 416: a test that injects one fault then knows exactly which request took it.
+For soak tests, ``inject_random`` gives any blob GET without a queued fault a seeded chance of a random one;
+``faults_applied`` counts every fault served, queued or random, by kind.
 Standard library only, so the test tool never shares a bug with the HTTP stack of the client under test.
 """
 
@@ -32,7 +34,7 @@ import struct
 import sys
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -49,7 +51,22 @@ __all__ = [
     "main",
 ]
 
-FAULT_KINDS = ("stall_before", "stall_during", "slow", "truncate", "reset", "corrupt", "status", "gzip")
+FAULT_KINDS = (
+    "stall_before",
+    "stall_during",
+    "slow",
+    "truncate",
+    "reset",
+    "corrupt",
+    "status",
+    "gzip",
+    "endless",
+    "long_body",
+    "lying_length",
+    "redirect_loop",
+    "redirect_scheme",
+    "range_ignored",
+)
 
 MANIFEST_MEDIA_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
 CONFIG_MEDIA_TYPE = "application/vnd.docker.container.image.v1+json"
@@ -66,6 +83,13 @@ SLOW_WRITES_PER_SECOND = 20
 POLL_INTERVAL = 0.05
 # Safety net for a client that neither reads nor hangs up; stop() closes live connections itself.
 CONNECTION_TIMEOUT = 300.0
+# An "endless" body ends here even if the client never hangs up, so a client that reads forever cannot keep a
+# server thread busy (and the machine's loopback saturated) for the rest of the test run.
+ENDLESS_LIMIT = 64 * 1024 * 1024
+# Where "redirect_scheme" sends the client: a scheme no HTTP client can follow, on a host that serves nothing.
+UNSUPPORTED_LOCATION = "ftp://127.0.0.1/whatever"
+# The query parameter that marks the URLs of a "redirect_loop"; its value names the loop.
+LOOP_PARAMETER = "fault-loop"
 
 _V2_PATH = re.compile(r"^/v2/(?P<name>.+)/(?P<kind>manifests|blobs)/(?P<reference>[^/]+)$")
 _CDN_PATH = re.compile(r"^/cdn/(?P<digest>[^/]+)$")
@@ -81,7 +105,31 @@ _ERROR_CODES = {
 
 @dataclass(frozen=True)
 class Fault:
-    """One way to misbehave, applied to the next ``times`` matching GET requests."""
+    """One way to misbehave, applied to the next ``times`` matching GET requests.
+
+    Kinds, and the fields each one reads:
+
+    - ``stall_before``: send nothing for ``seconds``, then close.
+    - ``stall_during``: send the headers and the first ``at`` of the body, go silent for ``seconds``, then close.
+    - ``slow``: send everything at ``rate`` bytes per second.
+    - ``truncate``: promise the full length, send the first ``at`` of the body, then close (FIN).
+    - ``reset``: like ``truncate``, but abort the connection with a TCP RST.
+    - ``corrupt``: flip one byte, at fraction ``at`` of the body; length and headers stay right.
+    - ``status``: answer HTTP ``status`` (with ``Retry-After: retry_after`` if given) and an OCI error body.
+    - ``gzip``: send the body gzip-compressed with ``Content-Encoding: gzip``, whatever the client accepts.
+    - ``endless``: no Content-Length, ``Connection: close``, and random bytes until the client hangs up (or
+      ``ENDLESS_LIMIT`` bytes, or ``stop()``).
+    - ``long_body``: the real body followed by ``extra`` random bytes, with a Content-Length that counts them:
+      valid HTTP framing, but more bytes than the manifest says the blob has.
+    - ``lying_length``: a Content-Length ``extra`` bytes larger than the body; send the whole body, then close.
+    - ``redirect_loop``: 307 to the same URL plus a ``fault-loop`` query parameter, and from then on 307 from
+      that URL to itself, forever. The follow-ups consume nothing: ``times`` counts loops, that is requests
+      without the marker (a client's attempts), and a loop stays open until ``clear_faults()`` or ``stop()``.
+    - ``redirect_scheme``: 307 to ``UNSUPPORTED_LOCATION`` (an ``ftp://`` URL).
+    - ``range_ignored``: answer a ``Range`` request with 200 and the whole body, as servers that do not support
+      ranges do. It is consumed by the next matching GET even if that one has no Range header (and then changes
+      nothing): inject it when the next request will be a resume.
+    """
 
     kind: str
     times: int = 1
@@ -90,6 +138,7 @@ class Fault:
     rate: int = 65536
     status: int = 503
     retry_after: str | None = None
+    extra: int = 65536
 
     def __post_init__(self) -> None:
         # A typo in a test's fault would otherwise silently serve a healthy response and pass for the wrong reason.
@@ -105,6 +154,8 @@ class Fault:
             raise ValueError("rate must be at least 1 byte per second")
         if not 100 <= self.status <= 599:
             raise ValueError("status must be an HTTP status code")
+        if self.extra < 1:
+            raise ValueError("extra must be at least 1 byte")
 
 
 @dataclass(frozen=True)
@@ -163,6 +214,28 @@ class _Entry:
 class _QueuedFault:
     fault: Fault
     left: int
+
+
+@dataclass
+class _RandomFaults:
+    """What ``inject_random`` set up; drawn from only under the registry's lock, so a run can be replayed."""
+
+    rate: float
+    kinds: tuple[str | Fault, ...]
+    stall_seconds: float
+    rng: random.Random
+
+    def draw(self) -> Fault | None:
+        if self.rng.random() >= self.rate:
+            return None
+        choice = self.kinds[self.rng.randrange(len(self.kinds))]
+        # Drawn even for templates, so one fault always takes three draws: a kinds list that mixes names and
+        # templates then replays the same way whichever comes up. Kept inside (0.1, 0.9) because a truncation or
+        # stall at the very end sends the whole body, and a "fault" the client never notices is not one.
+        at = self.rng.uniform(0.1, 0.9)
+        if isinstance(choice, Fault):
+            return choice
+        return Fault(choice, at=at, seconds=self.stall_seconds)
 
 
 def sha256_digest(data: bytes) -> str:
@@ -292,6 +365,12 @@ class _Handler(BaseHTTPRequestHandler):
             blob_digest = v2["reference"]
         self._entry = registry._log_request(self, blob_digest)
 
+        loop = parse_qs(url.query).get(LOOP_PARAMETER)
+        if loop and registry._in_loop(loop[-1]):
+            # A follow-up of an open redirect loop goes round again and consumes nothing: see Fault.
+            registry._update(self._entry, fault="redirect_loop")
+            self._send(307, b"", [("Location", self._own_url() + self.path)])
+            return
         if self.server.cdn:
             if cdn is None:
                 self._send_error(404, "NOT_FOUND", "not found")
@@ -374,8 +453,8 @@ class _Handler(BaseHTTPRequestHandler):
         if wanted == "unsatisfiable":
             self._send(416, b"", [*headers, ("Content-Range", f"bytes */{len(data)}")])
             return
-        fault = registry._take_fault([digest, "blobs"]) if self.command == "GET" else None
-        if wanted is None:
+        fault = registry._take_fault([digest, "blobs"], chance=True) if self.command == "GET" else None
+        if wanted is None or (fault is not None and fault.kind == "range_ignored"):
             self._send(200, data, headers, fault)
             return
         start, end = wanted
@@ -383,6 +462,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(206, data[start : end + 1], headers, fault)
 
     # --- responses ----------------------------------------------------------------------------------------
+
+    def _own_url(self) -> str:
+        registry = self.server.registry
+        return registry._cdn_url() if self.server.cdn else registry.url
 
     def _send_error(self, status: int, code: str, message: str) -> None:
         self._send(status, _error_body(code, message), [("Content-Type", "application/json")])
@@ -393,17 +476,21 @@ class _Handler(BaseHTTPRequestHandler):
         """Answer with ``body``, bent by ``fault``; HEAD gets the same headers and no body."""
         registry = self.server.registry
         headers = list(headers)
+        # What the headers promise: the body's true length unless a fault lies, None for a close-delimited body.
+        length: int | None = len(body)
         if fault is not None:
             registry._update(self._entry, fault=fault.kind)
             if fault.kind == "status":
                 status = fault.status
                 code = _ERROR_CODES.get(status, "UNAVAILABLE")
                 body = _error_body(code, f"injected HTTP {status}")
+                length = len(body)
                 headers = [("Content-Type", "application/json")]
                 if fault.retry_after is not None:
                     headers.append(("Retry-After", fault.retry_after))
             elif fault.kind == "gzip":
                 body = gzip.compress(body)
+                length = len(body)
                 headers.append(("Content-Encoding", "gzip"))
             elif fault.kind == "corrupt" and body:
                 position = min(int(fault.at * len(body)), len(body) - 1)
@@ -414,19 +501,40 @@ class _Handler(BaseHTTPRequestHandler):
                 registry._stopping.wait(fault.seconds)
                 self.close_connection = True
                 return
+            elif fault.kind in ("redirect_loop", "redirect_scheme"):
+                if fault.kind == "redirect_loop":
+                    separator = "&" if "?" in self.path else "?"
+                    location = f"{self._own_url()}{self.path}{separator}{LOOP_PARAMETER}={registry._open_loop()}"
+                else:
+                    location = UNSUPPORTED_LOCATION
+                status, body, length = 307, b"", 0
+                headers = [("Location", location)]
+            elif fault.kind == "long_body":
+                body += secrets.token_bytes(fault.extra)
+                length = len(body)
+            elif fault.kind == "lying_length":
+                length = len(body) + fault.extra
+            elif fault.kind == "endless":
+                length = None
+                headers.append(("Connection", "close"))
 
         # Logged before the bytes leave, so a client that has its answer also finds it in the log.
         registry._update(self._entry, status=status)
         self.send_response(status)
         for header, value in headers:
             self.send_header(header, value)
-        self.send_header("Content-Length", str(len(body)))
+        if length is not None:
+            self.send_header("Content-Length", str(length))
         self.end_headers()
         if self.command == "HEAD":
             return
 
         if fault is None:
             self._write(body, None)
+            return
+        if fault.kind == "endless":
+            self._write_endless()
+            self.close_connection = True
             return
         if fault.kind in ("stall_during", "truncate", "reset"):
             body = body[: int(fault.at * len(body))]
@@ -436,7 +544,8 @@ class _Handler(BaseHTTPRequestHandler):
         if fault.kind == "stall_during":
             registry._stopping.wait(fault.seconds)
             self.close_connection = True
-        elif fault.kind == "truncate":
+        elif fault.kind in ("truncate", "lying_length"):
+            # The promised length was not sent: the connection cannot carry another response.
             self.close_connection = True
         elif fault.kind == "reset":
             self._reset_connection()
@@ -464,6 +573,21 @@ class _Handler(BaseHTTPRequestHandler):
                 if delay > 0 and registry._stopping.wait(delay):
                     return False
         return True
+
+    def _write_endless(self) -> None:
+        """Random bytes until the client hangs up (an OSError to the caller), stop(), or ENDLESS_LIMIT."""
+        registry = self.server.registry
+        # One random chunk, repeated: the client can tell nothing from the bytes, and the server spends no CPU.
+        noise = secrets.token_bytes(CHUNK)
+        sent = 0
+        while sent < ENDLESS_LIMIT and not registry._stopping.is_set():
+            registry._update(self._entry, add_bytes=len(noise))
+            try:
+                self.wfile.write(noise)
+            except OSError:
+                registry._update(self._entry, add_bytes=-len(noise))
+                raise
+            sent += len(noise)
 
     def _reset_connection(self) -> None:
         # A zero linger time makes close() send RST instead of FIN, which is how a crashed middlebox looks.
@@ -498,6 +622,10 @@ class FaultRegistry:
         self._blobs: dict[str, bytes] = {}
         self._manifests: dict[tuple[str, str], tuple[bytes, str]] = {}
         self._faults: dict[str, deque[_QueuedFault]] = {}
+        self._random: _RandomFaults | None = None
+        self._applied: Counter[str] = Counter()
+        self._loops: set[str] = set()
+        self._loops_opened = 0
         self._tokens: dict[str, int | None] = {}
         self._tokens_issued: list[str] = []
         self._log: list[_Entry] = []
@@ -674,8 +802,52 @@ class FaultRegistry:
         with self._lock:
             self._faults.setdefault(target, deque()).append(_QueuedFault(fault, fault.times))
 
-    def _take_fault(self, targets: Sequence[str]) -> Fault | None:
+    def inject_random(
+        self, *, rate: float, kinds: Sequence[str | Fault], seed: int, stall_seconds: float = 30.0
+    ) -> None:
+        """From now on, give each blob GET that has no queued fault a fault with probability ``rate``.
+
+        The fault is drawn from ``kinds``: a kind's name gets a random ``at`` (within 0.1-0.9) and ``seconds`` =
+        ``stall_seconds``; a :class:`Fault` is used as it is (its ``times`` ignored), which is how to ask for
+        e.g. ``Fault("status", status=503)``. One ``random.Random(seed)`` is drawn from under the lock in
+        arrival order, so the same requests in the same order meet the same faults. Only blob GETs that would
+        succeed take part (as with queued faults); queued faults come first. Calling it again starts over with
+        the new settings; ``rate=0`` turns it off.
+        """
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError("rate must be a probability between 0 and 1")
+        if not kinds:
+            raise ValueError("kinds must name at least one fault")
+        if stall_seconds < 0:
+            raise ValueError("stall_seconds must not be negative")
+        for kind in kinds:
+            if not isinstance(kind, Fault):
+                # Refused now rather than at the first unlucky request, inside a server thread.
+                Fault(kind, seconds=stall_seconds)
+        settings = _RandomFaults(rate, tuple(kinds), stall_seconds, random.Random(seed))
         with self._lock:
+            self._random = settings if rate > 0 else None
+
+    def clear_faults(self) -> None:
+        """Drop every queued fault, random injection and open redirect loop; ``faults_applied`` is kept."""
+        with self._lock:
+            self._faults.clear()
+            self._random = None
+            self._loops.clear()
+
+    @property
+    def faults_applied(self) -> dict[str, int]:
+        """How many responses each kind of fault has bent so far, queued and random alike.
+
+        A redirect loop counts once, however many times the client goes round it. ``reset_log`` leaves this be.
+        """
+        with self._lock:
+            return dict(self._applied)
+
+    def _take_fault(self, targets: Sequence[str], *, chance: bool = False) -> Fault | None:
+        """The fault for this request: the first queued one of ``targets``, else (with ``chance``) a random one."""
+        with self._lock:
+            fault: Fault | None = None
             for target in targets:
                 queue = self._faults.get(target)
                 if not queue:
@@ -684,8 +856,24 @@ class FaultRegistry:
                 queued.left -= 1
                 if queued.left <= 0:
                     queue.popleft()
-                return queued.fault
-        return None
+                fault = queued.fault
+                break
+            if fault is None and chance and self._random is not None:
+                fault = self._random.draw()
+            if fault is not None:
+                self._applied[fault.kind] += 1
+            return fault
+
+    def _open_loop(self) -> str:
+        with self._lock:
+            self._loops_opened += 1
+            loop = str(self._loops_opened)
+            self._loops.add(loop)
+            return loop
+
+    def _in_loop(self, loop: str) -> bool:
+        with self._lock:
+            return loop in self._loops
 
     # --- content lookup for the handler ------------------------------------------------------------------
 

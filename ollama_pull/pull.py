@@ -101,10 +101,13 @@ async def pull(
         plan = await _plan(ref, store, registry)
         store.check_space(plan.missing_bytes)
         store.prepare()
-        on_event(plan.event())
-        downloader = Downloader(registry, store, settings=settings, on_event=on_event, clock=clock)
-        stats = await downloader.download(ref, plan.missing, model=ref.short)
-        path = store.write_manifest(ref, plan.manifest.raw)
+        async with store.store_lock(exclusive=False):
+            # A prune may have run while we fetched the manifest: look at the store again under the lock.
+            plan = _compare(ref, plan.manifest, store)
+            on_event(plan.event())
+            downloader = Downloader(registry, store, settings=settings, on_event=on_event, clock=clock)
+            stats = await downloader.download(ref, plan.missing, model=ref.short)
+            path = store.write_manifest(ref, plan.manifest.raw)
     result = PullResult(
         reference=ref,
         manifest_digest=plan.manifest.digest,
@@ -183,7 +186,10 @@ def _registry(
 
 
 async def _plan(ref: ModelReference, store: Store, registry: RegistryClient) -> Plan:
-    manifest = await registry.fetch_manifest(ref)
+    return _compare(ref, await registry.fetch_manifest(ref), store)
+
+
+def _compare(ref: ModelReference, manifest: Manifest, store: Store) -> Plan:
     present = tuple(layer for layer in manifest.blobs if store.has_blob(layer))
     missing = tuple(layer for layer in manifest.blobs if layer not in present)
     return Plan(reference=ref, manifest=manifest, present=present, missing=missing)

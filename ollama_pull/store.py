@@ -22,9 +22,9 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import NotInStore, StorageError
+from .errors import InvalidReference, NotInStore, StorageError
 from .manifest import DIGEST_PATTERN, Layer
-from .reference import ModelReference
+from .reference import ModelReference, parse_reference
 from .units import format_size
 
 PARTIAL_SUFFIX = "-partial"
@@ -137,23 +137,39 @@ class Store:
         with storage_errors(f"create the models directory {self.blobs_dir}"):
             self.blobs_dir.mkdir(parents=True, exist_ok=True)
 
-    @contextlib.asynccontextmanager
-    async def blob_lock(self, digest: str, *, poll: float = 0.05) -> AsyncIterator[None]:
-        """Hold the store-wide lock of one blob; wait (cancellably) while another process holds it."""
-        path = self._inside(self.root / LOCKS_DIR / (self.blob_path(digest).name + ".lock"))
-        with storage_errors(f"create the lock file {path}"):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    await asyncio.sleep(poll)
-            yield
-        finally:
-            os.close(fd)
+    def blob_lock(self, digest: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """The store-wide lock of one blob, held while it downloads."""
+        return _flock(self._inside(self.root / LOCKS_DIR / (self.blob_path(digest).name + ".lock")), exclusive=True)
+
+    def store_lock(self, *, exclusive: bool) -> contextlib.AbstractAsyncContextManager[None]:
+        """Pulls share this lock for their whole run; pruning takes it alone, so it never removes a blob that a
+        running pull has finished but not yet named in a manifest."""
+        return _flock(self._inside(self.root / LOCKS_DIR / "store.lock"), exclusive=exclusive)
+
+    def manifests(self) -> Iterator[tuple[ModelReference, Path]]:
+        """Every model in the store, as Ollama lays them out: ``manifests/<host>/<namespace>/<model>/<tag>``."""
+        top = self.root / "manifests"
+        if not top.is_dir():
+            return
+        for path in sorted(top.glob("*/*/*/*")):
+            host, namespace, model, tag = path.relative_to(top).parts
+            if not path.is_file():
+                continue
+            try:
+                reference = parse_reference(f"{host}/{namespace}/{model}:{tag}")
+            except InvalidReference:
+                # A temp file of an interrupted manifest write, or something not Ollama's: not a model.
+                continue
+            yield reference, path
+
+    def blob_files(self) -> Iterator[tuple[str, Path]]:
+        """Every finished blob: ``(digest, path)``; partial files and foreign names are not blobs."""
+        if not self.blobs_dir.is_dir():
+            return
+        for path in sorted(self.blobs_dir.iterdir()):
+            digest = path.name.replace("-", ":", 1)
+            if DIGEST_PATTERN.fullmatch(digest):
+                yield digest, path
 
     def open_blob(self, layer: Layer, *, resume: bool) -> BlobFile:
         return BlobFile(self, layer, resume=resume)
@@ -243,6 +259,24 @@ class BlobFile:
         self._file.close()
         if not keep:
             self.path.unlink(missing_ok=True)
+
+
+@contextlib.asynccontextmanager
+async def _flock(path: Path, *, exclusive: bool, poll: float = 0.05) -> AsyncIterator[None]:
+    """An flock on ``path``, waited for without blocking the event loop (and so cancellable)."""
+    with storage_errors(f"create the lock file {path}"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                await asyncio.sleep(poll)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

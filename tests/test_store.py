@@ -112,12 +112,12 @@ async def test_the_blob_lock_excludes_a_second_holder_until_released(tmp_path: P
     order: list[str] = []
 
     async def second() -> None:
-        async with store.blob_lock(digest, poll=0.005):
+        async with store.blob_lock(digest):
             order.append("second")
 
     async with store.blob_lock(digest):
         waiter = asyncio.create_task(second())
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)
         order.append("first done")
     await waiter
     assert order == ["first done", "second"]
