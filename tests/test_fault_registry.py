@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import http.client
@@ -20,6 +21,7 @@ from contextlib import closing
 
 import pytest
 
+from ollama_pull import fault_registry
 from ollama_pull.fault_registry import FAULT_KINDS, Fault, FaultRegistry, ModelFixture
 
 MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
@@ -168,7 +170,18 @@ def test_range_requests(
 
 
 def test_fault_validation() -> None:
-    assert len(FAULT_KINDS) == 8
+    # New kinds are appended: code that indexed or listed the first eight keeps working.
+    assert FAULT_KINDS[:8] == ("stall_before", "stall_during", "slow", "truncate", "reset", "corrupt", "status", "gzip")
+    assert FAULT_KINDS[8:] == (
+        "endless",
+        "long_body",
+        "lying_length",
+        "redirect_loop",
+        "redirect_scheme",
+        "range_ignored",
+    )
+    with pytest.raises(ValueError, match="extra must be"):
+        Fault("long_body", extra=0)
     with pytest.raises(ValueError, match="unknown fault kind"):
         Fault("explode")
     with pytest.raises(ValueError, match="at must be"):
@@ -277,6 +290,160 @@ def test_faults_queue_in_order_and_by_target(registry: FaultRegistry, model: Mod
     assert [request(registry, blob_path(first))[0].status for _ in range(4)] == [429, 502, 500, 200]
     assert request(registry, blob_path(second))[0].status == 200
     assert [request(registry, "/v2/library/demo/manifests/latest")[0].status for _ in range(2)] == [504, 200]
+
+
+def split_response(received: bytes) -> tuple[dict[str, str], bytes]:
+    head, _, body = received.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")[1:]
+    return {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}, body
+
+
+def test_endless_streams_without_a_length_until_the_client_hangs_up(
+    registry: FaultRegistry, model: ModelFixture
+) -> None:
+    digest = model.layer_digests[0]
+    registry.inject(digest, Fault("endless"))
+    with raw_get(registry, blob_path(digest)) as sock:
+        received = b""
+        while len(received) < 1024 * 1024:
+            received += sock.recv(65536)
+    headers, body = split_response(received)
+    assert "content-length" not in headers
+    assert headers["connection"] == "close"
+    assert len(body) > 1024 * 1024 - 65536
+    assert body[: len(BLOB)] != BLOB
+    # The server notices the hang-up and ends the response; what it counted is what the socket accepted.
+    deadline = time.monotonic() + 5
+    while registry._connections:
+        assert time.monotonic() < deadline, "the endless body outlived its client"
+        time.sleep(0.01)
+    [record] = registry.blob_requests(digest)
+    assert (record.status, record.fault) == (200, "endless")
+    assert record.bytes_sent >= len(body)
+
+
+def test_endless_is_bounded_for_a_client_that_never_hangs_up(
+    registry: FaultRegistry, model: ModelFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fault_registry, "ENDLESS_LIMIT", 256 * 1024)
+    registry.inject(model.layer_digests[0], Fault("endless"))
+    with raw_get(registry, blob_path(model.layer_digests[0])) as sock:
+        _, body = split_response(read_until_closed(sock))
+    assert len(body) == 256 * 1024
+
+
+def test_long_body_frames_more_bytes_than_the_blob(registry: FaultRegistry, model: ModelFixture) -> None:
+    digest = model.layer_digests[0]
+    registry.inject(digest, Fault("long_body", extra=1000))
+    response, body = request(registry, blob_path(digest))
+    assert (response.status, response.headers["Content-Length"]) == (200, str(len(BLOB) + 1000))
+    assert len(body) == len(BLOB) + 1000
+    assert body[: len(BLOB)] == BLOB
+    assert registry.blob_requests(digest)[0].bytes_sent == len(BLOB) + 1000
+
+
+def test_lying_length_sends_the_whole_body_and_closes_short(registry: FaultRegistry, model: ModelFixture) -> None:
+    digest = model.layer_digests[0]
+    registry.inject(digest, Fault("lying_length", extra=500))
+    with closing(http.client.HTTPConnection(registry.host, timeout=5)) as connection:
+        connection.request("GET", blob_path(digest))
+        response = connection.getresponse()
+        assert response.headers["Content-Length"] == str(len(BLOB) + 500)
+        with pytest.raises(http.client.IncompleteRead) as incomplete:
+            response.read()
+    assert incomplete.value.partial == BLOB
+    assert incomplete.value.expected == 500
+
+
+def test_redirect_loop_goes_round_forever_and_times_counts_loops(registry: FaultRegistry, model: ModelFixture) -> None:
+    digest = model.layer_digests[0]
+    registry.inject(digest, Fault("redirect_loop", times=2))
+    response, _ = request(registry, blob_path(digest))
+    assert response.status == 307
+    location = response.headers["Location"]
+    assert location == f"{registry.url}{blob_path(digest)}?fault-loop=1"
+    path = location.removeprefix(registry.url)
+    for _ in range(30):
+        response, _ = request(registry, path)
+        assert (response.status, response.headers["Location"]) == (307, location)
+    # urllib gives up on the loop by itself; it is a new attempt, so it opens the second loop.
+    with pytest.raises(urllib.error.HTTPError, match="infinite loop") as looped:
+        urllib.request.urlopen(registry.url + blob_path(digest))
+    looped.value.close()
+    assert request(registry, blob_path(digest))[1] == BLOB
+    # A loop already open stays open after its fault is used up.
+    assert request(registry, path)[0].status == 307
+    assert registry.faults_applied == {"redirect_loop": 2}
+    assert {r.fault for r in registry.blob_requests(digest)[:-2]} == {"redirect_loop"}
+    registry.clear_faults()
+    assert request(registry, path)[1] == BLOB
+
+
+def test_redirect_scheme_points_at_ftp(registry: FaultRegistry, model: ModelFixture) -> None:
+    digest = model.layer_digests[0]
+    registry.inject(digest, Fault("redirect_scheme"))
+    response, body = request(registry, blob_path(digest))
+    assert (response.status, response.headers["Location"], body) == (307, "ftp://127.0.0.1/whatever", b"")
+    assert request(registry, blob_path(digest))[1] == BLOB
+
+
+def test_range_ignored_answers_a_range_with_the_whole_blob(registry: FaultRegistry, model: ModelFixture) -> None:
+    digest = model.layer_digests[0]
+    registry.inject(digest, Fault("range_ignored"))
+    response, body = request(registry, blob_path(digest), headers={"Range": "bytes=100-"})
+    assert (response.status, body, response.headers["Content-Range"]) == (200, BLOB, None)
+    response, body = request(registry, blob_path(digest), headers={"Range": "bytes=100-"})
+    assert (response.status, body) == (206, BLOB[100:])
+    assert [r.fault for r in registry.blob_requests(digest)] == ["range_ignored", None]
+
+
+def fault_sequence(seed: int, kinds: list[str | Fault]) -> tuple[list[str | None], dict[str, int]]:
+    with FaultRegistry() as server:
+        model = server.add_synthetic_model("library/demo", blobs=40, blob_size=512)
+        server.inject_random(rate=0.3, kinds=kinds, seed=seed, stall_seconds=0.01)
+        for digest in model.layer_digests:
+            with closing(http.client.HTTPConnection(server.host, timeout=5)) as connection:
+                connection.request("GET", blob_path(digest))
+                with contextlib.suppress(http.client.HTTPException, OSError):
+                    connection.getresponse().read()
+        return [r.fault for r in server.requests], server.faults_applied
+
+
+def test_inject_random_is_reproducible_and_counted() -> None:
+    kinds: list[str | Fault] = ["truncate", "corrupt", Fault("status", status=503)]
+    first, applied = fault_sequence(7, kinds)
+    assert fault_sequence(7, kinds) == (first, applied)
+    assert fault_sequence(8, kinds)[0] != first
+    assert 4 <= sum(applied.values()) <= 24
+    assert set(applied) <= {"truncate", "corrupt", "status"}
+    assert applied == {kind: first.count(kind) for kind in applied}
+
+
+def test_inject_random_templates_targeted_faults_and_switching_off(
+    registry: FaultRegistry, model: ModelFixture
+) -> None:
+    first, second = model.layer_digests
+    registry.inject(first, Fault("status", status=500))
+    registry.inject_random(rate=1.0, kinds=[Fault("status", status=503, retry_after="3")], seed=1)
+    # The queued fault comes first; manifests, HEAD and 404s never meet a random one.
+    assert request(registry, blob_path(first))[0].status == 500
+    response, _ = request(registry, blob_path(second))
+    assert (response.status, response.headers["Retry-After"]) == (503, "3")
+    assert request(registry, "/v2/library/demo/manifests/latest")[0].status == 200
+    assert request(registry, blob_path(first), method="HEAD")[0].status == 200
+    assert request(registry, blob_path("sha256:" + "1" * 64))[0].status == 404
+    assert registry.faults_applied == {"status": 2}
+    registry.inject_random(rate=0, kinds=["reset"], seed=1)
+    assert request(registry, blob_path(second))[1] == b"second"
+    registry.inject_random(rate=1.0, kinds=["corrupt"], seed=1)
+    registry.clear_faults()
+    assert request(registry, blob_path(second))[1] == b"second"
+    with pytest.raises(ValueError, match="rate must be"):
+        registry.inject_random(rate=1.5, kinds=["reset"], seed=0)
+    with pytest.raises(ValueError, match="kinds must"):
+        registry.inject_random(rate=0.5, kinds=[], seed=0)
+    with pytest.raises(ValueError, match="unknown fault kind"):
+        registry.inject_random(rate=0.5, kinds=["boom"], seed=0)
 
 
 # --- auth ---------------------------------------------------------------------------------------------------------
