@@ -125,6 +125,9 @@ class RegistryClient:
                     wait = retry_after(response)
             except httpx.RequestError as exc:
                 reason = describe_transport_error(exc)
+            except _DigestMismatch as exc:
+                # Bytes changed in transit (a proxy, a flaky link): the next attempt may get them whole.
+                reason = str(exc)
             if attempt < self.attempts:
                 await self._sleep(max(wait or 0.0, self.backoff.delay(attempt, self._jitter())))
         raise RegistryError(
@@ -194,5 +197,9 @@ async def _read_manifest(response: httpx.Response, reference: ModelReference) ->
     raw = bytes(body)
     announced = response.headers.get("Docker-Content-Digest", "")
     if announced.startswith("sha256:") and announced != "sha256:" + hashlib.sha256(raw).hexdigest():
-        raise InvalidManifest(reference.short, f"its bytes do not match the Docker-Content-Digest {announced}")
+        raise _DigestMismatch(f"the manifest's bytes do not match its Docker-Content-Digest {announced}")
     return parse_manifest(raw, model=reference.short)
+
+
+class _DigestMismatch(Exception):
+    """The manifest arrived, but not as the registry says it sent it."""

@@ -114,7 +114,6 @@ async def test_retries_are_bounded() -> None:
     ("body", "headers", "reason"),
     [
         (b"x" * (MAX_MANIFEST_BYTES + 10), {}, "larger than"),
-        (b"{}", {"Docker-Content-Digest": "sha256:" + "0" * 64}, "do not match the Docker-Content-Digest"),
         (b"{}", {}, "schemaVersion"),
     ],
 )
@@ -124,6 +123,38 @@ async def test_bad_manifests_are_refused(body: bytes, headers: dict[str, str], r
         registry = registry_for(router)
         async with registry.client:
             with pytest.raises(InvalidManifest, match=reason):
+                await registry.fetch_manifest(REF)
+
+
+async def test_a_manifest_that_does_not_match_its_announced_digest_is_fetched_again() -> None:
+    model = make_model(10)
+    with respx.mock(using="httpx") as router:
+        route = router.get(f"{BASE}/manifests/tag").mock(
+            side_effect=[
+                httpx.Response(
+                    200,
+                    content=model.manifest.raw[:-1] + b" ",
+                    headers={"Docker-Content-Digest": model.manifest.digest},
+                ),
+                httpx.Response(
+                    200, content=model.manifest.raw, headers={"Docker-Content-Digest": model.manifest.digest}
+                ),
+            ]
+        )
+        registry = registry_for(router)
+        async with registry.client:
+            assert (await registry.fetch_manifest(REF)).raw == model.manifest.raw
+    assert route.call_count == 2
+
+
+async def test_a_manifest_that_never_matches_its_digest_fails_after_the_retries() -> None:
+    with respx.mock(using="httpx") as router:
+        router.get(f"{BASE}/manifests/tag").respond(
+            200, content=b"{}", headers={"Docker-Content-Digest": "sha256:" + "0" * 64}
+        )
+        registry = registry_for(router, attempts=2)
+        async with registry.client:
+            with pytest.raises(RegistryError, match="do not match its Docker-Content-Digest"):
                 await registry.fetch_manifest(REF)
 
 
