@@ -20,6 +20,7 @@ Standard library only, so the test tool never shares a bug with the HTTP stack o
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import gzip
 import hashlib
@@ -30,6 +31,7 @@ import secrets
 import signal
 import socket
 import socketserver
+import ssl
 import struct
 import sys
 import threading
@@ -290,6 +292,9 @@ class _Server(ThreadingHTTPServer):
     def server_bind(self) -> None:
         # HTTPServer.server_bind resolves a fully qualified host name, which can take seconds on a box without DNS.
         socketserver.TCPServer.server_bind(self)
+        if self.registry.tls is not None:
+            # The handshake happens in the handler's thread, so a client that never completes it blocks nobody.
+            self.socket = self.registry.tls.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
         address = self.socket.getsockname()
         self.server_name = str(address[0])
         self.server_port = int(address[1])
@@ -311,6 +316,9 @@ class _Handler(BaseHTTPRequestHandler):
     # --- plumbing -------------------------------------------------------------------------------------------
 
     def setup(self) -> None:
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.settimeout(CONNECTION_TIMEOUT)
+            self.request.do_handshake()
         super().setup()
         self.server.registry._track(self.connection, live=True)
 
@@ -420,6 +428,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _serve_token(self) -> None:
         registry = self.server.registry
+        if registry.signing_keys and not registry._verify_signature(self.headers.get("Authorization", ""), self.path):
+            self._send_error(401, "UNAUTHORIZED", "missing or invalid signature")
+            return
         fault = registry._take_fault(["token"]) if self.command == "GET" else None
         token = secrets.token_urlsafe(32)
         if fault is None or fault.kind != "status":
@@ -609,12 +620,19 @@ class FaultRegistry:
         require_auth: bool = False,
         token_uses: int | None = None,
         redirect_blobs: bool = False,
+        tls: ssl.SSLContext | None = None,
+        signing_keys: Sequence[str] = (),
     ) -> None:
+        """``tls`` serves HTTPS with that server context (the CDN too). ``signing_keys`` (OpenSSH ``ssh-ed25519``
+        public key lines) makes the token endpoint demand Ollama's signed requests from one of those keys."""
         if token_uses is not None and token_uses < 1:
             raise ValueError("token_uses must be at least 1, or None for tokens that never expire")
         self.require_auth = require_auth
         self.token_uses = token_uses
         self.redirect_blobs = redirect_blobs
+        self.tls = tls
+        self.signing_keys = tuple(line.split()[1] for line in signing_keys)
+        self.signed_requests_verified = 0
         self._bind_host = host
         self._bind_port = port
         self._lock = threading.Lock()
@@ -698,10 +716,14 @@ class FaultRegistry:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{self._scheme}://{self.host}"
+
+    @property
+    def _scheme(self) -> str:
+        return "https" if self.tls is not None else "http"
 
     def _cdn_url(self) -> str:
-        return f"http://{self._authority(self._cdn)}"
+        return f"{self._scheme}://{self._authority(self._cdn)}"
 
     @staticmethod
     def _authority(server: _Server | None) -> str:
@@ -891,6 +913,31 @@ class FaultRegistry:
     def tokens_issued(self) -> list[str]:
         with self._lock:
             return list(self._tokens_issued)
+
+    def _verify_signature(self, authorization: str, path: str) -> bool:
+        """Check an Ollama-signed token request as registry.ollama.ai does: a known key, ``ts`` and ``nonce``
+        present, and an ed25519 signature over ``GET,<url>,<base64 of the hex SHA-256 of the empty body>``."""
+        # Imported here so that the rest of this module stays standard library only.
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        public, _, signature = authorization.partition(":")
+        query = parse_qs(urlsplit(path).query)
+        if public not in self.signing_keys or "ts" not in query or "nonce" not in query:
+            return False
+        # The key field is the SSH wire format: string "ssh-ed25519", then the 32-byte key.
+        blob = base64.b64decode(public)
+        name_length = int.from_bytes(blob[:4], "big")
+        raw_key = blob[4 + name_length + 4 :]
+        empty = base64.b64encode(hashlib.sha256(b"").hexdigest().encode()).decode()
+        message = f"GET,{self.url}{path},{empty}".encode()
+        try:
+            Ed25519PublicKey.from_public_bytes(raw_key).verify(base64.b64decode(signature), message)
+        except (InvalidSignature, ValueError):
+            return False
+        with self._lock:
+            self.signed_requests_verified += 1
+        return True
 
     def _issue_token(self, token: str) -> None:
         with self._lock:

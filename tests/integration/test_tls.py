@@ -1,0 +1,123 @@
+"""A custom CA: an HTTPS registry on 127.0.0.1 whose certificate comes from a CA the test makes."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import ssl
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from ollama_pull.fault_registry import FaultRegistry
+
+from .conftest import Run, assert_store_holds, cli_command, cli_env, reference
+
+pytestmark = pytest.mark.integration
+
+
+def certificate_authority(directory: Path) -> tuple[Path, ssl.SSLContext]:
+    """A CA (written to ca.pem) and a server context whose certificate it signed for 127.0.0.1."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ollama-pull test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_path = directory / "ca.pem"
+    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    chain = directory / "server.pem"
+    chain.write_bytes(
+        server.public_bytes(serialization.Encoding.PEM)
+        + server_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(chain)
+    return ca_path, context
+
+
+@pytest.fixture
+def https_registry(tmp_path: Path) -> Iterator[tuple[FaultRegistry, Path]]:
+    ca_path, context = certificate_authority(tmp_path)
+    with FaultRegistry(tls=context) as registry:
+        yield registry, ca_path
+
+
+def pull(models: Path, *args: str, **environment: str) -> Run:
+    done = subprocess.run(
+        cli_command(*args), env=cli_env(models) | environment, capture_output=True, text=True, timeout=60
+    )
+    return Run(done.returncode, done.stdout, done.stderr)
+
+
+def test_an_unknown_ca_is_refused_with_the_fix_in_the_message(
+    https_registry: tuple[FaultRegistry, Path], models: Path
+) -> None:
+    registry, _ = https_registry
+    model = registry.add_synthetic_model("library/demo", blobs=2, blob_size=4096)
+    run = pull(models, "--retries", "1", reference(registry, model))
+    assert run.returncode == 1
+    assert "TLS certificate is not trusted" in run.stderr
+    assert "--ca-cert" in run.stderr
+    assert not models.exists()
+
+
+def test_ca_cert_option_trusts_the_ca(https_registry: tuple[FaultRegistry, Path], models: Path) -> None:
+    registry, ca_path = https_registry
+    model = registry.add_synthetic_model("library/demo", blobs=3, blob_size=4096)
+    run = pull(models, "--ca-cert", str(ca_path), reference(registry, model))
+    assert run.returncode == 0, run.stderr
+    assert_store_holds(models, registry, model)
+
+
+def test_ssl_cert_file_trusts_the_ca(https_registry: tuple[FaultRegistry, Path], models: Path) -> None:
+    registry, ca_path = https_registry
+    model = registry.add_synthetic_model("library/demo", blobs=3, blob_size=4096)
+    run = pull(models, reference(registry, model), SSL_CERT_FILE=str(ca_path))
+    assert run.returncode == 0, run.stderr
+    assert_store_holds(models, registry, model)
