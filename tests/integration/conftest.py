@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ollama_pull.fault_registry import FaultRegistry, ModelFixture
+from ollama_pull.fault_registry import Fault, FaultRegistry, ModelFixture
 
 pytestmark = pytest.mark.integration
 
@@ -50,6 +52,50 @@ def run_cli(models: Path, *args: str, timeout: float = 60) -> Run:
         stdin=subprocess.DEVNULL,
     )
     return Run(done.returncode, done.stdout, done.stderr)
+
+
+def start_cli(models: Path, *args: str, capture: bool = False) -> subprocess.Popen[str]:
+    """The CLI in the background. Without ``capture`` its output goes nowhere: a pipe nobody reads until the
+    end could fill up and block the pull mid-test."""
+    pipe = subprocess.PIPE if capture else subprocess.DEVNULL
+    return subprocess.Popen(
+        cli_command(*args), env=cli_env(models), stdin=subprocess.DEVNULL, stdout=pipe, stderr=pipe, text=True
+    )
+
+
+def wait_for(
+    condition: Callable[[], bool], *, timeout: float = 20.0, process: subprocess.Popen[str] | None = None
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process is not None:
+            assert process.poll() is None, "the CLI ended before the moment the test waits for"
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.01)
+
+
+def partial_files(models: Path) -> list[Path]:
+    blobs = models / "blobs"
+    return [p for p in blobs.iterdir() if p.name.endswith("-partial")] if blobs.exists() else []
+
+
+def interrupted_large_pull(registry: FaultRegistry, models: Path) -> tuple[ModelFixture, str, int]:
+    """A 65 MiB blob (over the 64 MiB resume threshold) pulled and killed with -9 once its partial file passes
+    8 MiB; returns the model, the blob's digest and the bytes the partial file kept."""
+    size = 65 * 1024 * 1024
+    model = registry.add_model("library/big", layers=[("application/vnd.ollama.image.model", os.urandom(size), None)])
+    big = model.layer_digests[0]
+    registry.inject(big, Fault("slow", rate=32 * 1024 * 1024))
+    process = start_cli(models, "--insecure", reference(registry, model))
+    partial = models / "blobs" / (big.replace(":", "-") + "-partial")
+    try:
+        wait_for(lambda: partial.exists() and partial.stat().st_size > 8 * 1024 * 1024, process=process)
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    kept = partial.stat().st_size
+    assert 0 < kept < size
+    return model, big, kept
 
 
 @pytest.fixture

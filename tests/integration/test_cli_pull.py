@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -15,10 +14,12 @@ from ollama_pull.fault_registry import Fault, FaultRegistry, ModelFixture
 from .conftest import (
     assert_nothing_unverified,
     assert_store_holds,
-    cli_command,
-    cli_env,
+    interrupted_large_pull,
+    partial_files,
     reference,
     run_cli,
+    start_cli,
+    wait_for,
 )
 
 pytestmark = pytest.mark.integration
@@ -214,31 +215,12 @@ def test_a_manifest_digest_cannot_escape_the_store(registry: FaultRegistry, mode
     assert not (models.parent / "etc").exists()
 
 
-def wait_for(condition, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.02)
-
-
-def partial_files(models: Path) -> list[Path]:
-    blobs = models / "blobs"
-    return [p for p in blobs.iterdir() if p.name.endswith("-partial")] if blobs.exists() else []
-
-
 def test_ctrl_c_stops_at_once_with_130_and_the_rerun_completes(registry: FaultRegistry, models: Path) -> None:
     model = tensor_model(registry, blobs=4, size=512 * 1024)
     registry.inject("blobs", Fault("slow", rate=64 * 1024, times=4))
-    process = subprocess.Popen(
-        cli_command("--insecure", reference(registry, model)),
-        env=cli_env(models),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = start_cli(models, "--insecure", reference(registry, model), capture=True)
     try:
-        wait_for(lambda: any(p.stat().st_size > 0 for p in partial_files(models)))
+        wait_for(lambda: any(p.stat().st_size > 0 for p in partial_files(models)), process=process)
         started = time.monotonic()
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=10)
@@ -259,15 +241,9 @@ def test_ctrl_c_stops_at_once_with_130_and_the_rerun_completes(registry: FaultRe
 def test_kill_9_then_a_rerun_completes(registry: FaultRegistry, models: Path) -> None:
     model = tensor_model(registry, blobs=6, size=256 * 1024)
     registry.inject("blobs", Fault("slow", rate=128 * 1024, times=6))
-    process = subprocess.Popen(
-        cli_command("--insecure", reference(registry, model)),
-        env=cli_env(models),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    process = start_cli(models, "--insecure", reference(registry, model))
     try:
-        wait_for(lambda: any(p.stat().st_size > 0 for p in partial_files(models)))
+        wait_for(lambda: any(p.stat().st_size > 0 for p in partial_files(models)), process=process)
     finally:
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
@@ -280,31 +256,14 @@ def test_kill_9_then_a_rerun_completes(registry: FaultRegistry, models: Path) ->
 
 
 def test_a_large_blob_resumes_across_runs(registry: FaultRegistry, models: Path) -> None:
-    size = 65 * 1024 * 1024
-    model = registry.add_model("library/big", layers=[("application/vnd.ollama.image.model", os.urandom(size), None)])
-    big = model.layer_digests[0]
-    registry.inject(big, Fault("slow", rate=32 * 1024 * 1024))
-    process = subprocess.Popen(
-        cli_command("--insecure", reference(registry, model)),
-        env=cli_env(models),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    partial = models / "blobs" / (big.replace(":", "-") + "-partial")
-    try:
-        wait_for(lambda: partial.exists() and partial.stat().st_size > 8 * 1024 * 1024)
-    finally:
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait()
-    kept = partial.stat().st_size
+    model, big, kept = interrupted_large_pull(registry, models)
     registry.reset_log()
     run = run_cli(models, "--insecure", reference(registry, model))
     assert run.returncode == 0, run.stderr
     assert_store_holds(models, registry, model)
     [resumed] = registry.blob_requests(big)
     assert resumed.range == f"bytes={kept}-"
-    assert resumed.bytes_sent == size - kept
+    assert resumed.bytes_sent == len(model.blobs[big]) - kept
 
 
 def test_two_models_in_one_call(registry: FaultRegistry, models: Path) -> None:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from ollama_pull.fault_registry import Fault, FaultRegistry
 
-from .conftest import assert_store_holds, cli_command, cli_env, reference
+from .conftest import assert_store_holds, reference, start_cli
 
 pytestmark = pytest.mark.integration
 
@@ -18,17 +17,8 @@ def test_two_processes_pull_the_same_model_into_one_store(registry: FaultRegistr
     model = registry.add_synthetic_model("library/demo", blobs=12, blob_size=128 * 1024)
     # Slow enough that the two pulls overlap for most of their blobs.
     registry.inject("blobs", Fault("slow", rate=512 * 1024, times=13))
-    command = cli_command("--insecure", "-j", "4", "--json", reference(registry, model))
     processes = [
-        subprocess.Popen(
-            command,
-            env=cli_env(models),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(2)
+        start_cli(models, "--insecure", "-j", "4", "--json", reference(registry, model), capture=True) for _ in range(2)
     ]
     outcomes = [process.communicate(timeout=60) for process in processes]
     for process, (_, stderr) in zip(processes, outcomes, strict=True):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +11,15 @@ import pytest
 
 from ollama_pull.fault_registry import Fault, FaultRegistry
 
-from .conftest import assert_nothing_unverified, assert_store_holds, cli_command, cli_env, reference, run_cli
+from .conftest import (
+    assert_nothing_unverified,
+    assert_store_holds,
+    partial_files,
+    reference,
+    run_cli,
+    start_cli,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -61,18 +68,10 @@ def test_a_disk_that_fills_mid_pull_is_exit_6_and_a_rerun_after_freeing_space_su
     model = registry.add_synthetic_model("library/demo", blobs=6, blob_size=400 * 1024)
     registry.inject("blobs", Fault("slow", rate=1 * MIB, times=7))
     store = small_disk / "models"
-    process = subprocess.Popen(
-        cli_command("--insecure", "-j", "2", "--models-dir", str(store), reference(registry, model)),
-        env=cli_env(models),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    process = start_cli(
+        models, "--insecure", "-j", "2", "--models-dir", str(store), reference(registry, model), capture=True
     )
-    deadline = time.monotonic() + 20
-    while not any((store / "blobs").glob("*-partial")):
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_for(lambda: bool(partial_files(store)), process=process)
     # Something else on the machine takes the space the pull was counting on.
     filler = small_disk / "filler"
     with open(filler, "wb") as handle:

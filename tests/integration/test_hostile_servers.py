@@ -9,10 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import re
-import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +19,7 @@ import pytest
 
 from ollama_pull.fault_registry import Fault, FaultRegistry, ModelFixture
 
-from .conftest import Run, assert_store_holds, cli_command, cli_env, reference, run_cli
+from .conftest import Run, assert_store_holds, interrupted_large_pull, reference, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -226,30 +223,7 @@ def test_a_hostile_manifest_response(
 
 
 def test_a_resume_answered_with_the_whole_blob_starts_over(registry: FaultRegistry, models: Path, tally: Tally) -> None:
-    # Just above the engine's 64 MiB threshold, so the partial file is kept across runs and resumed with Range.
-    size = 65 * 1024 * 1024
-    model = registry.add_model("library/big", layers=[("application/vnd.ollama.image.model", os.urandom(size), None)])
-    big = model.layer_digests[0]
-    registry.inject(big, Fault("slow", rate=64 * 1024 * 1024))
-    process = subprocess.Popen(
-        cli_command("--insecure", reference(registry, model)),
-        env=cli_env(models),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    partial = models / "blobs" / (big.replace(":", "-") + "-partial")
-    try:
-        deadline = time.monotonic() + 20
-        while not (partial.exists() and partial.stat().st_size > 8 * 1024 * 1024):
-            assert process.poll() is None, "the first run ended before it could be interrupted"
-            assert time.monotonic() < deadline, "no partial file"
-            time.sleep(0.01)
-    finally:
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait()
-    kept = partial.stat().st_size
-    assert 0 < kept < size
+    model, big, kept = interrupted_large_pull(registry, models)
     registry.reset_log()
     registry.inject(big, Fault("range_ignored"))
     run = run_cli(models, *FLAGS, reference(registry, model))
@@ -258,4 +232,4 @@ def test_a_resume_answered_with_the_whole_blob_starts_over(registry: FaultRegist
     assert_store_holds(models, registry, model)
     [ignored] = registry.blob_requests(big)
     assert (ignored.range, ignored.status, ignored.fault) == (f"bytes={kept}-", 200, "range_ignored")
-    assert ignored.bytes_sent == size
+    assert ignored.bytes_sent == len(model.blobs[big])
