@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import os
@@ -10,15 +9,12 @@ import sys
 import traceback
 from enum import IntEnum
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
-import httpx
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from . import __version__
-from .engine import DownloadSettings
 from .errors import (
     AuthenticationError,
     CorruptModel,
@@ -29,14 +25,12 @@ from .errors import (
     OllamaPullError,
     StorageError,
 )
-from .events import Event
-from .housekeeping import LocalModel, list_models, prune
-from .progress import JsonRenderer, PlainRenderer, RichRenderer
-from .pull import pull, resolve, verify
-from .ratelimit import parse_rate
 from .reference import ModelReference, parse_reference
-from .registry import make_client
 from .units import format_size
+
+if TYPE_CHECKING:
+    from .housekeeping import LocalModel
+    from .progress import JsonRenderer, PlainRenderer, RichRenderer
 
 
 class ExitCode(IntEnum):
@@ -96,10 +90,10 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-Renderer = JsonRenderer | PlainRenderer | RichRenderer
-
 
 def _rate(value: str | None) -> str | None:
+    from .ratelimit import parse_rate
+
     if value is not None:
         try:
             parse_rate(value)
@@ -225,6 +219,19 @@ def command(
     ] = None,
 ) -> None:
     """Pull models from an Ollama registry into the local Ollama model store, verified blob by blob."""
+    # The download stack loads here rather than at import, so that --version and --help answer at once.
+    import asyncio
+
+    import httpx
+
+    from .api import pull, resolve, verify
+    from .engine import DownloadSettings
+    from .events import Event
+    from .housekeeping import list_models, prune
+    from .progress import JsonRenderer, PlainRenderer, RichRenderer
+    from .ratelimit import parse_rate
+    from .registry import make_client
+
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     if dry_run and verify_only:
         _usage(console, "--dry-run and --verify do not go together")
@@ -241,7 +248,7 @@ def command(
         max_rate=parse_rate(max_rate) if max_rate else None,
     )
     json_renderer = JsonRenderer(sys.stdout) if json_output else None
-    renderer: Renderer | None = json_renderer
+    renderer: JsonRenderer | PlainRenderer | RichRenderer | None = json_renderer
     if renderer is None and not quiet and not dry_run and not verify_only:
         renderer = RichRenderer(console) if console.is_terminal else PlainRenderer(sys.stderr)
 
@@ -350,6 +357,8 @@ def command(
 
 
 def _print_models(models: list[LocalModel], *, json_output: bool) -> None:
+    from rich.table import Table
+
     out = Console(highlight=False, soft_wrap=True)
     if json_output:
         for model in models:

@@ -182,3 +182,18 @@ def test_rich_renderer_shows_overall_and_a_few_blob_bars() -> None:
     output = console.file.getvalue()  # type: ignore[attr-defined]
     # The summary comes after the last frame of the bars.
     assert "pulled m:latest" in output.rstrip().splitlines()[-1]
+
+
+def test_version_and_help_do_not_load_the_download_stack() -> None:
+    # --version answers in a tenth of a second because httpx, asyncio and cryptography are not imported for it.
+    probe = (
+        "import sys, ollama_pull.cli; "
+        "print(sorted(m for m in ('httpx', 'cryptography', 'ollama_pull.engine') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+    import ollama_pull
+    import ollama_pull.api  # a submodule import must not shadow the function of the same name
+
+    assert ollama_pull.pull.__name__ == "pull"
+    assert sorted(ollama_pull.__all__) == sorted([*ollama_pull._EXPORTS, "__version__"])

@@ -1,4 +1,4 @@
-"""Pull one model end to end: manifest, blobs, then the manifest file last. The library's front door.
+"""The library's front door: pull one model end to end (manifest, blobs, then the manifest file last).
 
 :func:`resolve` answers what a pull would do without writing anything (``--dry-run``), :func:`pull` does it,
 and :func:`verify` re-hashes a model already in the store against its manifest.
