@@ -1,7 +1,7 @@
 """Write completions/ollama-pull.{bash,zsh,fish} from the Typer app; with --check, fail if they are stale.
 
-    python scripts/generate_completions.py          # regenerate
-    python scripts/generate_completions.py --check  # exit 1 if a file differs (run by the tests)
+python scripts/generate_completions.py          # regenerate
+python scripts/generate_completions.py --check  # exit 1 if a file differs (run by the tests)
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ DIRECTORY = Path(__file__).resolve().parent.parent / "completions"
 
 def expected() -> dict[Path, str]:
     return {
-        DIRECTORY / f"{PROG}.{shell}": get_completion_script(prog_name=PROG, complete_var=COMPLETE_VAR, shell=shell)
-        .rstrip("\n")
+        DIRECTORY / f"{PROG}.{shell}": get_completion_script(
+            prog_name=PROG, complete_var=COMPLETE_VAR, shell=shell
+        ).rstrip("\n")
         + "\n"
         for shell in SHELLS
     }
