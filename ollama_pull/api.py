@@ -18,7 +18,7 @@ import httpx
 from .engine import Clock, Downloader, DownloadSettings
 from .errors import CorruptModel
 from .events import EventCallback, ManifestResolved, PullFinished, ignore_event
-from .manifest import Layer, Manifest, parse_manifest
+from .manifest import Layer, Manifest
 from .reference import ModelReference, parse_reference
 from .registry import RegistryClient, make_client
 from .store import Store, default_models_dir
@@ -140,7 +140,7 @@ async def verify(reference: str | ModelReference, *, models_dir: Path | None = N
     """
     ref = _reference(reference)
     store = Store(models_dir or default_models_dir())
-    manifest = parse_manifest(store.read_manifest(ref), model=ref.short)
+    manifest = store.load_manifest(ref)
     # hashlib releases the GIL on large buffers: a few threads re-hash several blobs at once.
     limit = asyncio.Semaphore(4)
     problems: dict[str, str] = {}

@@ -303,26 +303,41 @@ def command(
 
     failures: list[ExitCode] = []
 
+    def fail(error: OllamaPullError, model: str | None = None) -> None:
+        code = exit_code_for(error)
+        failures.append(code)
+        _report(console, error, model=model)
+        if json_renderer is not None:
+            json_renderer.write({"event": "error", "model": model, "message": str(error), "exit_code": int(code)})
+
     async def run() -> None:
         # One client for every model: one connection pool, one token cache.
         try:
             client = make_client(insecure=insecure, concurrency=concurrency, ca_cert=ca_cert)
         except OllamaPullError as exc:
-            failures.append(exit_code_for(exc))
-            _report(console, exc)
+            fail(exc)
             return
         async with client:
             for reference in references:
                 try:
                     await one(reference, client)
                 except OllamaPullError as exc:
-                    code = exit_code_for(exc)
-                    failures.append(code)
-                    _report(console, exc, model=reference.short)
-                    if json_renderer is not None:
-                        json_renderer.write(
-                            {"event": "error", "model": reference.short, "message": str(exc), "exit_code": int(code)}
-                        )
+                    fail(exc, reference.short)
+        if prune_store and not failures:
+            try:
+                pruned = await prune(models_dir)
+            except OllamaPullError as exc:
+                fail(exc)
+                return
+            say(
+                f"pruned {len(pruned.removed)} unreferenced blobs, {format_size(pruned.freed_bytes)} freed",
+                {
+                    "event": "pruned",
+                    "blobs": len(pruned.removed),
+                    "freed_bytes": pruned.freed_bytes,
+                    "digests": list(pruned.removed),
+                },
+            )
 
     interrupted = False
     try:
@@ -335,23 +350,6 @@ def command(
     if interrupted:
         console.print("interrupted: nothing unverified was kept as a blob; run again to continue", style="yellow")
         raise typer.Exit(ExitCode.INTERRUPTED)
-    if prune_store and not failures:
-        try:
-            pruned = asyncio.run(prune(models_dir))
-        except KeyboardInterrupt:
-            raise typer.Exit(ExitCode.INTERRUPTED) from None
-        except OllamaPullError as exc:
-            _report(console, exc)
-            raise typer.Exit(exit_code_for(exc)) from None
-        say(
-            f"pruned {len(pruned.removed)} unreferenced blobs, {format_size(pruned.freed_bytes)} freed",
-            {
-                "event": "pruned",
-                "blobs": len(pruned.removed),
-                "freed_bytes": pruned.freed_bytes,
-                "digests": list(pruned.removed),
-            },
-        )
     if failures:
         raise typer.Exit(failures[0])
 

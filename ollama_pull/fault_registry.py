@@ -50,6 +50,7 @@ __all__ = [
     "FaultRegistry",
     "ModelFixture",
     "RequestRecord",
+    "build_manifest",
     "main",
 ]
 
@@ -242,6 +243,25 @@ class _RandomFaults:
 
 def sha256_digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def build_manifest(config: bytes, layers: Sequence[tuple[str, bytes, str | None]]) -> bytes:
+    """An Ollama-format image manifest for ``config`` and ``layers`` (media type, bytes, layer name or None),
+    compact as Ollama's registry serves it."""
+
+    def descriptor(media_type: str, data: bytes, name: str | None) -> dict[str, object]:
+        entry: dict[str, object] = {"mediaType": media_type, "digest": sha256_digest(data), "size": len(data)}
+        if name is not None:
+            entry["name"] = name
+        return entry
+
+    document = {
+        "schemaVersion": 2,
+        "mediaType": MANIFEST_MEDIA_TYPE,
+        "config": descriptor(CONFIG_MEDIA_TYPE, config, None),
+        "layers": [descriptor(*layer) for layer in layers],
+    }
+    return json.dumps(document, separators=(",", ":")).encode()
 
 
 def _error_body(code: str, message: str) -> bytes:
@@ -752,23 +772,9 @@ class FaultRegistry:
         config_data = DEFAULT_CONFIG if config is None else config
         config_digest = self.add_blob(config_data)
         blobs = {config_digest: config_data}
-        layer_entries: list[dict[str, object]] = []
-        layer_digests: list[str] = []
-        for media_type, data, layer_name in layers:
-            digest = self.add_blob(data)
-            blobs[digest] = data
-            layer_digests.append(digest)
-            entry: dict[str, object] = {"mediaType": media_type, "digest": digest, "size": len(data)}
-            if layer_name is not None:
-                entry["name"] = layer_name
-            layer_entries.append(entry)
-        document = {
-            "schemaVersion": 2,
-            "mediaType": MANIFEST_MEDIA_TYPE,
-            "config": {"mediaType": CONFIG_MEDIA_TYPE, "digest": config_digest, "size": len(config_data)},
-            "layers": layer_entries,
-        }
-        manifest = json.dumps(document, separators=(",", ":")).encode()
+        layer_digests = tuple(self.add_blob(data) for _, data, _ in layers)
+        blobs.update(zip(layer_digests, (data for _, data, _ in layers), strict=True))
+        manifest = build_manifest(config_data, layers)
         self.set_manifest(name, tag, manifest)
         return ModelFixture(
             name=name,
@@ -776,7 +782,7 @@ class FaultRegistry:
             manifest=manifest,
             manifest_digest=sha256_digest(manifest),
             config_digest=config_digest,
-            layer_digests=tuple(layer_digests),
+            layer_digests=layer_digests,
             blobs=blobs,
         )
 

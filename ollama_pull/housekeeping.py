@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InvalidManifest, StorageError
-from .manifest import parse_manifest
 from .reference import ModelReference
 from .store import Store, default_models_dir
 
@@ -32,10 +31,11 @@ class PruneResult:
 def list_models(models_dir: Path | None = None) -> list[LocalModel]:
     store = Store(models_dir or default_models_dir())
     models = []
-    for reference, path in store.manifests():
+    for reference in store.manifests():
+        path = store.manifest_path(reference)
         try:
-            manifest = parse_manifest(path.read_bytes(), model=reference.short)
-        except (OSError, InvalidManifest):
+            manifest = store.load_manifest(reference)
+        except (InvalidManifest, StorageError):
             models.append(LocalModel(reference, path, None, 0, 0, 0))
             continue
         missing = sum(not store.has_blob(layer) for layer in manifest.blobs)
@@ -48,14 +48,14 @@ async def prune(models_dir: Path | None = None) -> PruneResult:
     store = Store(models_dir or default_models_dir())
     async with store.store_lock(exclusive=True):
         referenced: set[str] = set()
-        for reference, path in store.manifests():
+        for reference in store.manifests():
             try:
-                manifest = parse_manifest(path.read_bytes(), model=reference.short)
-            except (OSError, InvalidManifest) as exc:
+                manifest = store.load_manifest(reference)
+            except (InvalidManifest, StorageError) as exc:
                 # Pruning blind could remove what that model needs: refuse rather than guess.
                 raise StorageError(
-                    f"refusing to prune: {path} cannot be read as a manifest ({exc}), so the blobs it needs are "
-                    "unknown; remove it or pull the model again"
+                    f"refusing to prune: {store.manifest_path(reference)} cannot be read as a manifest ({exc}), "
+                    "so the blobs it needs are unknown; remove it or pull the model again"
                 ) from exc
             referenced.update(layer.digest for layer in manifest.blobs)
         removed: list[str] = []

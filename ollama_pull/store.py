@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .errors import InvalidReference, NotInStore, StorageError
-from .manifest import DIGEST_PATTERN, Layer
+from .manifest import DIGEST_PATTERN, Layer, Manifest, parse_manifest
 from .reference import ModelReference, parse_reference
 from .units import format_size
 
@@ -105,14 +105,16 @@ class Store:
                 "free some space or pass another --models-dir"
             )
 
-    def read_manifest(self, reference: ModelReference) -> bytes:
+    def load_manifest(self, reference: ModelReference) -> Manifest:
+        """The stored manifest of a model; :class:`InvalidManifest` when it does not parse."""
         path = self.manifest_path(reference)
         try:
-            return path.read_bytes()
+            raw = path.read_bytes()
         except FileNotFoundError:
             raise NotInStore(reference.short, str(path)) from None
         except OSError as exc:
             raise StorageError(f"cannot read the manifest {path}: {exc.strerror}") from exc
+        return parse_manifest(raw, model=reference.short)
 
     def check_blob(self, layer: Layer) -> str | None:
         """Re-hash a stored blob: why it is bad, or None when its bytes are the digest's."""
@@ -120,9 +122,7 @@ class Store:
         digest = hashlib.sha256()
         try:
             with open(path, "rb") as handle:
-                while chunk := handle.read(_REHASH_CHUNK):
-                    digest.update(chunk)
-                size = handle.tell()
+                size = _hash_file(handle, digest)
         except FileNotFoundError:
             return "missing"
         except OSError as exc:
@@ -146,7 +146,7 @@ class Store:
         running pull has finished but not yet named in a manifest."""
         return _flock(self._inside(self.root / LOCKS_DIR / "store.lock"), exclusive=exclusive)
 
-    def manifests(self) -> Iterator[tuple[ModelReference, Path]]:
+    def manifests(self) -> Iterator[ModelReference]:
         """Every model in the store, as Ollama lays them out: ``manifests/<host>/<namespace>/<model>/<tag>``."""
         top = self.root / "manifests"
         if not top.is_dir():
@@ -160,7 +160,7 @@ class Store:
             except InvalidReference:
                 # A temp file of an interrupted manifest write, or something not Ollama's: not a model.
                 continue
-            yield reference, path
+            yield reference
 
     def blob_files(self) -> Iterator[tuple[str, Path]]:
         """Every finished blob: ``(digest, path)``; partial files and foreign names are not blobs."""
@@ -214,10 +214,7 @@ class BlobFile:
 
     def _rehash_prefix(self) -> None:
         self._file.seek(0)
-        length = 0
-        while chunk := self._file.read(_REHASH_CHUNK):
-            self._hash.update(chunk)
-            length += len(chunk)
+        length = _hash_file(self._file, self._hash)
         if length > self.layer.size:
             self.restart()
         else:
@@ -232,8 +229,12 @@ class BlobFile:
         self.offset = 0
 
     def write(self, data: bytes) -> None:
-        with storage_errors(f"write {self.path}"):
+        # Called for every chunk of every blob: a plain try, not a context manager entered each time.
+        try:
             self._file.write(data)
+        except OSError:
+            with storage_errors(f"write {self.path}"):
+                raise
         self._hash.update(data)
         self.offset += len(data)
 
@@ -259,6 +260,15 @@ class BlobFile:
         self._file.close()
         if not keep:
             self.path.unlink(missing_ok=True)
+
+
+def _hash_file(handle: BinaryIO, digest: hashlib._Hash) -> int:
+    """Feed the rest of an open file to ``digest``; return how many bytes that was."""
+    length = 0
+    while chunk := handle.read(_REHASH_CHUNK):
+        digest.update(chunk)
+        length += len(chunk)
+    return length
 
 
 @contextlib.asynccontextmanager

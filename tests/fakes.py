@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -13,7 +12,8 @@ import httpx
 import respx
 
 from ollama_pull.engine import DownloadSettings
-from ollama_pull.manifest import Layer, Manifest, parse_manifest
+from ollama_pull.fault_registry import build_manifest
+from ollama_pull.manifest import TENSOR_MEDIA_TYPE, Layer, Manifest, parse_manifest
 from ollama_pull.reference import parse_reference
 from ollama_pull.registry import RegistryClient, make_client
 from ollama_pull.retry import Backoff
@@ -38,33 +38,13 @@ class Model:
 
 
 def make_model(*sizes: int, seed: int = 1) -> Model:
-    blobs = {}
-    layers = []
     config = b'{"model_format":"safetensors"}'
-    blobs[digest_of(config)] = config
-    for index, size in enumerate(sizes):
-        data = random.Random(seed * 1000 + index).randbytes(size)
-        blobs[digest_of(data)] = data
-        layers.append(
-            {
-                "mediaType": "application/vnd.ollama.image.tensor",
-                "digest": digest_of(data),
-                "size": size,
-                "name": f"tensor/{index}.st",
-            }
-        )
-    document = {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-        "config": {
-            "mediaType": "application/vnd.docker.container.image.v1+json",
-            "digest": digest_of(config),
-            "size": len(config),
-        },
-        "layers": layers,
-    }
-    raw = json.dumps(document).encode()
-    return Model(parse_manifest(raw, model="m"), blobs)
+    layers = [
+        (TENSOR_MEDIA_TYPE, random.Random(seed * 1000 + index).randbytes(size), f"tensor/{index}.st")
+        for index, size in enumerate(sizes)
+    ]
+    blobs = {digest_of(data): data for data in (config, *(data for _, data, _ in layers))}
+    return Model(parse_manifest(build_manifest(config, layers), model="m"), blobs)
 
 
 class FakeClock:

@@ -32,8 +32,9 @@ from urllib.parse import urljoin
 
 import httpx
 
+from ollama_pull.fault_registry import build_manifest
+
 __all__ = [
-    "CONFIG_MEDIA_TYPE",
     "MANIFEST_MEDIA_TYPE",
     "AccessRecord",
     "DistributionRegistry",
@@ -46,7 +47,6 @@ __all__ = [
 ]
 
 MANIFEST_MEDIA_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
-CONFIG_MEDIA_TYPE = "application/vnd.docker.container.image.v1+json"
 
 # The registry usually answers within a few hundred milliseconds; ten seconds covers a loaded CI machine.
 START_DEADLINE = 10.0
@@ -298,24 +298,7 @@ class DistributionRegistry:
 
 def manifest_bytes(config: bytes, layers: Sequence[Layer]) -> bytes:
     """An Ollama-format image manifest, compact as Ollama writes it."""
-
-    def descriptor(layer: Layer) -> dict[str, Any]:
-        entry: dict[str, Any] = {
-            "mediaType": layer.media_type,
-            "digest": sha256_digest(layer.data),
-            "size": len(layer.data),
-        }
-        if layer.name is not None:
-            entry["name"] = layer.name
-        return entry
-
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": MANIFEST_MEDIA_TYPE,
-        "config": {"mediaType": CONFIG_MEDIA_TYPE, "digest": sha256_digest(config), "size": len(config)},
-        "layers": [descriptor(layer) for layer in layers],
-    }
-    return json.dumps(manifest, separators=(",", ":")).encode()
+    return build_manifest(config, [(layer.media_type, layer.data, layer.name) for layer in layers])
 
 
 def push_model(

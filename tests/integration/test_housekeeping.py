@@ -59,6 +59,10 @@ def test_prune_refuses_when_a_manifest_cannot_be_read(registry: FaultRegistry, m
     assert run.returncode == 6
     assert "refusing to prune" in run.stderr
     assert len(list((models / "blobs").iterdir())) == 3
+    # Scripts see the refusal as an event too; it concerns no single model.
+    [event] = run_cli(models, "--prune", "--json").events
+    assert (event["event"], event["model"], event["exit_code"]) == ("error", None, 6)
+    assert "refusing to prune" in event["message"]
 
 
 def test_list_shows_models_sizes_and_missing_blobs(registry: FaultRegistry, models: Path) -> None:
