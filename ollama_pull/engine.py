@@ -10,7 +10,6 @@ never moves backwards.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import statistics
 import time
@@ -237,10 +236,12 @@ class Downloader:
                     return self._clock() - watch.started
                 self._check(watch)
         finally:
-            if not stream.done():
-                stream.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await stream
+            stream.cancel()
+            # Wait for the stream even if it already ended: an error it ended with while this attempt was being
+            # cancelled must be collected here, or asyncio reports it as never retrieved.
+            await asyncio.wait({stream})
+            if not stream.cancelled():
+                stream.exception()
 
     def _check(self, watch: _Watch) -> None:
         if watch.throttled:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import gzip
 from collections.abc import Callable
 from pathlib import Path
@@ -201,6 +202,36 @@ async def test_a_rejected_token_is_final_not_retried(store: Store) -> None:
         serve(router, model, lambda _r, _d: httpx.Response(403))
         with pytest.raises(AuthenticationError, match="HTTP 403"):
             await download(router, model, store)
+
+
+@pytest.mark.parametrize("lag", range(12))
+async def test_blobs_failing_together_leave_no_unretrieved_error(store: Store, lag: int) -> None:
+    # The other blobs' streams fail `lag` turns of the loop after the first one's. For some lag that lands while the
+    # first failure is cancelling the others, each of which must still collect its stream's error (asyncio otherwise
+    # reports "Task exception was never retrieved").
+    model = make_model(1000, 1000)
+    first = model.layers[0].digest
+    failed = asyncio.Event()
+    unretrieved: list[object] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _loop, context: unretrieved.append(context))
+
+    async def refuse_first(_request: httpx.Request) -> httpx.Response:
+        failed.set()
+        return httpx.Response(403)
+
+    async def refuse_second(_request: httpx.Request) -> httpx.Response:
+        await failed.wait()
+        for _ in range(lag):
+            await asyncio.sleep(0)
+        return httpx.Response(403)
+
+    with respx.mock(using="httpx", assert_all_called=False) as router:
+        for digest in model.blobs:
+            router.get(f"{BASE}/blobs/{digest}").mock(side_effect=refuse_first if digest == first else refuse_second)
+        with pytest.raises(AuthenticationError):
+            await download(router, model, store)
+    gc.collect()
+    assert unretrieved == []
 
 
 async def test_stalls_are_retried_without_using_up_attempts(store: Store) -> None:
