@@ -782,7 +782,7 @@ class Bench:
                     process.kill()
                     _pid, status, _usage = os.wait4(process.pid, 0)
                     process.returncode = os.waitstatus_to_exitcode(status)
-            had = partial.stat().st_size if partial.exists() else 0
+            had = landed_bytes(partial)
             # nginx logs the killed request when it notices the closed connection; let it, then mark the log.
             time.sleep(0.5)
             offset = self.nginx.log_offset()
@@ -806,6 +806,16 @@ class Bench:
         return results
 
 
+def landed_bytes(partial: Path) -> int:
+    """The bytes a partial file really holds. A blob downloaded in chunks is a sparse file whose size runs ahead
+    of its contents, so count the allocated blocks (exact for data written in whole blocks, as chunks are)."""
+    try:
+        info = partial.stat()
+    except FileNotFoundError:
+        return 0
+    return min(info.st_size, info.st_blocks * 512)
+
+
 def kill_half_way(process: subprocess.Popen[bytes], partial: Path, size: int, deadline: float) -> None:
     """Return once the partial file holds half the blob; the caller then SIGKILLs the pull."""
     while True:
@@ -813,11 +823,7 @@ def kill_half_way(process: subprocess.Popen[bytes], partial: Path, size: int, de
         if pid:
             process.returncode = os.waitstatus_to_exitcode(status)
             raise BenchError(f"resume: the first pull ended (exit {process.returncode}) before half way")
-        try:
-            written = partial.stat().st_size
-        except FileNotFoundError:
-            written = 0
-        if written >= size // 2:
+        if landed_bytes(partial) >= size // 2:
             return
         if time.monotonic() > deadline:
             raise BenchError("resume: the partial file never reached half the blob")

@@ -14,15 +14,17 @@ import random
 import statistics
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import httpx
 
 from .errors import AuthenticationError, BlobError, IntegrityError, OllamaPullError
 from .events import BlobFinished, BlobProgress, BlobRetry, BlobStarted, EventCallback, ignore_event
 from .manifest import Layer
+from .parts import Chunk, PartedBlob
 from .ratelimit import RateLimiter
 from .reference import ModelReference
 from .registry import RegistryClient
@@ -34,6 +36,11 @@ Sleep = Callable[[float], Awaitable[None]]
 
 KIB = 1024
 MIB = 1024 * KIB
+# Bytes handed to the writing thread at a time: large enough that the hand-off costs little per byte, small
+# enough that 64 streams each holding two batches stay far below the memory budget.
+_WRITE_BATCH = 256 * KIB
+# A slow stream hands over what it has after this long anyway, so the file on disk (what a resume finds) keeps up.
+_WRITE_DELAY = 0.25
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,11 @@ class DownloadSettings:
     speed_min_samples: int = 5
     # Blobs at least this big keep their partial file across attempts and runs and resume it with Range.
     resume_min_size: int = 64 * MIB
+    # Blobs at least this big come in chunks over several streams at once (Ollama's own puller splits its big
+    # blobs in up to 16 parts): a CDN that caps each connection then caps the blob no more. Smaller blobs stay whole.
+    split_min_size: int = 128 * MIB
+    chunk_size: int = 16 * MIB
+    streams_per_blob: int = 16
     check_interval: float = 1.0
     backoff: Backoff = Backoff()
     # Bytes per second across every stream of the pull; None for no limit.
@@ -120,13 +132,26 @@ class _Watch:
 
 
 @dataclass
-class _BlobState:
-    layer: Layer
+class _Tries:
+    """How one download (a whole blob, or a chunk of a large one) has failed so far."""
+
     counted: int = 0
     stalls: int = 0
     slows: int = 0
-    reported: int = 0
     failures: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _BlobState:
+    layer: Layer
+    announced: bool = False
+    reported: int = 0
+    # Failures of the blob as a whole; a chunk's own failures are counted by its fetch.
+    tries: _Tries = field(default_factory=_Tries)
+
+
+class _RangesIgnored(Exception):
+    """The server answered a ranged request with the whole blob: it can only be fetched in one stream."""
 
 
 class Downloader:
@@ -159,81 +184,206 @@ class Downloader:
 
     async def download(self, reference: ModelReference, layers: Sequence[Layer], *, model: str) -> DownloadStats:
         """Download every layer; on the first blob that fails for good, cancel the rest and raise its error."""
-        semaphore = asyncio.Semaphore(self.settings.concurrency)
+        # One slot per stream: a blob holds one while it downloads, and the extra streams of a large blob take
+        # more, chunk by chunk, so the connections of the whole pull stay within ``concurrency``.
+        slots = asyncio.Semaphore(self.settings.concurrency)
         try:
             async with asyncio.TaskGroup() as group:
                 for layer in layers:
-                    group.create_task(self._download_blob(reference, layer, model, semaphore))
+                    group.create_task(self._download_blob(reference, layer, model, slots))
         except BaseExceptionGroup as failures:
             raise _first_error(failures) from None
         return DownloadStats(downloaded_blobs=self._downloaded_blobs, downloaded_bytes=self._downloaded_bytes)
 
     async def _download_blob(
-        self, reference: ModelReference, layer: Layer, model: str, semaphore: asyncio.Semaphore
+        self, reference: ModelReference, layer: Layer, model: str, slots: asyncio.Semaphore
     ) -> None:
-        async with semaphore, self.store.blob_lock(layer.digest):
+        async with slots, self.store.blob_lock(layer.digest):
             if self.store.has_blob(layer):
                 # Another process sharing the store downloaded it while we waited for its lock.
                 self._emit(BlobFinished(model, layer.digest, layer.size, 0.0))
                 return
-            resumable = layer.size >= self.settings.resume_min_size
-            blob = await asyncio.to_thread(self.store.open_blob, layer, resume=resumable)
-            state = _BlobState(layer, reported=blob.offset)
-            self._emit(BlobStarted(model, layer.digest, layer.label, layer.size, blob.offset))
-            committed = False
-            try:
-                while True:
-                    try:
-                        seconds = await self._attempt(reference, blob, state, model)
-                    except _AttemptFailed as failed:
-                        if failed.restart or not resumable:
-                            blob.restart()
-                        delay = self._judge(state, failed)
-                        self._emit(BlobRetry(model, layer.digest, len(state.failures), failed.reason, delay))
-                        await self._sleep(delay)
-                        continue
-                    await asyncio.to_thread(blob.commit)
-                    committed = True
-                    self.speeds.add(layer.size, seconds)
-                    self._downloaded_blobs += 1
-                    self._emit(BlobFinished(model, layer.digest, layer.size, seconds))
-                    return
-            finally:
-                if not committed:
-                    blob.close(keep=resumable)
+            state = _BlobState(layer)
+            seconds: float | None = None
+            if layer.size >= self.settings.split_min_size:
+                try:
+                    seconds = await self._download_parted(reference, state, model, slots)
+                except _RangesIgnored:
+                    reason = "the server ignores Range requests: downloading in one stream"
+                    self._emit(BlobRetry(model, layer.digest, len(state.tries.failures) + 1, reason, 0.0))
+            if seconds is None:
+                seconds = await self._download_whole(reference, state, model)
+            self.speeds.add(layer.size, seconds)
+            self._downloaded_blobs += 1
+            self._emit(BlobFinished(model, layer.digest, layer.size, seconds))
 
-    def _judge(self, state: _BlobState, failed: _AttemptFailed) -> float:
-        """Count the failure by its kind's rules; raise the blob's final error when it has no tries left."""
-        state.failures.append(failed.reason)
-        if failed.kind is _Kind.STALL:
-            state.stalls += 1
-            if state.stalls > self.settings.max_stalls:
-                raise BlobError(
-                    state.layer.digest, f"stalled {state.stalls} times: {failed.reason}", len(state.failures)
+    def _announce(self, state: _BlobState, model: str, completed: int) -> None:
+        """Say the blob started, once, even when it falls back from chunks to one stream."""
+        if not state.announced:
+            state.announced = True
+            state.reported = completed
+            layer = state.layer
+            self._emit(BlobStarted(model, layer.digest, layer.label, layer.size, completed))
+
+    def _report(self, state: _BlobState, model: str, completed: int) -> None:
+        if completed > state.reported:
+            state.reported = completed
+            self._emit(BlobProgress(model, state.layer.digest, completed, state.layer.size))
+
+    async def _retry(self, digest: str, tries: _Tries, failed: _AttemptFailed, model: str, where: str = "") -> None:
+        delay = self._judge(digest, tries, failed)
+        self._emit(BlobRetry(model, digest, len(tries.failures), where + failed.reason, delay))
+        await self._sleep(delay)
+
+    async def _download_whole(self, reference: ModelReference, state: _BlobState, model: str) -> float:
+        """The blob in one stream, resumed with Range across attempts (and runs) when it is large enough."""
+        layer = state.layer
+        resumable = layer.size >= self.settings.resume_min_size
+        blob = await asyncio.to_thread(self.store.open_blob, layer, resume=resumable)
+        self._announce(state, model, blob.offset)
+        committed = False
+        try:
+            while True:
+                try:
+                    seconds, _received = await self._watched(
+                        lambda watch: self._stream_whole(reference, blob, state, model, watch)
+                    )
+                except _AttemptFailed as failed:
+                    if failed.restart or not resumable:
+                        blob.restart()
+                    await self._retry(layer.digest, state.tries, failed, model)
+                    continue
+                await asyncio.to_thread(blob.commit)
+                committed = True
+                return seconds
+        finally:
+            if not committed:
+                blob.close(keep=resumable)
+
+    async def _download_parted(
+        self, reference: ModelReference, state: _BlobState, model: str, slots: asyncio.Semaphore
+    ) -> float:
+        """The blob in chunks over several streams, hashed front to back as the chunks land."""
+        layer = state.layer
+        started = self._clock()
+        blob = await asyncio.to_thread(PartedBlob, self.store, layer, chunk_size=self.settings.chunk_size)
+        self._announce(state, model, blob.received)
+        committed = False
+        keep = True
+        try:
+            while True:
+                await self._fetch_chunks(reference, blob, state, model, slots)
+                mismatch = blob.mismatch()
+                if mismatch is None:
+                    break
+                blob.restart()
+                await self._retry(layer.digest, state.tries, _AttemptFailed(mismatch, integrity=True), model)
+            await asyncio.to_thread(blob.commit)
+            committed = True
+            return self._clock() - started
+        except _RangesIgnored:
+            # What was written is a sparse file one stream could not continue.
+            keep = False
+            raise
+        finally:
+            if not committed:
+                blob.close(keep=keep and blob.received > 0)
+
+    async def _fetch_chunks(
+        self,
+        reference: ModelReference,
+        blob: PartedBlob,
+        state: _BlobState,
+        model: str,
+        slots: asyncio.Semaphore,
+    ) -> None:
+        pending = deque(blob.missing())
+        landed = asyncio.Event()
+        # The file may already hold bytes from an earlier run: hash them while the rest downloads.
+        landed.set()
+        streams = min(self.settings.streams_per_blob, len(pending))
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._follow_hash(blob, landed))
+                for stream in range(streams):
+                    # The first stream runs in the blob's own slot; the others wait for free ones.
+                    extra = slots if stream else None
+                    group.create_task(self._chunk_worker(reference, blob, pending, state, model, landed, extra))
+        except BaseExceptionGroup as failures:
+            raise _first_error(failures) from None
+
+    async def _follow_hash(self, blob: PartedBlob, landed: asyncio.Event) -> None:
+        while blob.hashed < blob.layer.size:
+            await landed.wait()
+            landed.clear()
+            await asyncio.to_thread(blob.hash_landed)
+
+    async def _chunk_worker(
+        self,
+        reference: ModelReference,
+        blob: PartedBlob,
+        pending: deque[Chunk],
+        state: _BlobState,
+        model: str,
+        landed: asyncio.Event,
+        slots: asyncio.Semaphore | None,
+    ) -> None:
+        while pending:
+            chunk = pending.popleft()
+            if slots is None:
+                await self._fetch_chunk(reference, blob, chunk, state, model)
+            else:
+                async with slots:
+                    await self._fetch_chunk(reference, blob, chunk, state, model)
+            landed.set()
+
+    async def _fetch_chunk(
+        self, reference: ModelReference, blob: PartedBlob, chunk: Chunk, state: _BlobState, model: str
+    ) -> None:
+        tries = _Tries()
+        where = f"bytes {chunk.start}-{chunk.end - 1}: "
+        while True:
+            try:
+                seconds, received = await self._watched(
+                    lambda watch: self._stream_chunk(reference, blob, chunk, state, model, watch)
                 )
+            except _AttemptFailed as failed:
+                await self._retry(blob.layer.digest, tries, failed, model, where)
+                continue
+            # Each stream is one sample of what a connection gets, like a small blob downloaded whole.
+            self.speeds.add(received, seconds)
+            return
+
+    def _judge(self, digest: str, tries: _Tries, failed: _AttemptFailed) -> float:
+        """Count the failure by its kind's rules; raise the blob's final error when it has no tries left."""
+        tries.failures.append(failed.reason)
+        if failed.kind is _Kind.STALL:
+            tries.stalls += 1
+            if tries.stalls > self.settings.max_stalls:
+                raise BlobError(digest, f"stalled {tries.stalls} times: {failed.reason}", len(tries.failures))
         elif failed.kind is _Kind.SLOW:
-            state.slows += 1
-            if state.slows > self.settings.free_slow_aborts:
-                state.counted += 1
+            tries.slows += 1
+            if tries.slows > self.settings.free_slow_aborts:
+                tries.counted += 1
         else:
-            state.counted += 1
-        if state.counted >= self.settings.attempts:
+            tries.counted += 1
+        if tries.counted >= self.settings.attempts:
             error = IntegrityError if failed.integrity else BlobError
-            raise error(state.layer.digest, failed.reason, len(state.failures))
-        backoff = self.settings.backoff.delay(len(state.failures), self._jitter())
+            raise error(digest, failed.reason, len(tries.failures))
+        backoff = self.settings.backoff.delay(len(tries.failures), self._jitter())
         return max(backoff, failed.wait or 0.0)
 
-    async def _attempt(self, reference: ModelReference, blob: BlobFile, state: _BlobState, model: str) -> float:
-        """One try at the blob, watched for stalls and slowness; returns its duration once verified."""
+    async def _watched(self, run: Callable[[_Watch], Coroutine[Any, Any, None]]) -> tuple[float, int]:
+        """One try, watched for stalls and slowness; returns its duration and the bytes it received."""
         now = self._clock()
         watch = _Watch(started=now, last_read=now)
-        stream = asyncio.create_task(self._stream(reference, blob, state, watch, model))
+        stream = asyncio.create_task(run(watch))
         try:
             while True:
                 done, _ = await asyncio.wait({stream}, timeout=self.settings.check_interval)
                 if done:
                     stream.result()
-                    return self._clock() - watch.started
+                    return self._clock() - watch.started, watch.received
                 self._check(watch)
         finally:
             stream.cancel()
@@ -260,30 +410,25 @@ class Downloader:
                     _Kind.SLOW,
                 )
 
-    async def _stream(
-        self, reference: ModelReference, blob: BlobFile, state: _BlobState, watch: _Watch, model: str
+    async def _stream_whole(
+        self, reference: ModelReference, blob: BlobFile, state: _BlobState, model: str, watch: _Watch
     ) -> None:
         layer = blob.layer
         try:
             async with self.registry.stream_blob(reference, layer.digest, offset=blob.offset) as response:
-                _accept(response, blob)
-                async for chunk in response.aiter_raw():
-                    watch.last_read = self._clock()
-                    watch.received += len(chunk)
-                    self._downloaded_bytes += len(chunk)
-                    if blob.offset + len(chunk) > layer.size:
-                        raise _AttemptFailed(
-                            f"the server sent more than the manifest's {layer.size} bytes", integrity=True, restart=True
-                        )
-                    blob.write(chunk)
-                    if self._limiter is not None:
-                        watch.throttled = True
-                        await self._limiter.take(len(chunk))
-                        watch.throttled = False
-                        watch.last_read = self._clock()
-                    if blob.offset > state.reported:
-                        state.reported = blob.offset
-                        self._emit(BlobProgress(model, layer.digest, blob.offset, layer.size))
+                _accept(response, layer.digest, blob.offset)
+                if response.status_code == 200 and blob.offset:
+                    # The server ignored our Range and sends the whole blob: start over rather than append to the
+                    # prefix.
+                    blob.restart()
+                await self._receive(
+                    response,
+                    watch,
+                    layer.size - blob.offset,
+                    blob.write_all,
+                    lambda: self._report(state, model, blob.offset),
+                    too_much=f"the server sent more than the manifest's {layer.size} bytes",
+                )
         except httpx.RequestError as exc:
             raise _AttemptFailed(describe_transport_error(exc)) from exc
         if blob.offset < layer.size:
@@ -293,12 +438,103 @@ class Downloader:
         if mismatch is not None:
             raise _AttemptFailed(mismatch, integrity=True, restart=True)
 
+    async def _stream_chunk(
+        self,
+        reference: ModelReference,
+        blob: PartedBlob,
+        chunk: Chunk,
+        state: _BlobState,
+        model: str,
+        watch: _Watch,
+    ) -> None:
+        digest = blob.layer.digest
+        start = blob.position(chunk)
+        try:
+            async with self.registry.stream_blob(reference, digest, offset=start, end=chunk.end) as response:
+                _accept(response, digest, start)
+                if response.status_code != 206:
+                    raise _RangesIgnored
+                await self._receive(
+                    response,
+                    watch,
+                    chunk.end - start,
+                    lambda pieces: blob.write(chunk, pieces),
+                    lambda: self._report(state, model, blob.received),
+                    too_much=f"the server sent more than the {chunk.end - start} bytes asked for",
+                )
+        except httpx.RequestError as exc:
+            raise _AttemptFailed(describe_transport_error(exc)) from exc
+        if blob.position(chunk) < chunk.end:
+            got = blob.position(chunk) - start
+            raise _AttemptFailed(f"the body ended after {got} of {chunk.end - start} bytes")
 
-def _accept(response: httpx.Response, blob: BlobFile) -> None:
+    async def _receive(
+        self,
+        response: httpx.Response,
+        watch: _Watch,
+        room: int,
+        write: Callable[[list[bytes]], None],
+        landed: Callable[[], None],
+        *,
+        too_much: str,
+    ) -> None:
+        """Write a response's raw body, at most ``room`` bytes of it, keeping the watchdog and the limiter fed.
+
+        Writing (and hashing, for a blob in one stream) happens in a worker thread, a batch at a time, while the
+        event loop reads the next batch: file writes cost about as much CPU as receiving, and the thread runs them
+        on another core. One batch is in flight per stream, so memory stays bounded.
+        """
+        batch: list[bytes] = []
+        batched = 0
+        writing: asyncio.Future[None] | None = None
+        handed = self._clock()
+
+        async def hand_over() -> None:
+            nonlocal batch, batched, writing, handed
+            if writing is not None:
+                await writing
+                landed()
+            # The batch leaves our hands before any await: cancelled from here on, it is the thread's to write.
+            writing = asyncio.ensure_future(asyncio.to_thread(write, batch))
+            batch, batched, handed = [], 0, self._clock()
+
+        try:
+            async for data in response.aiter_raw():
+                watch.last_read = self._clock()
+                watch.received += len(data)
+                self._downloaded_bytes += len(data)
+                if len(data) > room:
+                    raise _AttemptFailed(too_much, integrity=True, restart=True)
+                room -= len(data)
+                batch.append(data)
+                batched += len(data)
+                if batched >= _WRITE_BATCH or watch.last_read - handed >= _WRITE_DELAY:
+                    await hand_over()
+                if self._limiter is not None:
+                    watch.throttled = True
+                    await self._limiter.take(len(data))
+                    watch.throttled = False
+                    watch.last_read = self._clock()
+            if batch:
+                await hand_over()
+            if writing is not None:
+                await writing
+            landed()
+        finally:
+            # Never leave a write running behind the caller's back: it closes or restarts the file next.
+            if writing is not None and not writing.done():
+                await asyncio.wait({writing})
+            written = writing is None or (not writing.cancelled() and writing.exception() is None)
+            if batch and written:
+                # Bytes received before a failure or a cancel are as good as any: keep them for the resume.
+                write(batch)
+
+
+def _accept(response: httpx.Response, digest: str, start: int) -> None:
     """Judge a blob response's status and headers before any byte of it is written."""
     status = response.status_code
     if status in (401, 403):
-        raise AuthenticationError(f"the registry refused access to blob {blob.layer.digest} (HTTP {status})")
+        raise AuthenticationError(f"the registry refused access to blob {digest} (HTTP {status})")
     if status == 416:
         raise _AttemptFailed("the server cannot resume this blob (HTTP 416)", restart=True)
     if status not in (200, 206):
@@ -306,15 +542,10 @@ def _accept(response: httpx.Response, blob: BlobFile) -> None:
     encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         raise _AttemptFailed(f"the server compressed the blob (Content-Encoding: {encoding})", integrity=True)
-    if status == 200 and blob.offset:
-        # The server ignored our Range and sends the whole blob: start over rather than append to the prefix.
-        blob.restart()
-    elif status == 206:
+    if status == 206:
         first = response.headers.get("Content-Range", "").removeprefix("bytes ").split("-", 1)[0]
-        if first != str(blob.offset):
-            raise _AttemptFailed(
-                f"the server resumed at the wrong offset ({first or '?'}, not {blob.offset})", restart=True
-            )
+        if first != str(start):
+            raise _AttemptFailed(f"the server resumed at the wrong offset ({first or '?'}, not {start})", restart=True)
 
 
 def _first_error(failures: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -327,7 +558,7 @@ def _first_error(failures: BaseExceptionGroup[BaseException]) -> BaseException:
             pending.extend(item.exceptions)
         else:
             leaves.append(item)
-    if all(isinstance(leaf, OllamaPullError) for leaf in leaves):
+    if all(isinstance(leaf, OllamaPullError | _RangesIgnored) for leaf in leaves):
         return leaves[0]
     return failures
 

@@ -175,12 +175,15 @@ class RegistryClient:
 
     @asynccontextmanager
     async def stream_blob(
-        self, reference: ModelReference, digest: str, *, offset: int = 0
+        self, reference: ModelReference, digest: str, *, offset: int = 0, end: int | None = None
     ) -> AsyncIterator[httpx.Response]:
-        """Open a blob's bytes from ``offset``; the caller judges the status and reads the raw body."""
+        """Open a blob's bytes from ``offset`` (up to ``end``, exclusive, if given); the caller judges the status
+        and reads the raw body."""
         # Blobs are hashed as stored: ask for no content coding, and the engine reads the raw bytes.
         headers = {"Accept-Encoding": "identity"}
-        if offset:
+        if end is not None:
+            headers["Range"] = f"bytes={offset}-{end - 1}"
+        elif offset:
             headers["Range"] = f"bytes={offset}-"
         mirror = self._mirror_url(reference)
         if mirror is not None:

@@ -1,7 +1,8 @@
 """The local Ollama model store: where blobs and manifests live, and how they get there safely.
 
-Only a verified blob ever carries a ``sha256-<hex>`` name. Bytes in flight live in ``sha256-<hex>-partial``,
-a name Ollama never takes for a blob, and a manifest appears only once all its blobs are in place.
+Only a verified blob ever carries a ``sha256-<hex>`` name. Bytes in flight live in ``sha256-<hex>-partial``
+(with ``sha256-<hex>-partial.json`` beside it when the blob comes in chunks), names Ollama never takes for a blob,
+and a manifest appears only once all its blobs are in place.
 
 Processes that share a store take an exclusive ``flock`` on ``.ollama-pull/locks/sha256-<hex>.lock`` while they
 download a blob, outside ``blobs/`` where Ollama expects only blobs. The kernel drops the lock when its process
@@ -18,6 +19,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -30,6 +32,8 @@ from .units import format_size
 PARTIAL_SUFFIX = "-partial"
 LOCKS_DIR = Path(".ollama-pull") / "locks"
 _REHASH_CHUNK = 1024 * 1024
+# Linux takes at most 1024 buffers in one writev; more than this many small pieces are joined first.
+_IOV_MAX = 512
 
 
 def default_models_dir() -> Path:
@@ -73,6 +77,11 @@ class Store:
     def partial_path(self, digest: str) -> Path:
         path = self.blob_path(digest)
         return path.with_name(path.name + PARTIAL_SUFFIX)
+
+    def parts_state_path(self, digest: str) -> Path:
+        """Where a blob downloaded in chunks keeps its progress, beside its partial file."""
+        path = self.partial_path(digest)
+        return path.with_name(path.name + ".json")
 
     def manifest_path(self, reference: ModelReference) -> Path:
         parts = (reference.host, reference.namespace, reference.model, reference.tag)
@@ -207,7 +216,11 @@ class BlobFile:
         self.final_path = store.blob_path(layer.digest)
         self._hash = hashlib.sha256()
         self.offset = 0
+        # Held while a worker thread writes, so that the file is never closed or truncated under it.
+        self._lock = threading.Lock()
         with storage_errors(f"open {self.path}"):
+            # Chunk progress describes a sparse file; what this writes is a contiguous prefix.
+            store.parts_state_path(layer.digest).unlink(missing_ok=True)
             self._file: BinaryIO = open(self.path, "ab+" if resume else "wb+")  # noqa: SIM115 - closed in close()
             if resume:
                 self._rehash_prefix()
@@ -222,21 +235,22 @@ class BlobFile:
 
     def restart(self) -> None:
         """Forget what was written: the server could not resume, or the bytes were wrong."""
-        with storage_errors(f"truncate {self.path}"):
+        with self._lock, storage_errors(f"truncate {self.path}"):
             self._file.seek(0)
             self._file.truncate()
         self._hash = hashlib.sha256()
         self.offset = 0
 
-    def write(self, data: bytes) -> None:
-        # Called for every chunk of every blob: a plain try, not a context manager entered each time.
-        try:
-            self._file.write(data)
-        except OSError:
+    def write_all(self, pieces: list[bytes]) -> None:
+        """Write and hash the next bytes. Runs in a worker thread; hashlib and writes release the GIL."""
+        with self._lock:
+            if self._file.closed:
+                return
             with storage_errors(f"write {self.path}"):
-                raise
-        self._hash.update(data)
-        self.offset += len(data)
+                write_pieces(self._file.fileno(), pieces)
+            for piece in pieces:
+                self._hash.update(piece)
+                self.offset += len(piece)
 
     def mismatch(self) -> str | None:
         """Why the bytes written are not the blob, or None when they are."""
@@ -257,9 +271,27 @@ class BlobFile:
 
     def close(self, *, keep: bool) -> None:
         """Close the file; keep it for a later resume, or remove it."""
-        self._file.close()
+        with self._lock:
+            self._file.close()
         if not keep:
             self.path.unlink(missing_ok=True)
+
+
+def write_pieces(fd: int, pieces: list[bytes], position: int | None = None) -> int:
+    """Write every byte of ``pieces`` in one system call where the kernel allows (at ``position``, if given);
+    returns how many bytes that was."""
+    if len(pieces) > _IOV_MAX:
+        pieces = [b"".join(pieces)]
+    total = sum(len(piece) for piece in pieces)
+    written = os.writev(fd, pieces) if position is None else os.pwritev(fd, pieces, position)
+    if written < total:
+        # Cut short (by a signal, say): the rest piece by piece.
+        rest = memoryview(b"".join(pieces))[written:]
+        while rest:
+            step = os.write(fd, rest) if position is None else os.pwrite(fd, rest, position + written)
+            rest = rest[step:]
+            written += step
+    return written
 
 
 def _hash_file(handle: BinaryIO, digest: hashlib._Hash) -> int:

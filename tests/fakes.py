@@ -5,18 +5,20 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import httpx
 import respx
 
-from ollama_pull.engine import DownloadSettings
+from ollama_pull.engine import Downloader, DownloadSettings
+from ollama_pull.events import BlobRetry, Event
 from ollama_pull.fault_registry import build_manifest
 from ollama_pull.manifest import TENSOR_MEDIA_TYPE, Layer, Manifest, parse_manifest
 from ollama_pull.reference import parse_reference
 from ollama_pull.registry import RegistryClient, make_client
 from ollama_pull.retry import Backoff
+from ollama_pull.store import Store
 
 REF = parse_reference("registry.test/ns/model:tag")
 BASE = "https://registry.test/v2/ns/model"
@@ -96,3 +98,38 @@ def registry_for(router: respx.MockRouter, *, attempts: int = 6) -> RegistryClie
 
 async def no_sleep(_seconds: float) -> None:
     await asyncio.sleep(0)
+
+
+async def download(
+    router: respx.MockRouter,
+    model: Model,
+    store: Store,
+    *,
+    settings: DownloadSettings = FAST,
+    clock: Callable[[], float] | None = None,
+) -> list[Event]:
+    events: list[Event] = []
+    store.prepare()
+    registry = registry_for(router)
+    engine = Downloader(
+        registry,
+        store,
+        settings=settings,
+        on_event=events.append,
+        sleep=no_sleep,
+        **({"clock": clock} if clock else {}),
+    )
+    async with registry.client:
+        await engine.download(REF, model.layers, model="m")
+    return events
+
+
+def assert_store_holds(store: Store, model: Model) -> None:
+    names = sorted(path.name for path in store.blobs_dir.iterdir())
+    assert names == sorted(digest.replace(":", "-") for digest in model.blobs)
+    for digest, data in model.blobs.items():
+        assert store.blob_path(digest).read_bytes() == data
+
+
+def retries(events: list[Event]) -> list[BlobRetry]:
+    return [event for event in events if isinstance(event, BlobRetry)]

@@ -13,13 +13,25 @@ import httpx
 import pytest
 import respx
 
-from ollama_pull.engine import Downloader, DownloadSettings
+from ollama_pull.engine import Downloader
 from ollama_pull.errors import AuthenticationError, BlobError, IntegrityError
-from ollama_pull.events import BlobProgress, BlobRetry, Event
+from ollama_pull.events import BlobProgress
 from ollama_pull.progress import Tally
 from ollama_pull.store import Store
 
-from .fakes import BASE, FAST, REF, ChunkStream, FakeClock, Model, make_model, no_sleep, registry_for
+from .fakes import (
+    BASE,
+    FAST,
+    REF,
+    ChunkStream,
+    FakeClock,
+    Model,
+    assert_store_holds,
+    download,
+    make_model,
+    registry_for,
+    retries,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -41,41 +53,6 @@ def serve(router: respx.MockRouter, model: Model, handler: Callable[[httpx.Reque
 
 def ok(_request: httpx.Request, data: bytes) -> httpx.Response:
     return httpx.Response(200, stream=ChunkStream(data))
-
-
-async def download(
-    router: respx.MockRouter,
-    model: Model,
-    store: Store,
-    *,
-    settings: DownloadSettings = FAST,
-    clock: Callable[[], float] | None = None,
-) -> list[Event]:
-    events: list[Event] = []
-    store.prepare()
-    registry = registry_for(router)
-    engine = Downloader(
-        registry,
-        store,
-        settings=settings,
-        on_event=events.append,
-        sleep=no_sleep,
-        **({"clock": clock} if clock else {}),
-    )
-    async with registry.client:
-        await engine.download(REF, model.layers, model="m")
-    return events
-
-
-def assert_store_holds(store: Store, model: Model) -> None:
-    names = sorted(path.name for path in store.blobs_dir.iterdir())
-    assert names == sorted(digest.replace(":", "-") for digest in model.blobs)
-    for digest, data in model.blobs.items():
-        assert store.blob_path(digest).read_bytes() == data
-
-
-def retries(events: list[Event]) -> list[BlobRetry]:
-    return [event for event in events if isinstance(event, BlobRetry)]
 
 
 @pytest.fixture

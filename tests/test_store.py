@@ -46,13 +46,13 @@ def test_blob_is_renamed_into_place_only_when_verified(tmp_path: Path) -> None:
     data = b"hello blob"
     layer = layer_for(data)
     blob = store.open_blob(layer, resume=False)
-    blob.write(data[:5] + b"X" + data[6:])
+    blob.write_all([data[:5] + b"X" + data[6:]])
     assert blob.mismatch() is not None
     assert "digest mismatch" in (blob.mismatch() or "")
     blob.restart()
-    blob.write(data[:4])
+    blob.write_all([data[:4]])
     assert blob.mismatch() == f"got 4 bytes, expected {len(data)}"
-    blob.write(data[4:])
+    blob.write_all([data[4:]])
     assert blob.mismatch() is None
     assert not store.has_blob(layer)
     blob.commit()
@@ -67,11 +67,11 @@ def test_resume_rehashes_the_kept_prefix(tmp_path: Path) -> None:
     data = os.urandom(3000)
     layer = layer_for(data)
     first = store.open_blob(layer, resume=True)
-    first.write(data[:1234])
+    first.write_all([data[:1234]])
     first.close(keep=True)
     second = store.open_blob(layer, resume=True)
     assert second.offset == 1234
-    second.write(data[1234:])
+    second.write_all([data[1234:]])
     assert second.mismatch() is None
     second.close(keep=False)
     assert not store.partial_path(layer.digest).exists()

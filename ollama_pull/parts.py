@@ -1,0 +1,213 @@
+"""A large blob fetched as byte ranges over several connections at once, into one sparse partial file.
+
+The blob is cut into chunks that the engine's streams take in order, so the bytes land roughly front to back and
+the SHA-256 of the contiguous prefix follows close behind them in a worker thread: when the last chunk lands only
+the last few chunks are left to hash. Progress is saved beside the partial file as JSON
+(``sha256-<hex>-partial.json``) every time another slice of the blob has landed, so a pull killed half way resumes
+within a slice of where it stood. The saved state is a hint, not a promise: the whole blob is hashed before it gets
+its name, so state that claims bytes the disk lost (after a power cut, say) costs a download, never a wrong blob.
+
+A partial file without state is what a single-stream download leaves, a contiguous prefix, and is resumed as one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import threading
+from dataclasses import dataclass
+
+from .errors import StorageError
+from .manifest import Layer
+from .store import Store, storage_errors, write_pieces
+
+_READ_SIZE = 1024 * 1024
+# Save progress each time this fraction of the blob has landed: what a kill -9 can cost, at most.
+_SAVE_FRACTION = 0.01
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """The bytes ``[start, end)`` of a blob, fetched by one ranged request (and its retries)."""
+
+    index: int
+    start: int
+    end: int
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
+def plan_chunks(size: int, chunk_size: int) -> tuple[Chunk, ...]:
+    """Cut ``size`` bytes into chunks of ``chunk_size``, the last one shorter."""
+    starts = range(0, size, chunk_size)
+    return tuple(Chunk(index, start, min(start + chunk_size, size)) for index, start in enumerate(starts))
+
+
+class PartedBlob:
+    """The sparse partial file of a blob downloaded in chunks, with its saved progress and its prefix hash."""
+
+    def __init__(self, store: Store, layer: Layer, *, chunk_size: int) -> None:
+        self.layer = layer
+        self.path = store.partial_path(layer.digest)
+        self.state_path = store.parts_state_path(layer.digest)
+        self.final_path = store.blob_path(layer.digest)
+        self.chunks = plan_chunks(layer.size, chunk_size)
+        self._chunk_size = chunk_size
+        # Bytes landed at the front of each chunk; only ever grows, except in restart().
+        self.done = [0] * len(self.chunks)
+        self.received = 0
+        self.hashed = 0
+        self._hash = hashlib.sha256()
+        self._save_every = max(1, int(layer.size * _SAVE_FRACTION))
+        self._saved = 0
+        # Held by the writing and hashing threads while they use the descriptor, so that close() never pulls it
+        # from under them (and a reused descriptor number never receives their bytes).
+        self._fd_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        with storage_errors(f"open {self.path}"):
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self._load()
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def _load(self) -> None:
+        done = self._read_state()
+        if done is None:
+            with storage_errors(f"read {self.path}"):
+                prefix = os.fstat(self._fd).st_size
+            if prefix > self.layer.size:
+                prefix = 0
+            done = [min(max(prefix - chunk.start, 0), chunk.size) for chunk in self.chunks]
+        self.done = done
+        self.received = sum(done)
+        # Written before any byte goes into the file: a sparse file must never pass for a contiguous prefix.
+        self.save()
+
+    def _read_state(self) -> list[int] | None:
+        """The saved progress, or None when there is none we can trust to describe this blob."""
+        try:
+            state = json.loads(self.state_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(state, dict) or state.get("size") != self.layer.size:
+            return None
+        if state.get("chunk_size") != self._chunk_size:
+            return None
+        done = state.get("done")
+        if not isinstance(done, list) or len(done) != len(self.chunks):
+            return None
+        for value, chunk in zip(done, self.chunks, strict=True):
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= chunk.size:
+                return None
+        return done
+
+    def save(self) -> None:
+        """Write the progress beside the file (no fsync: it is a hint, and the hash judges the bytes)."""
+        with self._state_lock:
+            self._save()
+
+    def _save(self) -> None:
+        state = {"size": self.layer.size, "chunk_size": self._chunk_size, "done": self.done}
+        temp = self.state_path.with_name(self.state_path.name + ".tmp")
+        with storage_errors(f"write {self.state_path}"):
+            temp.write_text(json.dumps(state, separators=(",", ":")), encoding="utf-8")
+            os.replace(temp, self.state_path)
+        self._saved = self.received
+
+    def missing(self) -> list[Chunk]:
+        """The chunks not yet complete, front to back."""
+        return [chunk for chunk in self.chunks if self.done[chunk.index] < chunk.size]
+
+    def position(self, chunk: Chunk) -> int:
+        """Where the next byte of ``chunk`` goes."""
+        return chunk.start + self.done[chunk.index]
+
+    def write(self, chunk: Chunk, pieces: list[bytes]) -> None:
+        """Write the next bytes of ``chunk``. Runs in a worker thread, one call per chunk at a time."""
+        position = self.position(chunk)
+        with self._fd_lock:
+            if self._fd < 0:
+                return
+            with storage_errors(f"write {self.path}"):
+                written = write_pieces(self._fd, pieces, position)
+        # Several chunks' writes finish at once in different threads.
+        with self._state_lock:
+            self.done[chunk.index] += written
+            self.received += written
+            if self.received - self._saved >= self._save_every:
+                self._save()
+
+    def frontier(self) -> int:
+        """The end of the contiguous run of landed bytes from the start of the blob."""
+        for chunk, done in zip(self.chunks, self.done, strict=True):
+            if done < chunk.size:
+                return chunk.start + done
+        return self.layer.size
+
+    def hash_landed(self) -> None:
+        """Hash the landed prefix not yet hashed. Runs in a worker thread; hashlib and reads release the GIL."""
+        buffer = bytearray(_READ_SIZE)
+        end = self.frontier()
+        while self.hashed < end:
+            wanted = min(_READ_SIZE, end - self.hashed)
+            with self._fd_lock:
+                if self._fd < 0:
+                    return
+                with storage_errors(f"read {self.path}"):
+                    got = os.preadv(self._fd, [memoryview(buffer)[:wanted]], self.hashed)
+            if got <= 0:
+                # Only a file shortened behind our back does this; the final check then fails and restarts.
+                return
+            self._hash.update(memoryview(buffer)[:got])
+            self.hashed += got
+
+    def mismatch(self) -> str | None:
+        """Once every byte is hashed: why they are not the blob, or None when they are."""
+        if self.hashed != self.layer.size:
+            return f"hashed {self.hashed} bytes, expected {self.layer.size}"
+        actual = "sha256:" + self._hash.hexdigest()
+        if actual != self.layer.digest:
+            return f"digest mismatch: got {actual}"
+        return None
+
+    def restart(self) -> None:
+        """Forget every byte: the whole blob did not verify, and nothing says which chunk was wrong."""
+        with storage_errors(f"truncate {self.path}"):
+            os.ftruncate(self._fd, 0)
+        self.done = [0] * len(self.chunks)
+        self.received = 0
+        self.hashed = 0
+        self._hash = hashlib.sha256()
+        self.save()
+
+    def commit(self) -> None:
+        """Make the verified bytes durable, then give them the blob's name."""
+        with storage_errors(f"finish {self.final_path}"):
+            os.fsync(self._fd)
+            self._close_fd()
+            # State first: killed in between, the full file left is read as a prefix of every byte and re-hashed.
+            self.state_path.unlink(missing_ok=True)
+            os.replace(self.path, self.final_path)
+
+    def close(self, *, keep: bool) -> None:
+        """Close the file; keep it and its progress for a later resume, or remove both."""
+        self._close_fd()
+        if keep:
+            # On a full disk the last saved state stands: older, so it only under-claims.
+            with contextlib.suppress(StorageError):
+                self.save()
+        else:
+            self.path.unlink(missing_ok=True)
+            self.state_path.unlink(missing_ok=True)
+
+    def _close_fd(self) -> None:
+        with self._fd_lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1

@@ -1,0 +1,285 @@
+"""Large blobs in chunks: parallel Range requests into one sparse file, hashed whole, resumable across runs."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+import respx
+
+from ollama_pull.errors import IntegrityError
+from ollama_pull.events import BlobProgress, BlobStarted
+from ollama_pull.parts import PartedBlob, plan_chunks
+from ollama_pull.store import Store
+
+from .fakes import BASE, FAST, ChunkStream, Model, assert_store_holds, download, make_model, retries
+
+pytestmark = pytest.mark.anyio
+
+KIB = 1024
+CHUNK = 16 * KIB
+PARTED = dataclasses.replace(FAST, split_min_size=64 * KIB, chunk_size=CHUNK, streams_per_blob=4)
+RANGE = re.compile(r"^bytes=(\d+)-(\d+)$")
+
+# A piece of a ranged answer: (request, first byte, end exclusive, the bytes) -> the response to send.
+Answer = Callable[[httpx.Request, int, int, bytes], httpx.Response]
+
+
+def partial(_request: httpx.Request, start: int, end: int, piece: bytes) -> httpx.Response:
+    return httpx.Response(
+        206, headers={"Content-Range": f"bytes {start}-{end - 1}/*"}, stream=ChunkStream(piece, chunk=4 * KIB)
+    )
+
+
+class RangedServer:
+    """Serves a model's blobs honouring single ranges; counts the bytes it sends and the streams open at once."""
+
+    def __init__(self, model: Model, answer: Answer = partial) -> None:
+        self.model = model
+        self.answer = answer
+        self.ranges: list[tuple[int, int]] = []
+        self.open = 0
+        self.most_open = 0
+
+    def mount(self, router: respx.MockRouter) -> None:
+        for digest, data in self.model.blobs.items():
+            router.get(f"{BASE}/blobs/{digest}").mock(side_effect=lambda request, data=data: self.serve(request, data))
+
+    async def serve(self, request: httpx.Request, data: bytes) -> httpx.Response:
+        match = RANGE.match(request.headers.get("Range", ""))
+        if match is None:
+            return httpx.Response(200, stream=ChunkStream(data, chunk=4 * KIB))
+        start, end = int(match[1]), int(match[2]) + 1
+        self.ranges.append((start, end))
+        self.open += 1
+        self.most_open = max(self.most_open, self.open)
+        try:
+            # Let the other streams start before this one answers, so "at once" really happens.
+            for _ in range(3):
+                await asyncio.sleep(0)
+        finally:
+            self.open -= 1
+        return self.answer(request, start, end, data[start:end])
+
+    @property
+    def sent(self) -> int:
+        return sum(end - start for start, end in self.ranges)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(tmp_path / "models")
+
+
+def big_model() -> Model:
+    # One blob of ten chunks and a half, over the split size; a config blob that stays whole.
+    return make_model(10 * CHUNK + CHUNK // 2)
+
+
+async def test_a_large_blob_comes_in_ranged_chunks_and_is_verified_whole(store: Store) -> None:
+    model = big_model()
+    server = RangedServer(model)
+    with respx.mock(using="httpx") as router:
+        server.mount(router)
+        events = await download(router, model, store, settings=PARTED)
+    assert_store_holds(store, model)
+    size = model.layers[1].size
+    assert sorted(server.ranges) == [(chunk.start, chunk.end) for chunk in plan_chunks(size, CHUNK)]
+    assert server.most_open == PARTED.streams_per_blob
+    progress = [event.completed for event in events if isinstance(event, BlobProgress) and event.size == size]
+    assert progress == sorted(progress)
+    assert progress[-1] == size
+    assert not retries(events)
+
+
+async def test_extra_streams_share_the_pulls_connection_budget(store: Store) -> None:
+    model = big_model()
+    server = RangedServer(model)
+    with respx.mock(using="httpx") as router:
+        server.mount(router)
+        await download(router, model, store, settings=dataclasses.replace(PARTED, concurrency=2))
+    assert_store_holds(store, model)
+    assert server.most_open <= 2
+
+
+async def test_small_blobs_stay_whole(store: Store) -> None:
+    model = make_model(3 * CHUNK, 2 * CHUNK)
+    server = RangedServer(model)
+    with respx.mock(using="httpx") as router:
+        server.mount(router)
+        await download(router, model, store, settings=PARTED)
+    assert_store_holds(store, model)
+    assert server.ranges == []
+
+
+async def test_a_failed_chunk_is_retried_from_where_it_stopped(store: Store) -> None:
+    model = big_model()
+    cut = {3 * CHUNK: CHUNK // 4}
+
+    def truncating(request: httpx.Request, start: int, end: int, piece: bytes) -> httpx.Response:
+        keep = cut.pop(start, None)
+        return partial(request, start, end, piece[:keep] if keep is not None else piece)
+
+    server = RangedServer(model, truncating)
+    with respx.mock(using="httpx") as router:
+        server.mount(router)
+        events = await download(router, model, store, settings=PARTED)
+    assert_store_holds(store, model)
+    assert (3 * CHUNK + CHUNK // 4, 4 * CHUNK) in server.ranges
+    [retry] = retries(events)
+    assert retry.reason == f"bytes {3 * CHUNK}-{4 * CHUNK - 1}: the body ended after {CHUNK // 4} of {CHUNK} bytes"
+
+
+async def test_a_server_that_ignores_ranges_gets_one_stream(store: Store) -> None:
+    model = big_model()
+
+    def whole(_request: httpx.Request, _start: int, _end: int, _piece: bytes) -> httpx.Response:
+        return httpx.Response(200, stream=ChunkStream(model.blobs[model.layers[1].digest], chunk=4 * KIB))
+
+    server = RangedServer(model, whole)
+    with respx.mock(using="httpx") as router:
+        server.mount(router)
+        events = await download(router, model, store, settings=PARTED)
+    assert_store_holds(store, model)
+    assert [retry.reason for retry in retries(events)] == [
+        "the server ignores Range requests: downloading in one stream"
+    ]
+    assert sum(isinstance(event, BlobStarted) for event in events) == len(model.blobs)
+
+
+async def test_a_corrupt_chunk_fails_the_whole_blob_and_it_starts_over(store: Store) -> None:
+    model = big_model()
+    corrupt = [True]
+
+    def flipping(request: httpx.Request, start: int, end: int, piece: bytes) -> httpx.Response:
+        if start == 5 * CHUNK and corrupt.pop(0):
+            corrupt.append(False)
+            piece = bytes([piece[0] ^ 1]) + piece[1:]
+        return partial(request, start, end, piece)
+
+    server = RangedServer(model, flipping)
+    with respx.mock(using="httpx") as router:
+        server.mount(router)
+        events = await download(router, model, store, settings=PARTED)
+    assert_store_holds(store, model)
+    [retry] = retries(events)
+    assert retry.reason.startswith("digest mismatch")
+    assert server.sent == 2 * model.layers[1].size
+
+
+async def test_a_blob_whose_chunks_never_verify_fails_with_nothing_left(store: Store) -> None:
+    model = big_model()
+
+    def flipping(request: httpx.Request, start: int, end: int, piece: bytes) -> httpx.Response:
+        return partial(request, start, end, bytes([piece[0] ^ 1]) + piece[1:] if start == 0 else piece)
+
+    server = RangedServer(model, flipping)
+    with respx.mock(using="httpx", assert_all_called=False) as router:
+        server.mount(router)
+        with pytest.raises(IntegrityError, match="digest mismatch"):
+            await download(router, model, store, settings=dataclasses.replace(PARTED, attempts=2))
+    digest = model.layers[1].digest
+    assert not store.blob_path(digest).exists()
+    # The last attempt's bytes were wrong and are gone; an empty partial is not worth keeping.
+    assert not store.partial_path(digest).exists()
+    assert not store.parts_state_path(digest).exists()
+
+
+async def test_an_interrupted_blob_resumes_only_its_missing_chunks(store: Store) -> None:
+    model = big_model()
+    layer = model.layers[1]
+    data = model.blobs[layer.digest]
+    stop = asyncio.Event()
+
+    def stalling_late(request: httpx.Request, start: int, end: int, piece: bytes) -> httpx.Response:
+        if start >= 6 * CHUNK:
+            stop.set()
+            return httpx.Response(
+                206,
+                headers={"Content-Range": f"bytes {start}-{end - 1}/*"},
+                stream=ChunkStream(piece, chunk=4 * KIB, stall_after=1),
+            )
+        return partial(request, start, end, piece)
+
+    first = RangedServer(model, stalling_late)
+    with respx.mock(using="httpx", assert_all_called=False) as router:
+        first.mount(router)
+        pull = asyncio.create_task(download(router, model, store, settings=PARTED))
+        await stop.wait()
+        for _ in range(50):
+            await asyncio.sleep(0)
+        pull.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pull
+    assert store.partial_path(layer.digest).exists()
+    saved = json.loads(store.parts_state_path(layer.digest).read_text())
+    had = sum(saved["done"])
+    assert had >= 6 * CHUNK
+
+    second = RangedServer(model)
+    with respx.mock(using="httpx", assert_all_called=False) as router:
+        second.mount(router)
+        await download(router, model, store, settings=PARTED)
+    assert_store_holds(store, model)
+    assert second.sent == len(data) - had
+    assert all(start >= 6 * CHUNK for start, _end in second.ranges)
+
+
+async def test_a_single_stream_partial_is_resumed_as_a_prefix(store: Store) -> None:
+    model = big_model()
+    layer = model.layers[1]
+    store.prepare()
+    prefix = 3 * CHUNK + 100
+    store.partial_path(layer.digest).write_bytes(model.blobs[layer.digest][:prefix])
+    server = RangedServer(model)
+    with respx.mock(using="httpx") as router:
+        server.mount(router)
+        await download(router, model, store, settings=PARTED)
+    assert_store_holds(store, model)
+    assert min(server.ranges) == (prefix, 4 * CHUNK)
+    assert server.sent == layer.size - prefix
+
+
+@pytest.mark.parametrize(
+    "state",
+    ["not json", "[]", '{"size": 1, "chunk_size": 16384, "done": []}', None],
+    ids=["garbage", "not an object", "another blob", "wrong counts"],
+)
+async def test_state_that_does_not_describe_the_file_is_not_trusted(store: Store, state: str | None) -> None:
+    model = big_model()
+    layer = model.layers[1]
+    store.prepare()
+    store.partial_path(layer.digest).write_bytes(b"\0" * (2 * CHUNK))
+    if state is None:
+        state = json.dumps({"size": layer.size, "chunk_size": CHUNK, "done": [CHUNK + 1] + [0] * 10})
+    store.parts_state_path(layer.digest).write_text(state)
+    blob = PartedBlob(store, layer, chunk_size=CHUNK)
+    try:
+        # Without trustworthy state the file counts as a prefix: two chunks of zeros, which the hash will refuse.
+        assert blob.done == [CHUNK, CHUNK] + [0] * 9
+    finally:
+        blob.close(keep=False)
+    assert not store.parts_state_path(layer.digest).exists()
+
+
+def test_progress_is_saved_before_any_byte_and_dropped_on_commit(store: Store) -> None:
+    model = big_model()
+    layer = model.layers[1]
+    data = model.blobs[layer.digest]
+    store.prepare()
+    blob = PartedBlob(store, layer, chunk_size=CHUNK)
+    # Saved at once, so a kill before the first save cannot leave a sparse file that reads as a prefix.
+    assert json.loads(store.parts_state_path(layer.digest).read_text())["done"] == [0] * 11
+    for chunk in reversed(blob.chunks):
+        blob.write(chunk, [data[chunk.start : chunk.end]])
+    blob.hash_landed()
+    assert blob.mismatch() is None
+    blob.commit()
+    assert store.blob_path(layer.digest).read_bytes() == data
+    assert sorted(path.name for path in store.blobs_dir.iterdir()) == [layer.digest.replace(":", "-")]
