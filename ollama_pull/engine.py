@@ -150,6 +150,21 @@ class _BlobState:
     tries: _Tries = field(default_factory=_Tries)
 
 
+@dataclass
+class _ChunkRun:
+    """One pass over the missing chunks of a blob, shared by its streams."""
+
+    reference: ModelReference
+    blob: PartedBlob
+    state: _BlobState
+    model: str
+    pending: deque[Chunk]
+    slots: asyncio.Semaphore
+    # Set when a chunk has landed, for the hashing task; and the extra streams waiting for a slot.
+    landed: asyncio.Event = field(default_factory=asyncio.Event)
+    queued: set[asyncio.Task[None]] = field(default_factory=set)
+
+
 class _RangesIgnored(Exception):
     """The server answered a ranged request with the whole blob: it can only be fetched in one stream."""
 
@@ -213,7 +228,8 @@ class Downloader:
                     self._emit(BlobRetry(model, layer.digest, len(state.tries.failures) + 1, reason, 0.0))
             if seconds is None:
                 seconds = await self._download_whole(reference, state, model)
-            self.speeds.add(layer.size, seconds)
+                # A chunked blob's streams gave their own samples: its overall speed is not one connection's.
+                self.speeds.add(layer.size, seconds)
             self._downloaded_blobs += 1
             self._emit(BlobFinished(model, layer.digest, layer.size, seconds))
 
@@ -297,18 +313,17 @@ class Downloader:
         model: str,
         slots: asyncio.Semaphore,
     ) -> None:
-        pending = deque(blob.missing())
-        landed = asyncio.Event()
+        run = _ChunkRun(reference, blob, state, model, deque(blob.missing()), slots)
         # The file may already hold bytes from an earlier run: hash them while the rest downloads.
-        landed.set()
-        streams = min(self.settings.streams_per_blob, len(pending))
+        run.landed.set()
+        streams = min(self.settings.streams_per_blob, len(run.pending))
         try:
             async with asyncio.TaskGroup() as group:
-                group.create_task(self._follow_hash(blob, landed))
-                for stream in range(streams):
-                    # The first stream runs in the blob's own slot; the others wait for free ones.
-                    extra = slots if stream else None
-                    group.create_task(self._chunk_worker(reference, blob, pending, state, model, landed, extra))
+                group.create_task(self._follow_hash(blob, run.landed))
+                if streams:
+                    group.create_task(self._own_stream(run))
+                for _ in range(streams - 1):
+                    group.create_task(self._extra_stream(run))
         except BaseExceptionGroup as failures:
             raise _first_error(failures) from None
 
@@ -318,40 +333,44 @@ class Downloader:
             landed.clear()
             await asyncio.to_thread(blob.hash_landed)
 
-    async def _chunk_worker(
-        self,
-        reference: ModelReference,
-        blob: PartedBlob,
-        pending: deque[Chunk],
-        state: _BlobState,
-        model: str,
-        landed: asyncio.Event,
-        slots: asyncio.Semaphore | None,
-    ) -> None:
-        while pending:
-            chunk = pending.popleft()
-            if slots is None:
-                await self._fetch_chunk(reference, blob, chunk, state, model)
-            else:
-                async with slots:
-                    await self._fetch_chunk(reference, blob, chunk, state, model)
-            landed.set()
+    async def _own_stream(self, run: _ChunkRun) -> None:
+        """The stream in the blob's own slot: it alone is sure to get a connection, so it sees the chunks out."""
+        while run.pending:
+            await self._fetch_chunk(run, run.pending.popleft())
+        # Extra streams still queued for a slot have nothing left to fetch: with -j 1 they would wait for good.
+        for task in run.queued:
+            task.cancel()
 
-    async def _fetch_chunk(
-        self, reference: ModelReference, blob: PartedBlob, chunk: Chunk, state: _BlobState, model: str
-    ) -> None:
+    async def _extra_stream(self, run: _ChunkRun) -> None:
+        """A stream that takes a free slot of the pull for each chunk, so other blobs get their turn."""
+        me = asyncio.current_task()
+        assert me is not None
+        while run.pending:
+            run.queued.add(me)
+            try:
+                await run.slots.acquire()
+            finally:
+                run.queued.discard(me)
+            try:
+                # Take a chunk only once holding a slot: a chunk held while queued could wait for good.
+                if not run.pending:
+                    return
+                await self._fetch_chunk(run, run.pending.popleft())
+            finally:
+                run.slots.release()
+
+    async def _fetch_chunk(self, run: _ChunkRun, chunk: Chunk) -> None:
         tries = _Tries()
         where = f"bytes {chunk.start}-{chunk.end - 1}: "
         while True:
             try:
-                seconds, received = await self._watched(
-                    lambda watch: self._stream_chunk(reference, blob, chunk, state, model, watch)
-                )
+                seconds, received = await self._watched(lambda watch: self._stream_chunk(run, chunk, watch))
             except _AttemptFailed as failed:
-                await self._retry(blob.layer.digest, tries, failed, model, where)
+                await self._retry(run.blob.layer.digest, tries, failed, run.model, where)
                 continue
             # Each stream is one sample of what a connection gets, like a small blob downloaded whole.
             self.speeds.add(received, seconds)
+            run.landed.set()
             return
 
     def _judge(self, digest: str, tries: _Tries, failed: _AttemptFailed) -> float:
@@ -438,19 +457,12 @@ class Downloader:
         if mismatch is not None:
             raise _AttemptFailed(mismatch, integrity=True, restart=True)
 
-    async def _stream_chunk(
-        self,
-        reference: ModelReference,
-        blob: PartedBlob,
-        chunk: Chunk,
-        state: _BlobState,
-        model: str,
-        watch: _Watch,
-    ) -> None:
+    async def _stream_chunk(self, run: _ChunkRun, chunk: Chunk, watch: _Watch) -> None:
+        blob = run.blob
         digest = blob.layer.digest
         start = blob.position(chunk)
         try:
-            async with self.registry.stream_blob(reference, digest, offset=start, end=chunk.end) as response:
+            async with self.registry.stream_blob(run.reference, digest, offset=start, end=chunk.end) as response:
                 _accept(response, digest, start)
                 if response.status_code != 206:
                     raise _RangesIgnored
@@ -459,7 +471,7 @@ class Downloader:
                     watch,
                     chunk.end - start,
                     lambda pieces: blob.write(chunk, pieces),
-                    lambda: self._report(state, model, blob.received),
+                    lambda: self._report(run.state, run.model, blob.received),
                     too_much=f"the server sent more than the {chunk.end - start} bytes asked for",
                 )
         except httpx.RequestError as exc:

@@ -108,6 +108,16 @@ async def test_extra_streams_share_the_pulls_connection_budget(store: Store) -> 
     assert server.most_open <= 2
 
 
+async def test_one_connection_is_enough_for_a_chunked_blob(store: Store) -> None:
+    model = big_model()
+    server = RangedServer(model)
+    with respx.mock(using="httpx") as router:
+        server.mount(router)
+        await asyncio.wait_for(download(router, model, store, settings=dataclasses.replace(PARTED, concurrency=1)), 10)
+    assert_store_holds(store, model)
+    assert server.most_open == 1
+
+
 async def test_small_blobs_stay_whole(store: Store) -> None:
     model = make_model(3 * CHUNK, 2 * CHUNK)
     server = RangedServer(model)
