@@ -1072,6 +1072,7 @@ def render(
         "was just written), each run's output directory is deleted right after it is measured, and `sync` runs "
         "before each run so that no write-back from one run lands in the next.",
         f"- big-limited: nginx `limit_rate {LIMIT_RATE}` per connection ({LIMIT_RATE_BYTES // MIB} MiB/s).",
+        "- Where ollama-pull's time goes, and why the targets it misses are missed: bench/PROFILE.md.",
         "- Peak RSS is the child's `ru_maxrss` from `wait4`, the largest over the runs; CPU is user + system. "
         "Each tool is forked by a small launcher (Linux keeps a peak RSS across exec, so a tool forked by the "
         "harness would inherit the harness's): no figure can read below that launcher's, "
