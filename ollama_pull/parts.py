@@ -21,9 +21,8 @@ from dataclasses import dataclass
 
 from .errors import StorageError
 from .manifest import Layer
-from .store import Store, storage_errors, write_pieces
+from .store import READ_SIZE, Store, storage_errors, write_pieces
 
-_READ_SIZE = 1024 * 1024
 # Save progress each time this fraction of the blob has landed: what a kill -9 can cost, at most.
 _SAVE_FRACTION = 0.01
 
@@ -152,10 +151,10 @@ class PartedBlob:
 
     def hash_landed(self) -> None:
         """Hash the landed prefix not yet hashed. Runs in a worker thread; hashlib and reads release the GIL."""
-        buffer = bytearray(_READ_SIZE)
+        buffer = bytearray(READ_SIZE)
         end = self.frontier()
         while self.hashed < end:
-            wanted = min(_READ_SIZE, end - self.hashed)
+            wanted = min(READ_SIZE, end - self.hashed)
             with self._fd_lock:
                 if self._fd < 0:
                     return

@@ -31,7 +31,8 @@ from .units import format_size
 
 PARTIAL_SUFFIX = "-partial"
 LOCKS_DIR = Path(".ollama-pull") / "locks"
-_REHASH_CHUNK = 1024 * 1024
+# How much of a file is read at a time to hash it: big enough that the hash runs at full speed, small in memory.
+READ_SIZE = 1024 * 1024
 # Linux takes at most 1024 buffers in one writev; more than this many small pieces are joined first.
 _IOV_MAX = 512
 
@@ -297,7 +298,7 @@ def write_pieces(fd: int, pieces: list[bytes], position: int | None = None) -> i
 def _hash_file(handle: BinaryIO, digest: hashlib._Hash) -> int:
     """Feed the rest of an open file to ``digest``; return how many bytes that was."""
     length = 0
-    while chunk := handle.read(_REHASH_CHUNK):
+    while chunk := handle.read(READ_SIZE):
         digest.update(chunk)
         length += len(chunk)
     return length
