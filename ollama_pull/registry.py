@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import itertools
 import random
 import ssl
 import urllib.request
@@ -20,6 +19,7 @@ from .auth import RegistryAuth
 from .credentials import PASSWORD_VARIABLE, USERNAME_VARIABLE
 from .errors import AuthenticationError, ClientTooOld, InvalidManifest, ModelNotFound, RegistryError
 from .manifest import MANIFEST_MEDIA_TYPE, MAX_MANIFEST_BYTES, Manifest, parse_manifest
+from .network import ShardedTransport
 from .reference import ModelReference
 from .retry import RETRYABLE_STATUS, Backoff, describe_transport_error, retry_after
 
@@ -68,32 +68,6 @@ def _direct_transport(connections: int, verify: bool | ssl.SSLContext) -> httpx.
     if any(proxies.get(scheme) for scheme in ("http", "https", "all")):
         return None
     return ShardedTransport(connections, verify=verify)
-
-
-class ShardedTransport(httpx.AsyncBaseTransport):
-    """Several connection pools behind one transport, taking requests in turn.
-
-    httpcore's pool matches every queued request against every connection each time a request starts or ends,
-    which costs O(requests x connections): with 64 downloads in one pool that bookkeeping was 40% of our CPU.
-    Pools of at most ``SHARD_SIZE`` connections cut it by the number of pools squared; each keeps its own
-    keep-alive connections, so reuse is unchanged.
-    """
-
-    SHARD_SIZE = 8
-
-    def __init__(self, connections: int, *, verify: bool | ssl.SSLContext) -> None:
-        count = max(1, -(-connections // self.SHARD_SIZE))
-        per_shard = -(-connections // count)
-        limits = httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard)
-        self._shards = [httpx.AsyncHTTPTransport(verify=verify, limits=limits) for _ in range(count)]
-        self._turn = itertools.cycle(self._shards)
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        return await next(self._turn).handle_async_request(request)
-
-    async def aclose(self) -> None:
-        for shard in self._shards:
-            await shard.aclose()
 
 
 class RegistryClient:

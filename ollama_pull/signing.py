@@ -14,12 +14,13 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlencode
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 from .errors import AuthenticationError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 _EMPTY_BODY = base64.b64encode(hashlib.sha256(b"").hexdigest().encode()).decode()
 
@@ -36,6 +37,11 @@ class OllamaKey:
     @classmethod
     def load(cls, path: Path) -> OllamaKey | None:
         """The key at ``path``, None when there is none; a file that is not an ed25519 key is an error."""
+        # Imported here, not at the top: cryptography adds about 10 MiB to every pull's memory, and only pulls
+        # that meet an Ollama token challenge with a key on disk need it.
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
         try:
             data = path.read_bytes()
         except FileNotFoundError:

@@ -265,34 +265,3 @@ async def test_blob_redirect_to_another_host_drops_the_registry_token() -> None:
     assert "Authorization" not in request.headers
     assert request.headers["Range"] == "bytes=5-"
     assert request.headers["Accept-Encoding"] == "identity"
-
-
-def test_direct_connections_are_spread_over_small_pools(monkeypatch: pytest.MonkeyPatch) -> None:
-    from ollama_pull.registry import ShardedTransport, _direct_transport
-
-    transport = _direct_transport(68, True)
-    assert isinstance(transport, ShardedTransport)
-    pools = [shard._pool for shard in transport._shards]
-    assert len(pools) == 9
-    assert {pool._max_connections for pool in pools} == {8}
-    # With a proxy configured, httpx must build the transports itself to honour it and NO_PROXY.
-    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:1")
-    assert _direct_transport(68, True) is None
-
-
-async def test_sharded_transport_takes_the_pools_in_turn() -> None:
-    from ollama_pull.registry import ShardedTransport
-
-    transport = ShardedTransport(24, verify=True)
-    seen: list[int] = []
-    for index, shard in enumerate(transport._shards):
-
-        async def answer(request: httpx.Request, index: int = index) -> httpx.Response:
-            seen.append(index)
-            return httpx.Response(200)
-
-        shard.handle_async_request = answer  # type: ignore[method-assign]
-    for _ in range(6):
-        await transport.handle_async_request(httpx.Request("GET", "https://registry.test/"))
-    assert seen == [0, 1, 2, 0, 1, 2]
-    await transport.aclose()

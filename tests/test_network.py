@@ -1,0 +1,178 @@
+"""The network layer: httpcore on asyncio's transports, against real sockets on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import httpcore
+import httpx
+import pytest
+
+from ollama_pull import network
+from ollama_pull.network import AsyncioBackend, AsyncioTransport, ShardedTransport
+from ollama_pull.registry import _direct_transport, make_client
+
+pytestmark = pytest.mark.anyio
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@asynccontextmanager
+async def serving(handler: Handler) -> AsyncIterator[int]:
+    """A TCP server on 127.0.0.1 running ``handler`` for each connection; yields its port."""
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_pull_client_talks_through_the_asyncio_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    connects: list[tuple[str, int]] = []
+    connect = AsyncioBackend.connect_tcp
+
+    async def counting(self: AsyncioBackend, host: str, port: int, **kwargs: object) -> httpcore.AsyncNetworkStream:
+        connects.append((host, port))
+        return await connect(self, host, port, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(AsyncioBackend, "connect_tcp", counting)
+    body = bytes(range(256)) * 4096
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.readuntil(b"\r\n\r\n"):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            await writer.drain()
+
+    async with serving(answer) as port, make_client(insecure=True, concurrency=4) as client:
+        for _ in range(3):
+            response = await client.get(f"http://127.0.0.1:{port}/blob")
+            assert response.content == body
+    # httpx keeps the pool in a private attribute; were that to change, no request would come through here.
+    assert connects == [("127.0.0.1", port)]
+
+
+def test_direct_connections_are_spread_over_small_pools(monkeypatch: pytest.MonkeyPatch) -> None:
+    transport = _direct_transport(68, True)
+    assert isinstance(transport, ShardedTransport)
+    assert len(transport._shards) == 9
+    assert all(isinstance(shard, AsyncioTransport) for shard in transport._shards)
+    pools = [shard._pool for shard in transport._shards]
+    assert {pool._max_connections for pool in pools} == {8}
+    assert all(isinstance(pool._network_backend, AsyncioBackend) for pool in pools)
+    # With a proxy configured, httpx must build the transports itself to honour it and NO_PROXY.
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:1")
+    assert _direct_transport(68, True) is None
+
+
+async def test_sharded_transport_takes_the_pools_in_turn() -> None:
+    transport = ShardedTransport(24, verify=True)
+    seen: list[int] = []
+    for index, shard in enumerate(transport._shards):
+
+        async def answer(request: httpx.Request, index: int = index) -> httpx.Response:
+            seen.append(index)
+            return httpx.Response(200)
+
+        shard.handle_async_request = answer  # type: ignore[method-assign]
+    for _ in range(6):
+        await transport.handle_async_request(httpx.Request("GET", "https://registry.test/"))
+    assert seen == [0, 1, 2, 0, 1, 2]
+    await transport.aclose()
+
+
+async def test_bytes_received_before_a_reset_are_read_before_the_error() -> None:
+    async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"first bytes")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        # Linger 0: closing sends a reset, not a clean end.
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    received: list[bytes] = []
+
+    async def read_all(stream: httpcore.AsyncNetworkStream) -> None:
+        while chunk := await stream.read(65536, timeout=5):
+            received.append(chunk)
+
+    async with serving(reset) as port:
+        stream = await AsyncioBackend().connect_tcp("127.0.0.1", port, timeout=5)
+        await asyncio.sleep(0.2)
+        with pytest.raises(httpcore.ReadError, match="reset"):
+            await read_all(stream)
+        await stream.aclose()
+    assert b"".join(received) == b"first bytes"
+
+
+async def test_a_clean_close_reads_as_the_end_and_makes_the_connection_readable() -> None:
+    async def close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"bye")
+        await writer.drain()
+        writer.close()
+
+    async with serving(close) as port:
+        stream = await AsyncioBackend().connect_tcp("127.0.0.1", port, timeout=5)
+        assert await stream.read(65536, timeout=5) == b"bye"
+        assert await stream.read(65536, timeout=5) == b""
+        # The pool asks this before reusing an idle connection: readable means the server went away.
+        assert stream.get_extra_info("is_readable") is True
+        assert stream.get_extra_info("server_addr") == ("127.0.0.1", port)
+        await stream.aclose()
+        with pytest.raises(httpcore.WriteError):
+            await stream.write(b"GET / HTTP/1.1\r\n\r\n", timeout=5)
+
+
+async def test_a_silent_server_times_the_read_out() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    async with serving(silent) as port:
+        stream = await AsyncioBackend().connect_tcp("127.0.0.1", port, timeout=5)
+        assert stream.get_extra_info("is_readable") is False
+        with pytest.raises(httpcore.ReadTimeout):
+            await stream.read(65536, timeout=0.01)
+        await stream.aclose()
+
+
+async def test_a_slow_reader_stops_the_socket_instead_of_buffering_everything() -> None:
+    sent = asyncio.Event()
+    body = b"x" * (8 * 1024 * 1024)
+
+    async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(body)
+        await writer.drain()
+        sent.set()
+
+    async with serving(flood) as port:
+        stream = await AsyncioBackend().connect_tcp("127.0.0.1", port, timeout=5)
+        assert isinstance(stream, network.AsyncioStream)
+        received = bytearray(await stream.read(65536, timeout=5))
+        await asyncio.sleep(0.1)
+        # The kernel's buffers hold the rest; ours holds at most the pause mark and one more read of the socket.
+        assert stream._receiver._buffered <= network._PAUSE_AT + 256 * 1024
+        assert not sent.is_set()
+        while len(received) < len(body):
+            received += await stream.read(65536, timeout=5)
+        assert received == body
+        await stream.aclose()
+
+
+async def test_a_refused_connection_is_a_connect_error() -> None:
+    async with serving(lambda reader, writer: asyncio.sleep(0)) as port:
+        pass
+    with pytest.raises(httpcore.ConnectError):
+        await AsyncioBackend().connect_tcp("127.0.0.1", port, timeout=5)
+
+
+def test_importing_the_library_leaves_cryptography_out() -> None:
+    # cryptography costs every process about 10 MiB; only a pull that signs an Ollama token request needs it.
+    code = "import sys, ollama_pull.api, ollama_pull.cli; print('cryptography' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
