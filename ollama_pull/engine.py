@@ -41,6 +41,8 @@ MIB = 1024 * KIB
 _WRITE_BATCH = 256 * KIB
 # A slow stream hands over what it has after this long anyway, so the file on disk (what a resume finds) keeps up.
 _WRITE_DELAY = 0.25
+# A blob in chunks is written back to disk behind the hash every this many bytes (see _follow_hash).
+_FLUSH_EVERY = 64 * MIB
 
 
 @dataclass(frozen=True)
@@ -319,7 +321,7 @@ class Downloader:
         streams = min(self.settings.streams_per_blob, len(run.pending))
         try:
             async with asyncio.TaskGroup() as group:
-                group.create_task(self._follow_hash(blob, run.landed))
+                group.create_task(self._follow_hash(blob, run.landed, group))
                 if streams:
                     group.create_task(self._own_stream(run))
                 for _ in range(streams - 1):
@@ -327,11 +329,18 @@ class Downloader:
         except BaseExceptionGroup as failures:
             raise _first_error(failures) from None
 
-    async def _follow_hash(self, blob: PartedBlob, landed: asyncio.Event) -> None:
+    async def _follow_hash(self, blob: PartedBlob, landed: asyncio.Event, group: asyncio.TaskGroup) -> None:
+        flushing: asyncio.Task[None] | None = None
+        flushed = blob.hashed
         while blob.hashed < blob.layer.size:
             await landed.wait()
             landed.clear()
             await asyncio.to_thread(blob.hash_landed)
+            # The disk writes back while the network keeps us busy, instead of all at once in the final fsync:
+            # on a 1 GiB blob that fsync was a fifth of the wall time.
+            if blob.hashed - flushed >= _FLUSH_EVERY and (flushing is None or flushing.done()):
+                flushing = group.create_task(asyncio.to_thread(blob.flush))
+                flushed = blob.hashed
 
     async def _own_stream(self, run: _ChunkRun) -> None:
         """The stream in the blob's own slot: it alone is sure to get a connection, so it sees the chunks out."""

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import json
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +15,8 @@ import httpx
 import pytest
 import respx
 
-from ollama_pull.errors import IntegrityError
+from ollama_pull import engine, parts
+from ollama_pull.errors import IntegrityError, StorageError
 from ollama_pull.events import BlobProgress, BlobStarted
 from ollama_pull.parts import PartedBlob, plan_chunks
 from ollama_pull.store import Store
@@ -293,3 +296,40 @@ def test_progress_is_saved_before_any_byte_and_dropped_on_commit(store: Store) -
     blob.commit()
     assert store.blob_path(layer.digest).read_bytes() == data
     assert sorted(path.name for path in store.blobs_dir.iterdir()) == [layer.digest.replace(":", "-")]
+
+
+async def test_landed_bytes_are_written_back_during_the_download(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every 2 chunks hashed, a write-back starts in a thread (one at a time), on its own descriptor.
+    monkeypatch.setattr(engine, "_FLUSH_EVERY", 2 * CHUNK)
+    flushed: list[int] = []
+
+    def datasync(fd: int) -> None:
+        flushed.append(fd)
+        os.fsync(fd)
+
+    monkeypatch.setattr(parts, "_datasync", datasync)
+    model = big_model()
+    with respx.mock(using="httpx") as router:
+        RangedServer(model).mount(router)
+        await download(router, model, store, settings=PARTED)
+    assert_store_holds(store, model)
+    assert len(flushed) >= 2
+
+
+def test_a_write_back_error_fails_the_blob_and_a_closed_blob_has_none(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layer = big_model().layers[1]
+    store.prepare()
+    blob = PartedBlob(store, layer, chunk_size=CHUNK)
+
+    def failing(_fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(parts, "_datasync", failing)
+    try:
+        with pytest.raises(StorageError, match="Input/output error"):
+            blob.flush()
+    finally:
+        blob.close(keep=False)
+    blob.flush()  # closed: nothing to write back, and no descriptor of someone else's touched
