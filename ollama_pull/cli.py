@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import sys
@@ -428,4 +429,7 @@ def _report(console: Console, error: OllamaPullError, *, model: str | None = Non
 
 
 def main() -> None:
+    # What is loaded by now lives as long as the process: frozen, the cyclic collector stops walking it again
+    # and again while a pull allocates (it was 3% of the CPU of a pull of many small blobs).
+    gc.freeze()
     app(prog_name="ollama-pull")
