@@ -64,25 +64,18 @@ class Store:
 
     def __init__(self, root: Path) -> None:
         self.root = root.expanduser().absolute()
-
-    @property
-    def blobs_dir(self) -> Path:
-        return self.root / "blobs"
+        self.blobs_dir = self.root / "blobs"
+        self._locks_dir = self.root / LOCKS_DIR
 
     def blob_path(self, digest: str) -> Path:
-        if not DIGEST_PATTERN.fullmatch(digest):
-            # The manifest parser already refuses such digests; this guards every other caller.
-            raise ValueError(f"not a sha256 digest: {digest!r}")
-        return self._inside(self.blobs_dir / digest.replace(":", "-", 1))
+        return self.blobs_dir / _blob_name(digest)
 
     def partial_path(self, digest: str) -> Path:
-        path = self.blob_path(digest)
-        return path.with_name(path.name + PARTIAL_SUFFIX)
+        return self.blobs_dir / (_blob_name(digest) + PARTIAL_SUFFIX)
 
     def parts_state_path(self, digest: str) -> Path:
         """Where a blob downloaded in chunks keeps its progress, beside its partial file."""
-        path = self.partial_path(digest)
-        return path.with_name(path.name + ".json")
+        return self.blobs_dir / (_blob_name(digest) + PARTIAL_SUFFIX + ".json")
 
     def manifest_path(self, reference: ModelReference) -> Path:
         parts = (reference.host, reference.namespace, reference.model, reference.tag)
@@ -149,12 +142,12 @@ class Store:
 
     def blob_lock(self, digest: str) -> contextlib.AbstractAsyncContextManager[None]:
         """The store-wide lock of one blob, held while it downloads."""
-        return _flock(self._inside(self.root / LOCKS_DIR / (self.blob_path(digest).name + ".lock")), exclusive=True)
+        return _flock(self._locks_dir / (_blob_name(digest) + ".lock"), exclusive=True)
 
     def store_lock(self, *, exclusive: bool) -> contextlib.AbstractAsyncContextManager[None]:
         """Pulls share this lock for their whole run; pruning takes it alone, so it never removes a blob that a
         running pull has finished but not yet named in a manifest."""
-        return _flock(self._inside(self.root / LOCKS_DIR / "store.lock"), exclusive=exclusive)
+        return _flock(self._locks_dir / "store.lock", exclusive=exclusive)
 
     def manifests(self) -> Iterator[ModelReference]:
         """Every model in the store, as Ollama lays them out: ``manifests/<host>/<namespace>/<model>/<tag>``."""
@@ -295,6 +288,15 @@ def write_pieces(fd: int, pieces: list[bytes], position: int | None = None) -> i
     return written
 
 
+def _blob_name(digest: str) -> str:
+    """``sha256-<hex>``: checked against the digest pattern, which admits hex only, so a name built from it
+    cannot leave the directory it is joined to (the paths of a pull are built a dozen times per blob)."""
+    if not DIGEST_PATTERN.fullmatch(digest):
+        # The manifest parser already refuses such digests; this guards every other caller.
+        raise ValueError(f"not a sha256 digest: {digest!r}")
+    return digest.replace(":", "-", 1)
+
+
 def _hash_file(handle: BinaryIO, digest: hashlib._Hash) -> int:
     """Feed the rest of an open file to ``digest``; return how many bytes that was."""
     length = 0
@@ -308,8 +310,12 @@ def _hash_file(handle: BinaryIO, digest: hashlib._Hash) -> int:
 async def _flock(path: Path, *, exclusive: bool, poll: float = 0.05) -> AsyncIterator[None]:
     """An flock on ``path``, waited for without blocking the event loop (and so cancellable)."""
     with storage_errors(f"create the lock file {path}"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:
+            # Only the first lock of a store makes the directory: a mkdir per blob was a syscall for nothing.
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         while True:
             try:
