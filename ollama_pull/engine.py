@@ -39,6 +39,10 @@ MIB = 1024 * KIB
 # Bytes handed to the writing thread at a time: large enough that the hand-off costs little per byte, small
 # enough that 64 streams each holding two batches stay far below the memory budget.
 _WRITE_BATCH = 256 * KIB
+# A large blob's chunk streams (16 per blob) hand over bigger batches: fewer thread hand-offs took a 1 GiB blob
+# from 1.75 s to 1.6 s (1 MiB was no faster and took 25 MiB more), and even four large blobs at once, 64
+# streams, hold at most 64 MiB of batches.
+_CHUNK_WRITE_BATCH = 512 * KIB
 # A slow stream hands over what it has after this long anyway, so the file on disk (what a resume finds) keeps up.
 _WRITE_DELAY = 0.25
 # A blob in chunks is written back to disk behind the hash every this many bytes (see _follow_hash).
@@ -482,6 +486,7 @@ class Downloader:
                     lambda pieces: blob.write(chunk, pieces),
                     lambda: self._report(run.state, run.model, blob.received),
                     too_much=f"the server sent more than the {chunk.end - start} bytes asked for",
+                    batch_size=_CHUNK_WRITE_BATCH,
                 )
         except httpx.RequestError as exc:
             raise _AttemptFailed(describe_transport_error(exc)) from exc
@@ -498,6 +503,7 @@ class Downloader:
         landed: Callable[[], None],
         *,
         too_much: str,
+        batch_size: int = _WRITE_BATCH,
     ) -> None:
         """Write a response's raw body, at most ``room`` bytes of it, keeping the watchdog and the limiter fed.
 
@@ -529,7 +535,7 @@ class Downloader:
                 room -= len(data)
                 batch.append(data)
                 batched += len(data)
-                if batched >= _WRITE_BATCH or watch.last_read - handed >= _WRITE_DELAY:
+                if batched >= batch_size or watch.last_read - handed >= _WRITE_DELAY:
                     await hand_over()
                 if self._limiter is not None:
                     watch.throttled = True
