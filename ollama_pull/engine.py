@@ -39,9 +39,9 @@ MIB = 1024 * KIB
 # Bytes handed to the writing thread at a time: large enough that the hand-off costs little per byte, small
 # enough that 64 streams each holding two batches stay far below the memory budget.
 _WRITE_BATCH = 256 * KIB
-# A large blob's chunk streams (16 per blob) hand over bigger batches: fewer thread hand-offs took a 1 GiB blob
-# from 1.75 s to 1.6 s (1 MiB was no faster and took 25 MiB more), and even four large blobs at once, 64
-# streams, hold at most 64 MiB of batches.
+# A large blob's chunk streams (16 per blob) hand over bigger batches, for fewer thread hand-offs: engine time on
+# a 1 GiB blob 1.75 s -> 1.6 s (3 runs each; within the noise of bench/run.py). 1 MiB was no faster and took
+# 25 MiB more; even four large blobs at once, 64 streams, hold at most 64 MiB of batches.
 _CHUNK_WRITE_BATCH = 512 * KIB
 # A slow stream hands over what it has after this long anyway, so the file on disk (what a resume finds) keeps up.
 _WRITE_DELAY = 0.25
