@@ -83,6 +83,10 @@ class RegistryAuth(httpx.Auth):
             request.headers["Authorization"] = self._headers[key]
         yield request
 
+    def cached_header(self, url: httpx.URL) -> str | None:
+        """The ``Authorization`` value that last worked for the repository of ``url``, if any."""
+        return self._headers.get(_cache_key(url))
+
     def _ollama_key(self) -> OllamaKey | None:
         # Read once, at the first challenge: anonymous pulls never touch the key.
         if not self._key_loaded:

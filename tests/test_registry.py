@@ -265,3 +265,97 @@ async def test_blob_redirect_to_another_host_drops_the_registry_token() -> None:
     assert "Authorization" not in request.headers
     assert request.headers["Range"] == "bytes=5-"
     assert request.headers["Accept-Encoding"] == "identity"
+
+
+class CountingSends:
+    """Counts the requests that go through the client's own policy (``AsyncClient.send``)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.urls: list[str] = []
+        original = httpx.AsyncClient.send
+
+        async def send(client: httpx.AsyncClient, request: httpx.Request, **options: object) -> httpx.Response:
+            self.urls.append(str(request.url))
+            return await original(client, request, **options)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(httpx.AsyncClient, "send", send)
+
+
+async def test_blob_gets_skip_the_client_policy_and_reuse_the_cached_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = make_model(10)
+    digest = model.layers[0].digest
+    sends = CountingSends(monkeypatch)
+    with respx.mock(using="httpx") as router:
+        router.get("https://auth.test/token").respond(200, json={"token": "registry-token"})
+
+        def manifest(request: httpx.Request) -> httpx.Response:
+            if request.headers.get("Authorization") != "Bearer registry-token":
+                return unauthorized()
+            return httpx.Response(200, content=model.manifest.raw)
+
+        router.get(f"{BASE}/manifests/tag").mock(side_effect=manifest)
+        blob = router.get(f"{BASE}/blobs/{digest}").respond(200, content=model.blobs[digest])
+        registry = registry_for(router)
+        async with registry.client:
+            await registry.fetch_manifest(REF)
+            async with registry.stream_blob(REF, digest) as response:
+                assert await response.aread() == model.blobs[digest]
+    assert sends.urls == [f"{BASE}/manifests/tag"]
+    # One request: the token the manifest's auth flow got goes along at once, no 401 round trip per blob.
+    assert blob.call_count == 1
+    headers = blob.calls.last.request.headers
+    assert headers["Authorization"] == "Bearer registry-token"
+    assert headers["User-Agent"] == f"ollama-pull/{__version__}"
+    assert headers["Accept-Encoding"] == "identity"
+
+
+async def test_blob_gets_follow_redirects_and_keep_the_token_on_the_registry_host_only() -> None:
+    digest = "sha256:" + "0" * 64
+    with respx.mock(using="httpx") as router:
+        router.get("https://auth.test/token").respond(200, json={"token": "registry-token"})
+        router.get(f"{BASE}/manifests/tag").mock(side_effect=[unauthorized(), httpx.Response(200, json={})])
+        router.get(f"{BASE}/blobs/{digest}").respond(307, headers={"Location": "/v2/ns/model/moved"})
+        moved = router.get(f"{BASE}/moved").respond(302, headers={"Location": "https://cdn.test/blob?sig=1"})
+        cdn = router.get("https://cdn.test/blob").respond(200, content=b"bytes")
+        registry = registry_for(router)
+        async with registry.client:
+            with pytest.raises(InvalidManifest):
+                await registry.fetch_manifest(REF)  # enough to cache the token
+            async with registry.stream_blob(REF, digest, offset=2) as response:
+                assert await response.aread() == b"bytes"
+    assert moved.calls.last.request.headers["Authorization"] == "Bearer registry-token"
+    request = cdn.calls.last.request
+    assert "Authorization" not in request.headers
+    assert request.headers["Range"] == "bytes=2-"
+
+
+@pytest.mark.parametrize(
+    ("location", "error"),
+    [
+        ("https://registry.test/v2/ns/model/blobs/sha256:" + "0" * 64, httpx.TooManyRedirects),
+        ("ftp://cdn.test/blob", httpx.UnsupportedProtocol),
+    ],
+)
+async def test_blob_gets_refuse_endless_and_non_http_redirects(location: str, error: type[Exception]) -> None:
+    digest = "sha256:" + "0" * 64
+    with respx.mock(using="httpx") as router:
+        route = router.get(f"{BASE}/blobs/{digest}").respond(302, headers={"Location": location})
+        registry = registry_for(router)
+        async with registry.client:
+            with pytest.raises(error):
+                async with registry.stream_blob(REF, digest):
+                    pass
+    assert route.call_count == (registry.client.max_redirects + 1 if error is httpx.TooManyRedirects else 1)
+
+
+async def test_a_client_holding_cookies_sends_blob_gets_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    digest = "sha256:" + "0" * 64
+    sends = CountingSends(monkeypatch)
+    with respx.mock(using="httpx") as router:
+        blob = router.get(f"{BASE}/blobs/{digest}").respond(200, content=b"bytes")
+        registry = registry_for(router)
+        registry.client.cookies.set("session", "abc", domain="registry.test")
+        async with registry.client, registry.stream_blob(REF, digest) as response:
+            assert await response.aread() == b"bytes"
+    assert sends.urls == [f"{BASE}/blobs/{digest}"]
+    assert blob.calls.last.request.headers["Cookie"] == "session=abc"
