@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -124,3 +125,48 @@ async def test_the_blob_lock_excludes_a_second_holder_until_released(tmp_path: P
     # Outside blobs/, where Ollama expects nothing but blobs.
     assert not (tmp_path / "blobs").exists()
     assert (tmp_path / ".ollama-pull" / "locks" / ("sha256-" + "c" * 64 + ".lock")).exists()
+
+
+@pytest.mark.anyio
+async def test_a_blob_lock_cancelled_while_its_file_opens_leaks_no_descriptor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+    import threading
+
+    from ollama_pull import store as store_module
+
+    opened: list[int] = []
+    release = threading.Event()
+    real_open = store_module._open_lock
+
+    def slow_open(path: Path, operation: int) -> tuple[int, bool]:
+        release.wait(5)
+        fd, locked = real_open(path, operation)
+        opened.append(fd)
+        return fd, locked
+
+    monkeypatch.setattr(store_module, "_open_lock", slow_open)
+
+    async def hold() -> None:
+        async with Store(tmp_path).blob_lock("sha256:" + "d" * 64):
+            pass
+
+    task = asyncio.create_task(hold())
+    await asyncio.sleep(0.05)
+    task.cancel()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if opened:
+            break
+    await asyncio.sleep(0.01)
+    assert opened, "the thread never opened the lock file"
+    lock = str(tmp_path / ".ollama-pull" / "locks" / ("sha256-" + "d" * 64 + ".lock"))
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            held.append(os.readlink(f"/proc/self/fd/{fd}"))
+    assert lock not in held
