@@ -6,11 +6,13 @@ import dataclasses
 import gc
 import json
 import os
+import signal
 import sys
 import traceback
+from collections.abc import Coroutine
 from enum import IntEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -45,6 +47,7 @@ class ExitCode(IntEnum):
     INTEGRITY = 5
     STORAGE = 6
     INTERRUPTED = 130
+    TERMINATED = 143
 
 
 def exit_code_for(error: OllamaPullError) -> ExitCode:
@@ -221,7 +224,6 @@ def command(
 ) -> None:
     """Pull models from an Ollama registry into the local Ollama model store, verified blob by blob."""
     # The download stack loads here rather than at import, so that --version and --help answer at once.
-    import asyncio
 
     import httpx
 
@@ -340,19 +342,47 @@ def command(
                 },
             )
 
-    interrupted = False
     try:
-        asyncio.run(run())
-    except KeyboardInterrupt:
-        interrupted = True
+        stopped_by = _run_until_signalled(run())
     finally:
         if renderer is not None:
             renderer.close()
-    if interrupted:
+    if stopped_by is not None:
         console.print("interrupted: nothing unverified was kept as a blob; run again to continue", style="yellow")
-        raise typer.Exit(ExitCode.INTERRUPTED)
+        raise typer.Exit(ExitCode.TERMINATED if stopped_by == signal.SIGTERM else ExitCode.INTERRUPTED)
     if failures:
         raise typer.Exit(failures[0])
+
+
+def _run_until_signalled(main: Coroutine[Any, Any, None]) -> signal.Signals | None:
+    """Run ``main`` to the end, or until Ctrl-C or SIGTERM (what CI sends to cancel a job): the first of either
+    cancels it, so every ``finally`` below cleans up, and is returned. A second signal during that cleanup changes
+    nothing, where asyncio's own handler would raise KeyboardInterrupt in the middle of it."""
+    import asyncio
+
+    received: list[signal.Signals] = []
+
+    async def guarded() -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+
+        def stop(signum: signal.Signals) -> None:
+            if not received:
+                received.append(signum)
+                task.cancel()
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            # The loop removes its handlers when it closes, after asyncio.run has waited for the threads.
+            loop.add_signal_handler(signum, stop, signum)
+        await main
+
+    try:
+        asyncio.run(guarded())
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        # KeyboardInterrupt: a Ctrl-C before the loop had installed its handler.
+        return received[0] if received else signal.SIGINT
+    return None
 
 
 def _print_models(models: list[LocalModel], *, json_output: bool) -> None:

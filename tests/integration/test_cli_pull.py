@@ -215,19 +215,22 @@ def test_a_manifest_digest_cannot_escape_the_store(registry: FaultRegistry, mode
     assert not (models.parent / "etc").exists()
 
 
-def test_ctrl_c_stops_at_once_with_130_and_the_rerun_completes(registry: FaultRegistry, models: Path) -> None:
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_stops_at_once_and_the_rerun_completes(
+    registry: FaultRegistry, models: Path, signum: signal.Signals, code: int
+) -> None:
     model = tensor_model(registry, blobs=4, size=512 * 1024)
     registry.inject("blobs", Fault("slow", rate=64 * 1024, times=4))
     process = start_cli(models, "--insecure", reference(registry, model), capture=True)
     try:
         wait_for(lambda: any(p.stat().st_size > 0 for p in partial_files(models)), process=process)
         started = time.monotonic()
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         _, stderr = process.communicate(timeout=10)
         stopped = time.monotonic() - started
     finally:
         process.kill()
-    assert process.returncode == 130
+    assert process.returncode == code
     assert stopped < 1.0
     assert "Traceback" not in stderr
     assert "interrupted" in stderr
