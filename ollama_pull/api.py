@@ -181,7 +181,12 @@ def _registry(
     client: httpx.AsyncClient, insecure: bool, settings: DownloadSettings, mirror: str | None
 ) -> RegistryClient:
     return RegistryClient(
-        client, insecure=insecure, attempts=settings.attempts, backoff=settings.backoff, mirror=mirror
+        client,
+        insecure=insecure,
+        attempts=settings.attempts,
+        backoff=settings.backoff,
+        mirror=mirror,
+        stall_timeout=settings.stall_timeout,
     )
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from .errors import AuthenticationError, BlobError, IntegrityError, OllamaPullError
+from .errors import AuthenticationError, BlobError, IntegrityError, OllamaPullError, TokenServiceError
 from .events import BlobFinished, BlobProgress, BlobRetry, BlobStarted, EventCallback, ignore_event
 from .manifest import Layer
 from .parts import Chunk, PartedBlob
@@ -65,7 +65,8 @@ class DownloadSettings:
     speed_min_blob: int = 100 * KIB
     speed_samples: int = 30
     speed_min_samples: int = 5
-    # Blobs at least this big keep their partial file across attempts and runs and resume it with Range.
+    # Within a run every blob resumes a failed attempt with Range; blobs at least this big also keep their partial
+    # file for the next run (and resume it), smaller ones start over.
     resume_min_size: int = 64 * MIB
     # Blobs at least this big come in chunks over several streams at once (Ollama's own puller splits its big
     # blobs in up to 16 parts): a CDN that caps each connection then caps the blob no more. Smaller blobs stay whole.
@@ -258,7 +259,8 @@ class Downloader:
         await self._sleep(delay)
 
     async def _download_whole(self, reference: ModelReference, state: _BlobState, model: str) -> float:
-        """The blob in one stream, resumed with Range across attempts (and runs) when it is large enough."""
+        """The blob in one stream. A failed attempt leaves a verified prefix (hashed as written) that the next one
+        continues with Range; the partial file outlives the run only for a blob large enough to be worth it."""
         layer = state.layer
         resumable = layer.size >= self.settings.resume_min_size
         blob = await asyncio.to_thread(self.store.open_blob, layer, resume=resumable)
@@ -271,7 +273,7 @@ class Downloader:
                         lambda watch: self._stream_whole(reference, blob, state, model, watch)
                     )
                 except _AttemptFailed as failed:
-                    if failed.restart or not resumable:
+                    if failed.restart:
                         blob.restart()
                     await self._retry(layer.digest, state.tries, failed, model)
                     continue
@@ -431,7 +433,7 @@ class Downloader:
         now = self._clock()
         silent = now - watch.last_read
         if silent >= self.settings.stall_timeout:
-            raise _AttemptFailed(f"stalled: no data for {silent:.0f}s", _Kind.STALL)
+            raise _AttemptFailed(self.registry.stall_reason(silent), _Kind.STALL)
         elapsed = now - watch.started
         median = self.speeds.median()
         if elapsed >= self.settings.slow_grace and median is not None:
@@ -463,6 +465,8 @@ class Downloader:
                 )
         except httpx.RequestError as exc:
             raise _AttemptFailed(describe_transport_error(exc)) from exc
+        except TokenServiceError as exc:
+            raise _AttemptFailed(str(exc)) from exc
         if blob.offset < layer.size:
             # Not corruption: the bytes so far may be good, and a resumable blob continues from them.
             raise _AttemptFailed(f"the body ended after {blob.offset} of {layer.size} bytes")
@@ -490,6 +494,8 @@ class Downloader:
                 )
         except httpx.RequestError as exc:
             raise _AttemptFailed(describe_transport_error(exc)) from exc
+        except TokenServiceError as exc:
+            raise _AttemptFailed(str(exc)) from exc
         if blob.position(chunk) < chunk.end:
             got = blob.position(chunk) - start
             raise _AttemptFailed(f"the body ended after {got} of {chunk.end - start} bytes")

@@ -8,6 +8,7 @@ where there is one, what to do about it::
     ├── RegistryError           the registry answered something we cannot use
     │   ├── ModelNotFound       404 on the manifest
     │   ├── AuthenticationError 401/403 even with a token
+    │   ├── TokenServiceError   the token service is down for now (429, 5xx): retried like a failed request
     │   ├── ClientTooOld        412: the registry wants a newer client
     │   └── InvalidManifest     the manifest is malformed or unsafe
     ├── BlobError               one blob could not be downloaded after every retry
@@ -48,6 +49,11 @@ class ModelNotFound(RegistryError):
 
 class AuthenticationError(RegistryError):
     """The registry refused us even after answering its challenge."""
+
+
+class TokenServiceError(RegistryError):
+    """The token service failed in a way that another try may not (429, 5xx); network failures and stalls of a
+    token request are retried the same way."""
 
 
 class ClientTooOld(RegistryError):

@@ -7,9 +7,10 @@ import hashlib
 import random
 import ssl
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
 import certifi
 import httpx
@@ -17,13 +18,21 @@ import httpx
 from . import __version__
 from .auth import RegistryAuth
 from .credentials import PASSWORD_VARIABLE, USERNAME_VARIABLE
-from .errors import AuthenticationError, ClientTooOld, InvalidManifest, ModelNotFound, RegistryError
+from .errors import (
+    AuthenticationError,
+    ClientTooOld,
+    InvalidManifest,
+    ModelNotFound,
+    RegistryError,
+    TokenServiceError,
+)
 from .manifest import MANIFEST_MEDIA_TYPE, MAX_MANIFEST_BYTES, Manifest, parse_manifest
 from .network import ShardedTransport
 from .reference import ModelReference
 from .retry import RETRYABLE_STATUS, Backoff, describe_transport_error, retry_after
 
 USER_AGENT = f"ollama-pull/{__version__}"
+T = TypeVar("T")
 
 
 def make_client(
@@ -88,8 +97,10 @@ class RegistryClient:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         jitter: Callable[[], float] = random.random,
         mirror: str | None = None,
+        stall_timeout: float = 10.0,
     ) -> None:
         self.client = client
+        self.stall_timeout = stall_timeout
         self.scheme = "http" if insecure else "https"
         self.mirror = mirror.rstrip("/") if mirror else None
         self.mirror_failure: str | None = None
@@ -101,6 +112,13 @@ class RegistryClient:
     def repository_url(self, reference: ModelReference) -> str:
         return f"{self.scheme}://{reference.host}/v2/{reference.repository}"
 
+    def stall_reason(self, silent: float) -> str:
+        """Why an attempt that received nothing for ``silent`` seconds is aborted, naming the token service when
+        a token request is what it waits for."""
+        auth = self.client.auth
+        service = auth.awaiting if isinstance(auth, RegistryAuth) else None
+        return f"stalled: no data for {silent:.1f}s" + (f" from the token service at {service}" if service else "")
+
     def _mirror_url(self, reference: ModelReference) -> str | None:
         return None if self.mirror is None or self.mirror_failure else f"{self.mirror}/v2/{reference.repository}"
 
@@ -109,18 +127,21 @@ class RegistryClient:
             self.mirror_failure = reason
 
     async def fetch_manifest(self, reference: ModelReference) -> Manifest:
-        """Fetch and validate the manifest, retrying 429, 5xx and network failures with backoff."""
+        """Fetch and validate the manifest, retrying stalls, 429, 5xx, network and token service failures with
+        backoff."""
         mirror = self._mirror_url(reference)
         if mirror is not None:
             try:
-                async with self.client.stream(
-                    "GET", f"{mirror}/manifests/{reference.tag}", headers={"Accept": MANIFEST_MEDIA_TYPE}
-                ) as response:
-                    if response.status_code == 200:
-                        return await _read_manifest(response, reference)
-                    self._mirror_failed(f"HTTP {response.status_code}", down=response.status_code >= 500)
+                got = await self._unstalled(
+                    lambda seen: self._open_manifest(f"{mirror}/manifests/{reference.tag}", reference, seen)
+                )
+                if isinstance(got, Manifest):
+                    return got
+                self._mirror_failed(f"HTTP {got.status_code}", down=got.status_code >= 500)
             except httpx.RequestError as exc:
                 self._mirror_failed(describe_transport_error(exc), down=True)
+            except (_Stalled, TokenServiceError) as exc:
+                self._mirror_failed(str(exc), down=True)
             except InvalidManifest:
                 # A mirror that serves a bad manifest is no reason to fail: the origin may serve a good one.
                 self._mirror_failed("invalid manifest", down=False)
@@ -129,16 +150,17 @@ class RegistryClient:
         for attempt in range(1, self.attempts + 1):
             wait: float | None = None
             try:
-                async with self.client.stream("GET", url, headers={"Accept": MANIFEST_MEDIA_TYPE}) as response:
-                    if response.status_code == 200:
-                        return await _read_manifest(response, reference)
-                    _raise_for_manifest_status(response, reference)
-                    reason = f"HTTP {response.status_code}"
-                    wait = retry_after(response)
+                got = await self._unstalled(lambda seen: self._open_manifest(url, reference, seen))
+                if isinstance(got, Manifest):
+                    return got
+                _raise_for_manifest_status(got, reference)
+                reason = f"HTTP {got.status_code}"
+                wait = retry_after(got)
             except httpx.RequestError as exc:
                 reason = describe_transport_error(exc)
-            except _DigestMismatch as exc:
-                # Bytes changed in transit (a proxy, a flaky link): the next attempt may get them whole.
+            except (_DigestMismatch, _Stalled, TokenServiceError) as exc:
+                # A token service down for now, or bytes changed in transit (a proxy, a flaky link): the next
+                # attempt may do better.
                 reason = str(exc)
             if attempt < self.attempts:
                 await self._sleep(max(wait or 0.0, self.backoff.delay(attempt, self._jitter())))
@@ -146,6 +168,42 @@ class RegistryClient:
             f"cannot fetch the manifest of {reference.short} from {reference.host}: {reason} "
             f"(tried {self.attempts} times)"
         )
+
+    async def _open_manifest(
+        self, url: str, reference: ModelReference, seen: Callable[[], None]
+    ) -> Manifest | httpx.Response:
+        """One manifest request: the manifest, or the response (body unread) when the status is not 200."""
+        async with self.client.stream("GET", url, headers={"Accept": MANIFEST_MEDIA_TYPE}) as response:
+            seen()
+            if response.status_code == 200:
+                return await _read_manifest(response, reference, seen)
+            return response
+
+    async def _unstalled(self, request: Callable[[Callable[[], None]], Coroutine[Any, Any, T]]) -> T:
+        """Run ``request``, aborted with :class:`_Stalled` once nothing has arrived for ``stall_timeout``; it
+        calls the function it is given whenever something does."""
+        loop = asyncio.get_running_loop()
+        last = loop.time()
+
+        def seen() -> None:
+            nonlocal last
+            last = loop.time()
+
+        task = asyncio.ensure_future(request(seen))
+        try:
+            while not task.done():
+                silent = loop.time() - last
+                if silent >= self.stall_timeout:
+                    # Asked before the task is cancelled: the cancel ends the token request.
+                    raise _Stalled(self.stall_reason(silent))
+                await asyncio.wait({task}, timeout=self.stall_timeout - silent)
+            return task.result()
+        finally:
+            task.cancel()
+            # Collected even when it already ended, so that an error it ended with is never reported as lost.
+            await asyncio.wait({task})
+            if not task.cancelled():
+                task.exception()
 
     @asynccontextmanager
     async def stream_blob(
@@ -203,9 +261,10 @@ def _raise_for_manifest_status(response: httpx.Response, reference: ModelReferen
         raise RegistryError(f"the registry {reference.host} answered HTTP {status} for {reference.short}")
 
 
-async def _read_manifest(response: httpx.Response, reference: ModelReference) -> Manifest:
+async def _read_manifest(response: httpx.Response, reference: ModelReference, seen: Callable[[], None]) -> Manifest:
     body = bytearray()
     async for chunk in response.aiter_bytes():
+        seen()
         body += chunk
         if len(body) > MAX_MANIFEST_BYTES:
             raise InvalidManifest(reference.short, f"it is larger than {MAX_MANIFEST_BYTES} bytes")
@@ -218,3 +277,7 @@ async def _read_manifest(response: httpx.Response, reference: ModelReference) ->
 
 class _DigestMismatch(Exception):
     """The manifest arrived, but not as the registry says it sent it."""
+
+
+class _Stalled(Exception):
+    """A manifest request (or its token request) received nothing for the stall timeout."""

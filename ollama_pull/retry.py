@@ -11,6 +11,9 @@ import httpx
 # A server may ask for hours; past this we would rather fail with a clear message than look hung.
 MAX_RETRY_AFTER = 60.0
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+# The request extension that marks a token request (its value: the token service's host), so that a failure of
+# one names the token service rather than the registry.
+TOKEN_SERVICE = "ollama_pull.token_service"
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,8 @@ def retry_after(response: httpx.Response, *, now: float | None = None) -> float 
 
 
 def describe_transport_error(exc: httpx.RequestError) -> str:
-    """A short reason for a network failure, without URLs or headers (which may carry credentials)."""
+    """A short reason for a network failure, without URLs or headers (which may carry credentials); it names the
+    token service when the request that failed was a token request."""
     kind = {
         httpx.ConnectError: "connection failed",
         httpx.ConnectTimeout: "connection timed out",
@@ -54,5 +58,12 @@ def describe_transport_error(exc: httpx.RequestError) -> str:
     }.get(type(exc), "network error")
     detail = str(exc).splitlines()[0] if str(exc) else ""
     if "CERTIFICATE_VERIFY_FAILED" in detail:
-        return f"the server's TLS certificate is not trusted ({detail}): pass --ca-cert FILE or set SSL_CERT_FILE"
-    return f"{kind} ({detail})" if detail and detail != kind else kind
+        reason = f"the server's TLS certificate is not trusted ({detail}): pass --ca-cert FILE or set SSL_CERT_FILE"
+    else:
+        reason = f"{kind} ({detail})" if detail and detail != kind else kind
+    try:
+        service = exc.request.extensions.get(TOKEN_SERVICE)
+    except RuntimeError:
+        # An error raised before any request was made has none.
+        service = None
+    return f"the token service at {service}: {reason}" if service else reason

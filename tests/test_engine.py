@@ -225,7 +225,7 @@ async def test_stalls_are_retried_without_using_up_attempts(store: Store) -> Non
     assert_store_holds(store, model)
     # Eight stalls, before the first byte and after one chunk, with only two attempts allowed: stalls are free.
     assert len(retries(events)) == 8
-    assert all(retry.reason.startswith("stalled: no data for 10s") for retry in retries(events))
+    assert all(retry.reason.startswith("stalled: no data for 10.0s") for retry in retries(events))
 
 
 async def test_a_server_that_always_stalls_cannot_hang_the_pull(store: Store) -> None:
