@@ -31,8 +31,8 @@ _PARAM = re.compile(r'(\w+)\s*=\s*(?:"([^"]*)"|([^\s,]*))')
 _REPOSITORY = re.compile(r"^/v2/(.+)/(?:manifests|blobs)/")
 # Sends of one request, the first included, as Ollama's own resolver bounds its retries on 401.
 MAX_AUTH_TRIES = 10
-# Sends with a token another request fetched, after which a request fetches one for itself.
-_SHARED_TRIES = 8
+# Sends with tokens other requests fetched, after which a request fetches its own for the last send.
+_SHARED_TRIES = MAX_AUTH_TRIES - 1
 
 
 @dataclass(frozen=True)

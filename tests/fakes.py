@@ -91,9 +91,11 @@ class ChunkStream(httpx.AsyncByteStream):
             yield self.data[start : start + self.chunk]
 
 
-def registry_for(router: respx.MockRouter, *, attempts: int = 6) -> RegistryClient:
+def registry_for(router: respx.MockRouter, *, attempts: int = 6, stall_timeout: float = 10.0) -> RegistryClient:
     client = make_client(transport=httpx.MockTransport(router.async_handler))
-    return RegistryClient(client, attempts=attempts, backoff=Backoff(base=0.0, cap=0.0), sleep=no_sleep)
+    return RegistryClient(
+        client, attempts=attempts, backoff=Backoff(base=0.0, cap=0.0), sleep=no_sleep, stall_timeout=stall_timeout
+    )
 
 
 async def no_sleep(_seconds: float) -> None:

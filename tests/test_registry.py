@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 import respx
 
 from ollama_pull import __version__
-from ollama_pull.auth import BearerChallenge, parse_challenge
+from ollama_pull.auth import MAX_AUTH_TRIES, BearerChallenge, RegistryAuth, _cache_key, parse_challenge
 from ollama_pull.errors import AuthenticationError, ClientTooOld, InvalidManifest, ModelNotFound, RegistryError
 from ollama_pull.manifest import MAX_MANIFEST_BYTES
 
@@ -216,6 +217,65 @@ async def test_an_expired_token_is_refreshed_once_for_all_concurrent_requests() 
     assert token.call_count == 2
 
 
+async def test_a_token_used_up_before_a_waiting_request_sends_it_is_refreshed_again() -> None:
+    # Tokens good for three uses, twenty downloads at once: most wait for a refresh whose token their siblings use
+    # up before they send it, which is no reason to give up.
+    uses: dict[str, int] = {}
+    with respx.mock(using="httpx") as router:
+
+        def grant(_request: httpx.Request) -> httpx.Response:
+            name = f"token-{len(uses)}"
+            uses[name] = 3
+            return httpx.Response(200, json={"token": name})
+
+        token = router.get("https://auth.test/token").mock(side_effect=grant)
+
+        def blob(request: httpx.Request) -> httpx.Response:
+            name = request.headers.get("Authorization", "").removeprefix("Bearer ")
+            if uses.get(name, 0) <= 0:
+                return unauthorized()
+            uses[name] -= 1
+            return httpx.Response(200, content=b"ok")
+
+        router.get(url__startswith=f"{BASE}/blobs/").mock(side_effect=blob)
+        registry = registry_for(router)
+
+        async def fetch(n: int) -> int:
+            async with registry.stream_blob(REF, f"sha256:{n:064x}") as response:
+                return response.status_code
+
+        async with registry.client:
+            statuses = await asyncio.gather(*(fetch(n) for n in range(20)))
+    assert statuses == [200] * 20
+    # Every token used up before the next was asked for: the refreshes were merged.
+    assert token.call_count == 7
+    assert all(left == 0 for left in list(uses.values())[:-1])
+
+
+async def test_a_request_is_sent_at_most_ten_times_the_last_with_a_token_of_its_own() -> None:
+    with respx.mock(using="httpx") as router:
+        token = router.get("https://auth.test/token").respond(200, json={"token": "own"})
+        registry = registry_for(router)
+        auth = registry.client.auth
+        assert isinstance(auth, RegistryAuth)
+        sent: list[str] = []
+
+        def blob(request: httpx.Request) -> httpx.Response:
+            sent.append(request.headers.get("Authorization", ""))
+            # Whatever we send is refused, and each time a sibling download has just refreshed the token (played
+            # here by writing the auth's cache, which only the flow itself does otherwise).
+            auth._headers[_cache_key(request.url)] = f"Bearer sibling-{len(sent)}"
+            return unauthorized()
+
+        router.get(url__startswith=f"{BASE}/blobs/").mock(side_effect=blob)
+        async with registry.client, registry.stream_blob(REF, "sha256:" + "0" * 64) as response:
+            assert response.status_code == 401
+    assert len(sent) == MAX_AUTH_TRIES
+    assert sent[1:-1] == [f"Bearer sibling-{n}" for n in range(1, MAX_AUTH_TRIES - 1)]
+    assert sent[-1] == "Bearer own"
+    assert token.call_count == 1
+
+
 async def test_a_token_that_is_refused_again_is_an_auth_error() -> None:
     with respx.mock(using="httpx") as router:
         router.get("https://auth.test/token").respond(200, json={"token": "never-good"})
@@ -231,7 +291,8 @@ async def test_a_token_that_is_refused_again_is_an_auth_error() -> None:
     ("answer", "error", "message"),
     [
         (httpx.Response(403), AuthenticationError, "token service at auth.test refused access"),
-        (httpx.Response(500), RegistryError, "answered HTTP 500"),
+        (httpx.Response(500), RegistryError, "the token service at auth.test answered HTTP 500 \\(tried 6 times\\)"),
+        (httpx.Response(404), RegistryError, "the token service at auth.test answered HTTP 404$"),
         (httpx.Response(200, content=b"<html>"), RegistryError, "not JSON"),
         (httpx.Response(200, json={"nothing": 1}), RegistryError, "without a token"),
     ],
@@ -265,3 +326,79 @@ async def test_blob_redirect_to_another_host_drops_the_registry_token() -> None:
     assert "Authorization" not in request.headers
     assert request.headers["Range"] == "bytes=5-"
     assert request.headers["Accept-Encoding"] == "identity"
+
+
+async def test_a_token_service_down_for_a_moment_is_retried_like_the_manifest() -> None:
+    model = make_model(10)
+    with respx.mock(using="httpx") as router:
+        token = router.get("https://auth.test/token").mock(
+            side_effect=[httpx.Response(503), httpx.ConnectError("refused"), httpx.Response(200, json={"token": "t"})]
+        )
+        router.get(f"{BASE}/manifests/tag").mock(
+            side_effect=lambda r: (
+                httpx.Response(200, content=model.manifest.raw)
+                if r.headers.get("Authorization") == "Bearer t"
+                else unauthorized()
+            )
+        )
+        registry = registry_for(router)
+        async with registry.client:
+            assert (await registry.fetch_manifest(REF)).raw == model.manifest.raw
+    assert token.call_count == 3
+    # The client's timeouts, not none at all: a token request is bounded like any other.
+    assert token.calls.last.request.extensions["timeout"] == httpx.Timeout(30.0, read=60.0, pool=None).as_dict()
+
+
+@pytest.mark.parametrize("stalls", [1, 10])
+async def test_a_token_service_that_stalls_is_cut_off_and_named(stalls: int) -> None:
+    model = make_model(10)
+    left = {"stalls": stalls, "asked": 0}
+    with respx.mock(using="httpx", assert_all_called=False) as router:
+
+        async def token(_request: httpx.Request) -> httpx.Response:
+            # Counted here: respx records a call only once it is answered.
+            left["asked"] += 1
+            if left["stalls"]:
+                left["stalls"] -= 1
+                await asyncio.Event().wait()
+            return httpx.Response(200, json={"token": "t"})
+
+        router.get("https://auth.test/token").mock(side_effect=token)
+        router.get(f"{BASE}/manifests/tag").mock(
+            side_effect=lambda r: (
+                httpx.Response(200, content=model.manifest.raw)
+                if r.headers.get("Authorization") == "Bearer t"
+                else unauthorized()
+            )
+        )
+        registry = registry_for(router, attempts=3, stall_timeout=0.05)
+        async with registry.client:
+            if stalls == 1:
+                assert (await registry.fetch_manifest(REF)).raw == model.manifest.raw
+                assert left["asked"] == 2
+                return
+            with pytest.raises(RegistryError) as caught:
+                await registry.fetch_manifest(REF)
+    assert str(caught.value) == (
+        f"cannot fetch the manifest of {REF.short} from {REF.host}: "
+        "stalled: no data for 0.1s from the token service at auth.test (tried 3 times)"
+    )
+    assert left["asked"] == 3
+
+
+async def test_a_manifest_body_that_stalls_is_cut_off() -> None:
+    model = make_model(10)
+
+    class Trickle(httpx.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            yield model.manifest.raw[:10]
+            await asyncio.Event().wait()
+
+    with respx.mock(using="httpx") as router:
+        route = router.get(f"{BASE}/manifests/tag").mock(
+            side_effect=[httpx.Response(200, stream=Trickle()), httpx.Response(200, content=model.manifest.raw)]
+        )
+        registry = registry_for(router, stall_timeout=0.05)
+        async with registry.client:
+            assert (await registry.fetch_manifest(REF)).raw == model.manifest.raw
+    assert route.call_count == 2
