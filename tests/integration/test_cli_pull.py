@@ -21,6 +21,7 @@ from .conftest import (
     start_cli,
     wait_for,
 )
+from .test_hostile_servers import report
 
 pytestmark = pytest.mark.integration
 
@@ -267,6 +268,30 @@ def test_a_large_blob_resumes_across_runs(registry: FaultRegistry, models: Path)
     [resumed] = registry.blob_requests(big)
     assert resumed.range == f"bytes={kept}-"
     assert resumed.bytes_sent == len(model.blobs[big]) - kept
+
+
+@pytest.mark.parametrize("kind", ["truncate", "stall_during"])
+def test_an_attempt_cut_short_continues_where_it_stopped(
+    request: pytest.FixtureRequest, registry: FaultRegistry, models: Path, kind: str
+) -> None:
+    # 3 MiB, far below the 64 MiB that partial files need to be kept across runs: within a run every blob resumes.
+    size = 3 * 1024 * 1024
+    model = registry.add_model("library/demo", layers=[("application/vnd.ollama.image.tensor", os.urandom(size), None)])
+    blob = model.layer_digests[0]
+    registry.inject(blob, Fault(kind, at=0.5))
+    run = run_cli(models, *FAST, "--json", reference(registry, model))
+    assert run.returncode == 0, run.stderr
+    assert_store_holds(models, registry, model)
+    first, second = registry.blob_requests(blob)
+    assert (first.range, first.fault, first.bytes_sent) == (None, kind, size // 2)
+    # One ranged request for exactly the bytes the first one did not deliver: nothing crossed the network twice.
+    assert (second.range, second.status, second.bytes_sent) == (f"bytes={size // 2}-", 206, size - size // 2)
+    refetched = first.bytes_sent + second.bytes_sent - size
+    assert refetched == 0
+    [retry] = [event for event in run.events if event["event"] == "retry"]
+    report(
+        request.config, f"{kind} once on a 3 MiB blob: 2 requests, {refetched} bytes fetched twice ({retry['reason']})"
+    )
 
 
 def test_two_models_in_one_call(registry: FaultRegistry, models: Path) -> None:
