@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 
 from .errors import AuthenticationError, BlobError, IntegrityError, OllamaPullError, TokenServiceError
-from .events import BlobFinished, BlobProgress, BlobRetry, BlobStarted, EventCallback, ignore_event
+from .events import BlobFinished, BlobProgress, BlobRetry, BlobStarted, BlobWaiting, EventCallback, ignore_event
 from .manifest import Layer
 from .parts import Chunk, PartedBlob
 from .ratelimit import RateLimiter
@@ -30,6 +30,7 @@ from .reference import ModelReference
 from .registry import RegistryClient
 from .retry import Backoff, describe_transport_error, retry_after
 from .store import BlobFile, Store
+from .units import format_rate
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -220,7 +221,10 @@ class Downloader:
     async def _download_blob(
         self, reference: ModelReference, layer: Layer, model: str, slots: asyncio.Semaphore
     ) -> None:
-        async with slots, self.store.blob_lock(layer.digest):
+        def waiting() -> None:
+            self._emit(BlobWaiting(model, layer.digest, layer.label))
+
+        async with slots, self.store.blob_lock(layer.digest, on_wait=waiting):
             if self.store.has_blob(layer):
                 # Another process sharing the store downloaded it while we waited for its lock.
                 self._emit(BlobFinished(model, layer.digest, layer.size, 0.0))
@@ -440,7 +444,8 @@ class Downloader:
             speed = watch.received / elapsed
             if speed < self.settings.slow_fraction * median:
                 raise _AttemptFailed(
-                    f"slow: {_rate(speed)} is below {self.settings.slow_fraction:.0%} of the median {_rate(median)}",
+                    f"slow: {format_rate(speed)} is below {self.settings.slow_fraction:.0%} of the median "
+                    f"{format_rate(median)}",
                     _Kind.SLOW,
                 )
 
@@ -594,7 +599,3 @@ def _first_error(failures: BaseExceptionGroup[BaseException]) -> BaseException:
     if all(isinstance(leaf, OllamaPullError | _RangesIgnored) for leaf in leaves):
         return leaves[0]
     return failures
-
-
-def _rate(bytes_per_second: float) -> str:
-    return f"{bytes_per_second / MIB:.2f} MiB/s"

@@ -29,7 +29,7 @@ from .errors import (
 from .manifest import MANIFEST_MEDIA_TYPE, MAX_MANIFEST_BYTES, Manifest, parse_manifest
 from .network import ShardedTransport
 from .reference import ModelReference
-from .retry import RETRYABLE_STATUS, Backoff, describe_transport_error, retry_after
+from .retry import RETRYABLE_STATUS, Backoff, describe_transport_error, is_tls_mistake, retry_after
 
 USER_AGENT = f"ollama-pull/{__version__}"
 T = TypeVar("T")
@@ -110,7 +110,7 @@ class RegistryClient:
         self._jitter = jitter
 
     def repository_url(self, reference: ModelReference) -> str:
-        return f"{self.scheme}://{reference.host}/v2/{reference.repository}"
+        return f"{reference.scheme or self.scheme}://{reference.host}/v2/{reference.repository}"
 
     def stall_reason(self, silent: float) -> str:
         """Why an attempt that received nothing for ``silent`` seconds is aborted, naming the token service when
@@ -126,9 +126,11 @@ class RegistryClient:
         if down:
             self.mirror_failure = reason
 
-    async def fetch_manifest(self, reference: ModelReference) -> Manifest:
+    async def fetch_manifest(
+        self, reference: ModelReference, *, on_retry: Callable[[int, str, float], None] | None = None
+    ) -> Manifest:
         """Fetch and validate the manifest, retrying stalls, 429, 5xx, network and token service failures with
-        backoff."""
+        backoff; ``on_retry`` hears of each failure that will be retried (failures so far, reason, delay)."""
         mirror = self._mirror_url(reference)
         if mirror is not None:
             try:
@@ -147,6 +149,7 @@ class RegistryClient:
                 self._mirror_failed("invalid manifest", down=False)
         url = f"{self.repository_url(reference)}/manifests/{reference.tag}"
         reason = ""
+        unreachable = False
         for attempt in range(1, self.attempts + 1):
             wait: float | None = None
             try:
@@ -158,15 +161,22 @@ class RegistryClient:
                 wait = retry_after(got)
             except httpx.RequestError as exc:
                 reason = describe_transport_error(exc)
+                if is_tls_mistake(exc):
+                    raise RegistryError(f"cannot fetch the manifest of {reference.name}: {reason}") from exc
+                unreachable = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
             except (_DigestMismatch, _Stalled, TokenServiceError) as exc:
                 # A token service down for now, or bytes changed in transit (a proxy, a flaky link): the next
                 # attempt may do better.
                 reason = str(exc)
             if attempt < self.attempts:
-                await self._sleep(max(wait or 0.0, self.backoff.delay(attempt, self._jitter())))
+                delay = max(wait or 0.0, self.backoff.delay(attempt, self._jitter()))
+                if on_retry is not None:
+                    on_retry(attempt, reason, delay)
+                await self._sleep(delay)
+        hint = "; check the network connection, or set HTTPS_PROXY if you are behind a proxy" if unreachable else ""
         raise RegistryError(
-            f"cannot fetch the manifest of {reference.short} from {reference.host}: {reason} "
-            f"(tried {self.attempts} times)"
+            f"cannot fetch the manifest of {reference.name} from {reference.host}: {reason} "
+            f"(tried {self.attempts} times){hint}"
         )
 
     async def _open_manifest(
@@ -243,7 +253,7 @@ def _raise_for_manifest_status(response: httpx.Response, reference: ModelReferen
     """Raise the final error a manifest status means; return when the status is worth retrying."""
     status = response.status_code
     if status == 404:
-        raise ModelNotFound(reference.short)
+        raise ModelNotFound(reference.name)
     if status in (401, 403):
         sent = response.request.headers.get("Authorization", "").split(" ", 1)[0].lower()
         if sent == "basic":
@@ -253,12 +263,12 @@ def _raise_for_manifest_status(response: httpx.Response, reference: ModelReferen
         else:
             hint = f"it wants credentials: set {USERNAME_VARIABLE} and {PASSWORD_VARIABLE}, or use docker login"
         raise AuthenticationError(
-            f"the registry {reference.host} refused access to {reference.short} (HTTP {status}): {hint}"
+            f"the registry {reference.host} refused access to {reference.name} (HTTP {status}): {hint}"
         )
     if status == 412:
-        raise ClientTooOld(reference.short)
+        raise ClientTooOld(reference.name)
     if status not in RETRYABLE_STATUS:
-        raise RegistryError(f"the registry {reference.host} answered HTTP {status} for {reference.short}")
+        raise RegistryError(f"the registry {reference.host} answered HTTP {status} for {reference.name}")
 
 
 async def _read_manifest(response: httpx.Response, reference: ModelReference, seen: Callable[[], None]) -> Manifest:
@@ -267,12 +277,12 @@ async def _read_manifest(response: httpx.Response, reference: ModelReference, se
         seen()
         body += chunk
         if len(body) > MAX_MANIFEST_BYTES:
-            raise InvalidManifest(reference.short, f"it is larger than {MAX_MANIFEST_BYTES} bytes")
+            raise InvalidManifest(reference.name, f"it is larger than {MAX_MANIFEST_BYTES} bytes")
     raw = bytes(body)
     announced = response.headers.get("Docker-Content-Digest", "")
     if announced.startswith("sha256:") and announced != "sha256:" + hashlib.sha256(raw).hexdigest():
         raise _DigestMismatch(f"the manifest's bytes do not match its Docker-Content-Digest {announced}")
-    return parse_manifest(raw, model=reference.short)
+    return parse_manifest(raw, model=reference.name)
 
 
 class _DigestMismatch(Exception):

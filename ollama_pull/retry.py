@@ -43,6 +43,20 @@ def retry_after(response: httpx.Response, *, now: float | None = None) -> float 
     return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
+# What OpenSSL says when a TLS setting is wrong rather than the network, and what to do about it: trying again
+# cannot help.
+_TLS_MISTAKES = (
+    (
+        "CERTIFICATE_VERIFY_FAILED",
+        "the server's TLS certificate is not trusted",
+        "pass --ca-cert FILE or set SSL_CERT_FILE",
+    ),
+    # The other end answered the TLS handshake in plain HTTP.
+    ("WRONG_VERSION_NUMBER", "the server does not speak TLS", "for a plain-HTTP registry pass --insecure"),
+    ("record layer failure", "the server does not speak TLS", "for a plain-HTTP registry pass --insecure"),
+)
+
+
 def describe_transport_error(exc: httpx.RequestError) -> str:
     """A short reason for a network failure, without URLs or headers (which may carry credentials); it names the
     token service when the request that failed was a token request."""
@@ -57,13 +71,19 @@ def describe_transport_error(exc: httpx.RequestError) -> str:
         httpx.UnsupportedProtocol: "redirected to an unsupported URL scheme",
     }.get(type(exc), "network error")
     detail = str(exc).splitlines()[0] if str(exc) else ""
-    if "CERTIFICATE_VERIFY_FAILED" in detail:
-        reason = f"the server's TLS certificate is not trusted ({detail}): pass --ca-cert FILE or set SSL_CERT_FILE"
-    else:
-        reason = f"{kind} ({detail})" if detail and detail != kind else kind
+    reason = f"{kind} ({detail})" if detail and detail != kind else kind
+    for marker, what, fix in _TLS_MISTAKES:
+        if marker in detail:
+            reason = f"{what} ({detail}): {fix}"
+            break
     try:
         service = exc.request.extensions.get(TOKEN_SERVICE)
     except RuntimeError:
         # An error raised before any request was made has none.
         service = None
     return f"the token service at {service}: {reason}" if service else reason
+
+
+def is_tls_mistake(exc: httpx.RequestError) -> bool:
+    """Whether the failure is a TLS setting to fix (see :data:`_TLS_MISTAKES`), which no retry can get past."""
+    return any(marker in str(exc) for marker, _, _ in _TLS_MISTAKES)

@@ -11,7 +11,7 @@ import respx
 
 from ollama_pull import pull
 from ollama_pull.errors import BlobError, InvalidManifest
-from ollama_pull.events import BlobStarted, Event, ManifestResolved, PullFinished
+from ollama_pull.events import BlobStarted, Event, ManifestResolved, PullFinished, Resolving, WritingManifest
 from ollama_pull.progress import Tally
 from ollama_pull.registry import make_client
 from ollama_pull.store import Store
@@ -47,7 +47,9 @@ async def test_pull_writes_blobs_then_the_exact_manifest(tmp_path: Path) -> None
     for digest, data in model.blobs.items():
         assert store.blob_path(digest).read_bytes() == data
     assert sorted(p.name for p in store.blobs_dir.iterdir()) == sorted(d.replace(":", "-") for d in model.blobs)
-    assert isinstance(events[0], ManifestResolved)
+    assert isinstance(events[0], Resolving)
+    assert isinstance(events[1], ManifestResolved)
+    assert isinstance(events[-2], WritingManifest)
     assert isinstance(events[-1], PullFinished)
     assert events[-1].downloaded_blobs == 4
     assert events[-1].digest == model.manifest.digest
@@ -65,7 +67,7 @@ async def test_present_blobs_are_skipped_and_counted_as_done(tmp_path: Path) -> 
         routes(router, model)
         await run(router, tmp_path, events)
         assert router.get(f"{BASE}/blobs/{present.digest}").call_count == 0
-    resolved = events[0]
+    resolved = events[1]
     assert isinstance(resolved, ManifestResolved)
     assert (resolved.present_blobs, resolved.present_bytes) == (1, 2000)
     tally = Tally()

@@ -82,7 +82,8 @@ def test_a_signal_mid_request_stops_at_once_and_leaves_nothing(
         process.kill()
     assert process.returncode == code, stderr
     assert stopped < 1.0
-    assert stderr.strip().splitlines() == ["interrupted: nothing unverified was kept as a blob; run again to continue"]
+    [line] = stderr.strip().splitlines()
+    assert line.startswith("interrupted: ")
     assert not (models / "manifests").exists()
     assert partial_files(models) == []
     assert not (models / "blobs").exists() or not any((models / "blobs").iterdir())

@@ -90,7 +90,7 @@ def test_bars_mid_pull_and_the_summary_at_the_end(registry: FaultRegistry, model
     end = terminal.wait_for(lambda screen: "EXIT=" in screen)
     assert "EXIT=0" in end
     assert f"pulled {registry.host}/library/demo:latest" in end
-    assert "13 blobs downloaded, 0 already present" in end
+    assert "13 blobs new, 0 present" in end
     assert "text_encoder/layer-" not in end  # finished blob bars are gone
     assert "Traceback" not in end
 
