@@ -277,7 +277,9 @@ class Downloader:
                         lambda watch: self._stream_whole(reference, blob, state, model, watch)
                     )
                 except _AttemptFailed as failed:
-                    if failed.restart:
+                    # Every byte came but the response failed (a lying Content-Length): a Range past the end would
+                    # only get a 416, so that attempt is taken again whole.
+                    if failed.restart or blob.offset >= layer.size:
                         blob.restart()
                     await self._retry(layer.digest, state.tries, failed, model)
                     continue
