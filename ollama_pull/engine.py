@@ -439,7 +439,10 @@ class Downloader:
         now = self._clock()
         silent = now - watch.last_read
         if silent >= self.settings.stall_timeout:
-            raise _AttemptFailed(self.registry.stall_reason(silent), _Kind.STALL)
+            # A stalled token service counts against the attempts, as it does for the manifest: unlike a blob's
+            # server, it has no bytes in flight that a free retry could continue.
+            kind = _Kind.STALL if self.registry.awaited_token_service() is None else _Kind.FAILURE
+            raise _AttemptFailed(self.registry.stall_reason(silent), kind)
         elapsed = now - watch.started
         median = self.speeds.median()
         if elapsed >= self.settings.slow_grace and median is not None:

@@ -112,11 +112,15 @@ class RegistryClient:
     def repository_url(self, reference: ModelReference) -> str:
         return f"{reference.scheme or self.scheme}://{reference.host}/v2/{reference.repository}"
 
+    def awaited_token_service(self) -> str | None:
+        """The host of the token service a token request is waiting on now, if any."""
+        auth = self.client.auth
+        return auth.awaiting if isinstance(auth, RegistryAuth) else None
+
     def stall_reason(self, silent: float) -> str:
         """Why an attempt that received nothing for ``silent`` seconds is aborted, naming the token service when
         a token request is what it waits for."""
-        auth = self.client.auth
-        service = auth.awaiting if isinstance(auth, RegistryAuth) else None
+        service = self.awaited_token_service()
         return f"stalled: no data for {silent:.1f}s" + (f" from the token service at {service}" if service else "")
 
     def _mirror_url(self, reference: ModelReference) -> str | None:

@@ -181,6 +181,25 @@ async def test_a_rejected_token_is_final_not_retried(store: Store) -> None:
             await download(router, model, store)
 
 
+async def test_a_token_service_that_stalls_during_a_blob_counts_against_its_attempts(store: Store) -> None:
+    model = make_model(1000)
+    challenge = 'Bearer realm="https://auth.test/token",service="registry.test"'
+    with respx.mock(using="httpx", assert_all_called=False) as router:
+        serve(router, model, lambda _r, _d: httpx.Response(401, headers={"WWW-Authenticate": challenge}))
+
+        async def token(_request: httpx.Request) -> httpx.Response:
+            await asyncio.Event().wait()
+            raise AssertionError("never answered")
+
+        router.get("https://auth.test/token").mock(side_effect=token)
+        settings = dataclasses.replace(FAST, attempts=2, concurrency=1)
+        with pytest.raises(BlobError) as caught:
+            await download(router, model, store, settings=settings, clock=TickingClock())
+    # Two attempts, not the ten free stalls of a blob's own server.
+    assert caught.value.attempts == 2
+    assert "from the token service at auth.test" in caught.value.reason
+
+
 @pytest.mark.parametrize("lag", range(12))
 async def test_blobs_failing_together_leave_no_unretrieved_error(store: Store, lag: int) -> None:
     # The other blobs' streams fail `lag` turns of the loop after the first one's. For some lag that lands while the

@@ -402,3 +402,21 @@ async def test_a_manifest_body_that_stalls_is_cut_off() -> None:
         async with registry.client:
             assert (await registry.fetch_manifest(REF)).raw == model.manifest.raw
     assert route.call_count == 2
+
+
+async def test_a_mirror_that_stalls_is_left_for_the_origin() -> None:
+    model = make_model(10)
+
+    async def hang(_request: httpx.Request) -> httpx.Response:
+        await asyncio.Event().wait()
+        raise AssertionError("never answered")
+
+    with respx.mock(using="httpx", assert_all_called=False) as router:
+        router.get("https://mirror.test/v2/ns/model/manifests/tag").mock(side_effect=hang)
+        origin = router.get(f"{BASE}/manifests/tag").respond(200, content=model.manifest.raw)
+        registry = registry_for(router, stall_timeout=0.05)
+        registry.mirror = "https://mirror.test"
+        async with registry.client:
+            assert (await registry.fetch_manifest(REF)).raw == model.manifest.raw
+    assert origin.call_count == 1
+    assert registry.mirror_failure == "stalled: no data for 0.1s"
