@@ -80,6 +80,10 @@ class RegistryAuth(httpx.Auth):
             response = yield request
             if response.status_code != 401:
                 return
+            # httpx reads the 401's body only after this flow goes on: read before waiting for the refresh, so that
+            # its connection goes back to the pool for the token request, instead of dozens of waiting downloads
+            # holding every connection the refresh needs.
+            await response.aread()
             async with self._refresh:
                 current = self._headers.get(key)
                 # Nobody refreshed since we sent: ours is the one refresh the others wait for. A download that kept
