@@ -647,6 +647,12 @@ def _run_until_signalled(main: Coroutine[Any, Any, None]) -> signal.Signals | No
 def main() -> None:
     import gc
 
+    # Started with stdout or stderr closed (`ollama-pull ... >&-`), Python has None there: what would go to it
+    # goes nowhere instead, as it does once a reader goes away.
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w"))  # noqa: SIM115 - open for the life of the process
+
     # What is loaded by now lives as long as the process: frozen, the cyclic collector stops walking it again
     # and again while a pull allocates (it was 3% of the CPU of a pull of many small blobs).
     gc.freeze()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -285,3 +286,39 @@ def test_the_library_takes_str_paths_and_a_ca_cert(
     result = asyncio.run(pull(reference(registry, model), models_dir=str(models), ca_cert=str(ca_path)))
     assert result.downloaded_blobs == 3
     assert_store_holds(models, registry, model)
+
+
+@pytest.mark.parametrize("closed", [1, 2])
+def test_a_pull_with_stdout_or_stderr_closed_from_the_start_completes(
+    registry: FaultRegistry, models: Path, closed: int
+) -> None:
+    model = registry.add_synthetic_model("library/demo", blobs=4, blob_size=8192)
+    done = subprocess.run(
+        cli_command("--insecure", "--json", reference(registry, model)),
+        env=cli_env(models),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        preexec_fn=lambda: os.close(closed),  # `>&-` or `2>&-`
+        timeout=60,
+    )
+    assert done.returncode == 0
+    assert_store_holds(models, registry, model)
+
+
+def test_json_events_to_a_file_are_whole_lines_in_order(registry: FaultRegistry, models: Path, tmp_path: Path) -> None:
+    model = registry.add_synthetic_model("library/demo", blobs=4, blob_size=8192)
+    output = tmp_path / "events.jsonl"
+    with output.open("w") as file:
+        done = subprocess.run(
+            cli_command("--insecure", "--json", reference(registry, model)),
+            env=cli_env(models),
+            stdin=subprocess.DEVNULL,
+            stdout=file,
+            stderr=subprocess.PIPE,
+            timeout=60,
+        )
+    assert done.returncode == 0
+    kinds = [json.loads(line)["event"] for line in output.read_text().splitlines()]
+    assert kinds[0] == "manifest"
+    assert kinds[-1] == "done"
+    assert kinds.count("blob_done") == 5
