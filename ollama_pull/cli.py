@@ -393,7 +393,6 @@ class _Session:
         dry_run: bool = False,
         data: bool = False,
     ) -> None:
-        self.json_output = json_output
         self.dry_run = dry_run
         self.failures: list[ExitCode] = []
         self.renderer = _renderer(json_output=json_output, quiet=quiet, dry_run=dry_run, data=data)
