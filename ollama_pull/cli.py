@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from enum import IntEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
@@ -73,9 +73,6 @@ def exit_code_for(error: OllamaPullError) -> ExitCode:
 # Click's UsageError, which typer raises for every usage error (a bad option, a missing argument) but does not
 # export: typer.BadParameter is its public subclass.
 _UsageError: type[Exception] = typer.BadParameter.__mro__[1]
-# Options that every command takes, and that may come before the command's name (``ollama-pull --json list``).
-_COMMON_FLAGS = frozenset({"--json", "-q", "--quiet"})
-_COMMON_VALUED = frozenset({"--models-dir"})
 
 # "\b" keeps Click from re-wrapping the example blocks.
 EPILOG = """\
@@ -110,7 +107,7 @@ class _DefaultToPull(TyperGroup):
         if not args:
             typer.echo(ctx.get_help())
             raise typer.Exit(ExitCode.USAGE)
-        return super().parse_args(ctx, _route(args, set(self.commands)))
+        return super().parse_args(ctx, _route(args, self.commands))
 
     def main(
         self,
@@ -134,19 +131,21 @@ class _DefaultToPull(TyperGroup):
         sys.exit(code if isinstance(code, int) else 0)
 
 
-def _route(args: list[str], commands: set[str]) -> list[str]:
-    """The arguments with the command's name first: moved there from behind common options, or ``pull``."""
+def _route(args: list[str], commands: Mapping[str, Any]) -> list[str]:
+    """The arguments with the command's name first: moved there from behind leading options (``ollama-pull --json
+    list``, ``ollama-pull --insecure pull MODEL``), or ``pull`` when no command is named."""
+    takes_value = {
+        name: not (param.is_flag or param.count)
+        for param in commands["pull"].params
+        if getattr(param, "opts", None) and hasattr(param, "is_flag")
+        for name in (*param.opts, *param.secondary_opts)
+    }
     index = 0
-    while index < len(args):
-        if args[index] in _COMMON_FLAGS or args[index].startswith("--models-dir="):
-            index += 1
-        elif args[index] in _COMMON_VALUED:
-            index += 2
-        else:
-            break
+    while index < len(args) and args[index].startswith("-") and args[index] not in ("-h", "--help", "--version"):
+        index += 2 if takes_value.get(args[index], False) else 1
     if index < len(args) and args[index] in commands:
         return [args[index], *args[:index], *args[index + 1 :]]
-    if index == 0 and args[0] in ("-h", "--help", "--version"):
+    if index == 0 and args and args[0] in ("-h", "--help", "--version"):
         return args
     return ["pull", *args]
 
@@ -394,7 +393,6 @@ class _Session:
         dry_run: bool = False,
         data: bool = False,
     ) -> None:
-        self.json_output = json_output
         self.dry_run = dry_run
         self.failures: list[ExitCode] = []
         self.renderer = _renderer(json_output=json_output, quiet=quiet, dry_run=dry_run, data=data)
@@ -602,37 +600,57 @@ async def _remove(session: _Session, references: list[ModelReference], *, dry_ru
 
 def _run_until_signalled(main: Coroutine[Any, Any, None]) -> signal.Signals | None:
     """Run ``main`` to the end, or until Ctrl-C or SIGTERM (what CI sends to cancel a job): the first of either
-    cancels it, so every ``finally`` below cleans up, and is returned. A second signal during that cleanup changes
-    nothing, where asyncio's own handler would raise KeyboardInterrupt in the middle of it."""
+    cancels it, so every ``finally`` below cleans up, and is returned.
+
+    Our own handlers, not the loop's: once a signal came, both are ignored until the process exits, so a second
+    one during the cleanup changes nothing, where asyncio's handler would raise KeyboardInterrupt in the middle of
+    it. Without a signal the previous handlers come back.
+    """
     import asyncio
 
     received: list[signal.Signals] = []
+    running: list[tuple[asyncio.AbstractEventLoop, asyncio.Task[Any]]] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        received.append(signal.Signals(signum))
+        # Ignored, not just handled: the interpreter puts back the default action of handled signals as it exits,
+        # and a second Ctrl-C in those moments would kill the process with its cleanup done but no exit code.
+        for other in previous:
+            signal.signal(other, signal.SIG_IGN)
+        for loop, task in running:
+            loop.call_soon_threadsafe(task.cancel)
 
     async def guarded() -> None:
-        loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
+        running.append((asyncio.get_running_loop(), task))
+        if not received:
+            await main
+        else:
+            main.close()
 
-        def stop(signum: signal.Signals) -> None:
-            if not received:
-                received.append(signum)
-                task.cancel()
-
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            # The loop removes its handlers when it closes, after asyncio.run has waited for the threads.
-            loop.add_signal_handler(signum, stop, signum)
-        await main
-
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    for signum in previous:
+        signal.signal(signum, on_signal)
     try:
         asyncio.run(guarded())
-    except (asyncio.CancelledError, KeyboardInterrupt):
-        # KeyboardInterrupt: a Ctrl-C before the loop had installed its handler.
-        return received[0] if received else signal.SIGINT
-    return None
+    except asyncio.CancelledError:
+        pass
+    finally:
+        if not received:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+    return received[0] if received else None
 
 
 def main() -> None:
     import gc
+
+    # Started with stdout or stderr closed (`ollama-pull ... >&-`), Python has None there: what would go to it
+    # goes nowhere instead, as it does once a reader goes away.
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w"))  # noqa: SIM115 - open for the life of the process
 
     # What is loaded by now lives as long as the process: frozen, the cyclic collector stops walking it again
     # and again while a pull allocates (it was 3% of the CPU of a pull of many small blobs).

@@ -54,17 +54,23 @@ JSON_SILENT_KINDS = frozenset({BlobProgress.kind, Resolving.kind, WritingManifes
 _DRY_RUN_SILENT_KINDS = JSON_SILENT_KINDS | {ManifestRetry.kind}
 
 
-def summary_line(event: PullFinished) -> str:
+def summary_line(event: PullFinished, width: int = SUMMARY_WIDTH) -> str:
+    """One line of at most ``width`` columns. The model's name is cut first, down to a few letters; on a narrow
+    terminal the speed goes next, then the end of the line."""
     if event.downloaded_blobs == 0:
-        text = f"{{}} is already up to date: {format_size(event.total_bytes)}, {plural(event.present_blobs, 'blob')}"
+        size = f"{format_size(event.total_bytes)}, {plural(event.present_blobs, 'blob')}"
+        forms = [f"{{}} is already up to date: {size}"]
     else:
         speed = event.downloaded_bytes / event.seconds if event.seconds > 0 else 0.0
-        text = (
-            f"pulled {{}}: {format_size(event.total_bytes)} in {event.seconds:.1f}s at {format_rate(speed)}, "
-            f"{plural(event.downloaded_blobs, 'blob')} new, {event.present_blobs} present"
-        )
-    room = SUMMARY_WIDTH - len(text) + 2
-    return text.format(event.model if len(event.model) <= room else event.model[: max(room - 1, 1)] + "…")
+        blobs = f"{plural(event.downloaded_blobs, 'blob')} new, {event.present_blobs} present"
+        took = f"{format_size(event.total_bytes)} in {event.seconds:.1f}s"
+        forms = [f"pulled {{}}: {took} at {format_rate(speed)}, {blobs}", f"pulled {{}}: {took}, {blobs}"]
+    for text in forms:
+        room = max(width - len(text) + 2, 8)
+        line = text.format(event.model if len(event.model) <= room else event.model[: room - 1] + "…")
+        if len(line) <= width:
+            return line
+    return line[: width - 1] + "…"
 
 
 def plan_line(event: ManifestResolved) -> str:
@@ -354,10 +360,10 @@ class RichRenderer:
         if isinstance(event, ManifestResolved) and self._dry_run:
             self._out.print(plan_line(event), markup=False, highlight=False)
         elif isinstance(event, Resolving) and not self._dry_run:
-            self._start(event.model, "resolving the manifest")
+            self._start(event.model, "resolving")
         elif isinstance(event, ManifestRetry):
             self._note(f"retrying the manifest of {event.model} (failure {event.attempt}): {event.reason}")
-            self._phase(f"resolving, retry in {event.delay:.1f}s")
+            self._phase(f"retry in {event.delay:.1f}s")
         elif isinstance(event, ManifestResolved):
             self._resolved(event)
         elif isinstance(event, LocalModel):
@@ -365,8 +371,10 @@ class RichRenderer:
         elif isinstance(event, Failed):
             self._note(error_line(event), style="bold red")
         elif isinstance(event, PullFinished):
+            self._phase("")
             self.close()
-            self._console.print(summary_line(event), markup=False, highlight=False)
+            width = min(self._console.width, SUMMARY_WIDTH)
+            self._console.print(summary_line(event, width), markup=False, highlight=False, soft_wrap=True)
         elif self._progress is not None:
             self._blob_event(self._progress, event)
         else:
@@ -396,7 +404,7 @@ class RichRenderer:
         elif isinstance(event, BlobRetry):
             self._note(f"retrying {self._labels.get(event.digest, event.digest)}: {event.reason}", style="yellow")
         elif isinstance(event, WritingManifest):
-            self._phase("writing the manifest")
+            self._phase("writing manifest")
             return
         if self._overall is not None:
             progress.update(self._overall, completed=self._tally.completed)
@@ -423,27 +431,20 @@ class RichRenderer:
             console=self._console,
             expand=True,
         )
-        self._overall = self._progress.add_task(self._description(phase), total=None, status="")
+        self._overall = self._progress.add_task(Text(model, style="bold").markup, total=None, status=phase)
         self._progress.start()
 
-    def _description(self, phase: str = "") -> str:
-        text = Text(self._model, style="bold")
-        if phase:
-            text.append(f" {phase}", style="cyan")
-        return text.markup
-
     def _phase(self, phase: str) -> None:
+        """What the model as a whole is doing, where its speed shows while bytes flow."""
         if self._progress is not None and self._overall is not None:
-            self._progress.update(self._overall, description=self._description(phase))
+            self._progress.update(self._overall, status=phase)
 
     def _resolved(self, event: ManifestResolved) -> None:
         if self._progress is None or self._model != event.model:
             self._start(event.model, "")
         assert self._progress is not None
         assert self._overall is not None
-        self._progress.update(
-            self._overall, description=self._description(), total=event.total_bytes, completed=event.present_bytes
-        )
+        self._progress.update(self._overall, total=event.total_bytes, completed=event.present_bytes, status="")
 
     def _note(self, text: str, *, style: str = "") -> None:
         """A line above the bars (or on its own when no display runs), cut to the width rather than wrapped."""

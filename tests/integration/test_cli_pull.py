@@ -122,6 +122,8 @@ def test_a_rerun_skips_what_is_present(registry: FaultRegistry, models: Path) ->
     assert run.events[0]["present_blobs"] == 7
     assert run.events[-1]["downloaded_blobs"] == 0
     assert_store_holds(models, registry, model)
+    plain = run_cli(models, "--insecure", reference(registry, model))
+    assert plain.stderr.splitlines()[-1] == f"{reference(registry, model)} is already up to date: 380.0 KiB, 7 blobs"
 
 
 def test_token_auth_with_expiring_tokens_never_shows_a_token(models: Path) -> None:
