@@ -79,6 +79,11 @@ def _direct_transport(connections: int, verify: bool | ssl.SSLContext) -> httpx.
     return ShardedTransport(connections, verify=verify)
 
 
+# A registry or token service that takes the request and then says nothing, again and again, is down for now:
+# three silent attempts are enough to say so, about half a minute with the default --stall-timeout.
+MAX_MANIFEST_STALLS = 3
+
+
 class RegistryClient:
     """Talks to the registry a reference names; knows URLs, status codes and retries, nothing of the store.
 
@@ -154,6 +159,7 @@ class RegistryClient:
         url = f"{self.repository_url(reference)}/manifests/{reference.tag}"
         reason = ""
         unreachable = False
+        stalls = 0
         for attempt in range(1, self.attempts + 1):
             wait: float | None = None
             try:
@@ -172,6 +178,9 @@ class RegistryClient:
                 # A token service down for now, or bytes changed in transit (a proxy, a flaky link): the next
                 # attempt may do better.
                 reason = str(exc)
+                stalls += isinstance(exc, _Stalled)
+            if stalls >= MAX_MANIFEST_STALLS:
+                break
             if attempt < self.attempts:
                 delay = max(wait or 0.0, self.backoff.delay(attempt, self._jitter()))
                 if on_retry is not None:
@@ -180,7 +189,7 @@ class RegistryClient:
         hint = "; check the network connection, or set HTTPS_PROXY if you are behind a proxy" if unreachable else ""
         raise RegistryError(
             f"cannot fetch the manifest of {reference.name} from {reference.host}: {reason} "
-            f"(tried {self.attempts} times){hint}"
+            f"(tried {attempt} times){hint}"
         )
 
     async def _open_manifest(
