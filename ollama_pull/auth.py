@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +20,10 @@ import httpx
 
 from .credentials import CredentialLookup, Credentials, find_credentials
 from .errors import AuthenticationError, RegistryError
+from .huggingface import access_hint, is_hugging_face
 from .signing import OllamaKey, default_key_path, signed_token_url
+
+PresetHeader = Callable[[httpx.URL], "str | None"]
 
 _PARAM = re.compile(r'(\w+)\s*=\s*(?:"([^"]*)"|([^\s,]*))')
 _REPOSITORY = re.compile(r"^/v2/(.+)/(?:manifests|blobs)/")
@@ -48,8 +51,15 @@ def parse_challenge(header: str) -> BearerChallenge | None:
 class RegistryAuth(httpx.Auth):
     """An httpx auth flow for OCI registries: token authentication, or Basic where the registry asks for it."""
 
-    def __init__(self, credentials: CredentialLookup = find_credentials, key_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        credentials: CredentialLookup = find_credentials,
+        key_path: Path | None = None,
+        preset: PresetHeader = lambda _url: None,
+    ) -> None:
         self._credentials = credentials
+        # The Authorization value a request to a host carries before any challenge (a Hugging Face token).
+        self._preset = preset
         self._key_path = key_path
         self._key: OllamaKey | None = None
         self._key_loaded = False
@@ -59,7 +69,8 @@ class RegistryAuth(httpx.Auth):
 
     async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
         key = _cache_key(request.url)
-        sent = self._headers.get(key)
+        cached = self._headers.get(key)
+        sent = cached or self._preset(request.url)
         if sent is not None:
             request.headers["Authorization"] = sent
         response = yield request
@@ -68,11 +79,13 @@ class RegistryAuth(httpx.Auth):
         header = response.headers.get("WWW-Authenticate", "")
         async with self._refresh:
             # Another download may have refreshed the header while we waited for the lock: use what it got.
-            if self._headers.get(key) == sent:
+            if self._headers.get(key) == cached:
                 credentials = self._credentials(request.url.netloc.decode("ascii"))
                 challenge = parse_challenge(header)
                 if challenge is not None:
-                    token_response = yield _token_request(challenge, request, credentials, self._ollama_key())
+                    token_response = yield _token_request(
+                        challenge, request, credentials, self._ollama_key(), self._preset
+                    )
                     await token_response.aread()
                     self._headers[key] = "Bearer " + _token_from(token_response, challenge)
                 elif header.strip().lower().startswith("basic") and credentials is not None and sent is None:
@@ -97,7 +110,11 @@ def _cache_key(url: httpx.URL) -> str:
 
 
 def _token_request(
-    challenge: BearerChallenge, original: httpx.Request, credentials: Credentials | None, key: OllamaKey | None
+    challenge: BearerChallenge,
+    original: httpx.Request,
+    credentials: Credentials | None,
+    key: OllamaKey | None,
+    preset: PresetHeader,
 ) -> httpx.Request:
     realm = httpx.URL(challenge.realm)
     if realm.scheme not in ("http", "https"):
@@ -115,11 +132,17 @@ def _token_request(
     params.extend(("scope", scope) for scope in challenge.scopes)
     if credentials is not None:
         headers["Authorization"] = credentials.basic_header()
+    elif (header := preset(realm)) is not None:
+        headers["Authorization"] = header
     return httpx.Request("GET", realm.copy_merge_params(params), headers=headers)
 
 
 def _token_from(response: httpx.Response, challenge: BearerChallenge) -> str:
     where = httpx.URL(challenge.realm).host
+    if response.status_code in (401, 403) and is_hugging_face(where):
+        raise AuthenticationError(
+            f"Hugging Face's token service refused access (HTTP {response.status_code}): {access_hint()}"
+        )
     if response.status_code in (401, 403):
         raise AuthenticationError(
             f"the token service at {where} refused access (HTTP {response.status_code}): "

@@ -18,6 +18,7 @@ from . import __version__
 from .auth import RegistryAuth
 from .credentials import PASSWORD_VARIABLE, USERNAME_VARIABLE
 from .errors import AuthenticationError, ClientTooOld, InvalidManifest, ModelNotFound, RegistryError
+from .huggingface import HuggingFaceToken, is_hugging_face, rate_limited_message, refused_message
 from .manifest import MANIFEST_MEDIA_TYPE, MAX_MANIFEST_BYTES, Manifest, parse_manifest
 from .network import ShardedTransport
 from .reference import ModelReference
@@ -51,7 +52,7 @@ def make_client(
             raise RegistryError(f"cannot use the CA certificate {ca_cert}: {exc}") from exc
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     return httpx.AsyncClient(
-        auth=RegistryAuth(),
+        auth=RegistryAuth(preset=HuggingFaceToken()),
         follow_redirects=True,
         verify=verify,
         headers={"User-Agent": USER_AGENT},
@@ -130,8 +131,10 @@ class RegistryClient:
         url = f"{self.repository_url(reference)}/manifests/{reference.tag}"
         reason = ""
         unreachable = False
+        limited: httpx.Request | None = None
         for attempt in range(1, self.attempts + 1):
             wait: float | None = None
+            limited = None
             try:
                 async with self.client.stream("GET", url, headers={"Accept": MANIFEST_MEDIA_TYPE}) as response:
                     if response.status_code == 200:
@@ -139,6 +142,8 @@ class RegistryClient:
                     _raise_for_manifest_status(response, reference)
                     reason = f"HTTP {response.status_code}"
                     wait = retry_after(response)
+                    if response.status_code == 429:
+                        limited = response.request
             except httpx.RequestError as exc:
                 reason = describe_transport_error(exc)
                 if is_tls_mistake(exc):
@@ -152,6 +157,9 @@ class RegistryClient:
                 if on_retry is not None:
                     on_retry(attempt, reason, delay)
                 await self._sleep(delay)
+        if limited is not None and is_hugging_face(reference.host):
+            sent = "Authorization" in limited.headers
+            raise RegistryError(rate_limited_message(reference.name, self.attempts, token_sent=sent))
         hint = "; check the network connection, or set HTTPS_PROXY if you are behind a proxy" if unreachable else ""
         raise RegistryError(
             f"cannot fetch the manifest of {reference.name} from {reference.host}: {reason} "
@@ -199,6 +207,8 @@ def _raise_for_manifest_status(response: httpx.Response, reference: ModelReferen
         raise ModelNotFound(reference.name)
     if status in (401, 403):
         sent = response.request.headers.get("Authorization", "").split(" ", 1)[0].lower()
+        if is_hugging_face(reference.host):
+            raise AuthenticationError(refused_message(reference, status, token_sent=bool(sent)))
         if sent == "basic":
             hint = "the credentials were refused: check them"
         elif sent == "bearer":
