@@ -47,7 +47,7 @@ from .events import (
     ImportPlanned,
     ignore_event,
 )
-from .manifest import DIGEST_PATTERN, MANIFEST_MEDIA_TYPE, MAX_MANIFEST_BYTES, Layer, Manifest, parse_manifest
+from .manifest import DIGEST_PATTERN, MAX_MANIFEST_BYTES, Layer, Manifest, parse_manifest
 from .reference import ModelReference, parse_reference
 from .store import READ_SIZE, BlobFile, Store, default_models_dir, storage_errors
 from .worker import Channel, run_blocking
@@ -189,7 +189,7 @@ def index_document(models: Sequence[BundleModel]) -> bytes:
     """``index.json``: one descriptor per model, named with its full name."""
     descriptors = [
         {
-            "mediaType": _media_type(model.manifest),
+            "mediaType": model.manifest.media_type,
             "digest": model.manifest.digest,
             "size": len(model.manifest.raw),
             "annotations": {REF_NAME_ANNOTATION: str(model.reference)},
@@ -198,14 +198,6 @@ def index_document(models: Sequence[BundleModel]) -> bytes:
     ]
     document = {"schemaVersion": 2, "mediaType": INDEX_MEDIA_TYPE, "manifests": descriptors}
     return json.dumps(document, indent=2).encode() + b"\n"
-
-
-def _media_type(manifest: Manifest) -> str:
-    try:
-        value = json.loads(manifest.raw).get("mediaType")
-    except ValueError:
-        value = None
-    return value if isinstance(value, str) else MANIFEST_MEDIA_TYPE
 
 
 def _write_layout(store: Store, models: Sequence[BundleModel], output: Path, layout: Layout, channel: Channel) -> None:
@@ -390,9 +382,10 @@ class Bundle:
         entry = self._entries.get(blob_entry(layer.digest))
         return entry is not None and entry.size == layer.size
 
-    def chunks(self, digest: str) -> Iterator[bytes]:
-        """A blob's bytes as stored in the bundle, :data:`READ_SIZE` at a time; the caller checks them."""
-        yield from self._chunks(blob_entry(digest))
+    def chunks(self, digest: str, start: int = 0, length: int | None = None) -> Iterator[bytes]:
+        """A blob's bytes as stored in the bundle (``length`` of them from ``start``, or all), :data:`READ_SIZE`
+        at a time; the caller checks them."""
+        yield from self._chunks(blob_entry(digest), start, length)
 
     def select(self, name: str | None) -> BundleModel:
         """The model named ``name`` (as a user types it), or the only one when ``name`` is None."""
@@ -407,21 +400,13 @@ class Bundle:
                 return model
         raise InvalidBundle(self.label, f"it does not hold {wanted.short}")
 
-    def _chunks(self, name: str) -> Iterator[bytes]:
+    def _chunks(self, name: str, start: int = 0, length: int | None = None) -> Iterator[bytes]:
         entry = self._entries[name]
-        flags = os.O_RDONLY | (os.O_NOFOLLOW if self._unpacked else 0)
-        with storage_errors(f"read {entry.path}"):
-            fd = os.open(entry.path, flags)
-        with os.fdopen(fd, "rb") as handle:
-            handle.seek(entry.offset)
-            remaining = entry.size
-            while remaining:
-                with storage_errors(f"read {entry.path}"):
-                    chunk = handle.read(min(READ_SIZE, remaining))
-                if not chunk:
-                    raise InvalidBundle(self.label, f"{name} ends {remaining} bytes early: the bundle is truncated")
-                remaining -= len(chunk)
-                yield chunk
+        wanted = entry.size - start if length is None else length
+        try:
+            yield from read_range(entry.path, entry.offset + start, wanted, nofollow=self._unpacked)
+        except EOFError as exc:
+            raise InvalidBundle(self.label, f"{name} is cut short ({exc}): the bundle is truncated") from exc
 
     def _document(self, name: str) -> Any:
         entry = self._entries.get(name)
@@ -488,6 +473,23 @@ class Bundle:
                     self.label, reference.short, layer.digest, f"{entry.size} bytes, the manifest says {layer.size}"
                 )
         return BundleModel(reference, manifest)
+
+
+def read_range(path: Path, offset: int, length: int, *, nofollow: bool = False) -> Iterator[bytes]:
+    """``length`` bytes of a file from ``offset``, :data:`READ_SIZE` at a time; :class:`EOFError` when the file
+    ends first. ``nofollow`` refuses a file that has become a link since it was checked."""
+    with storage_errors(f"read {path}"):
+        fd = os.open(path, os.O_RDONLY | (os.O_NOFOLLOW if nofollow else 0))
+    with os.fdopen(fd, "rb") as handle:
+        handle.seek(offset)
+        remaining = length
+        while remaining:
+            with storage_errors(f"read {path}"):
+                chunk = handle.read(min(READ_SIZE, remaining))
+            if not chunk:
+                raise EOFError(f"{remaining} of {length} bytes missing")
+            remaining -= len(chunk)
+            yield chunk
 
 
 def open_bundle(path: Path) -> Bundle:

@@ -200,6 +200,16 @@ class RegistryClient:
             yield r
 
 
+def auth_hint(response: httpx.Response) -> str:
+    """What to do about a 401 or 403, judged by what the refused request carried."""
+    sent = response.request.headers.get("Authorization", "").split(" ", 1)[0].lower()
+    if sent == "basic":
+        return "the credentials were refused: check them"
+    if sent == "bearer":
+        return "the token it issued does not grant access: the model may be private, or the credentials wrong"
+    return f"it wants credentials: set {USERNAME_VARIABLE} and {PASSWORD_VARIABLE}, or use docker login"
+
+
 def _raise_for_manifest_status(response: httpx.Response, reference: ModelReference) -> None:
     """Raise the final error a manifest status means; return when the status is worth retrying."""
     status = response.status_code
@@ -209,14 +219,8 @@ def _raise_for_manifest_status(response: httpx.Response, reference: ModelReferen
         sent = response.request.headers.get("Authorization", "").split(" ", 1)[0].lower()
         if is_hugging_face(reference.host):
             raise AuthenticationError(refused_message(reference, status, token_sent=bool(sent)))
-        if sent == "basic":
-            hint = "the credentials were refused: check them"
-        elif sent == "bearer":
-            hint = "the token it issued does not grant access: the model may be private, or the credentials wrong"
-        else:
-            hint = f"it wants credentials: set {USERNAME_VARIABLE} and {PASSWORD_VARIABLE}, or use docker login"
         raise AuthenticationError(
-            f"the registry {reference.host} refused access to {reference.name} (HTTP {status}): {hint}"
+            f"the registry {reference.host} refused access to {reference.name} (HTTP {status}): {auth_hint(response)}"
         )
     if status == 412:
         raise ClientTooOld(reference.name)
