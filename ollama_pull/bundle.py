@@ -140,8 +140,9 @@ async def export_models(
     _check_output(output, chosen)
     blobs = _unique_blobs(planned)
     names = tuple(str(model.reference) for model in planned)
-    total = sum(len(model.manifest.raw) for model in planned) + sum(layer.size for layer, _ in blobs)
-    on_event(ExportPlanned(str(output), chosen, names, len(blobs) + len(planned), total, dry_run))
+    # What progress counts: the blobs, each once; the manifests are a few KiB beside them.
+    total = sum(layer.size for layer, _ in blobs)
+    on_event(ExportPlanned(str(output), chosen, names, len(blobs), total, dry_run))
     if not dry_run:
         async with store.store_lock(exclusive=False):
             # A prune or rm may have run since: look again under the lock, which keeps them out until we are done.
@@ -149,8 +150,8 @@ async def export_models(
             await run_blocking(lambda channel: _write_layout(store, planned, output, chosen, channel), on_event)
     seconds = time.monotonic() - started
     if not dry_run:
-        on_event(ExportFinished(str(output), chosen, names, len(blobs) + len(planned), total, seconds))
-    return ExportResult(output, chosen, references, len(blobs) + len(planned), total, seconds, dry_run)
+        on_event(ExportFinished(str(output), chosen, names, len(blobs), total, seconds))
+    return ExportResult(output, chosen, references, len(blobs), total, seconds, dry_run)
 
 
 def _export_plan(store: Store, references: Sequence[ModelReference]) -> tuple[BundleModel, ...]:

@@ -178,7 +178,8 @@ class Failed:
 
 @dataclass(frozen=True)
 class ExportPlanned:
-    """What an export writes: every model by its full name, each blob once; ``layout`` is ``tar`` or ``dir``."""
+    """What an export writes: every model by its full name, each blob once (``blobs`` and ``total_bytes`` count
+    the blobs, not the manifests); ``layout`` is ``tar`` or ``dir``."""
 
     kind: ClassVar[str] = "export_plan"
     output: str

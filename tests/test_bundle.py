@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
 import tarfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,9 @@ from ollama_pull.bundle import REF_NAME_ANNOTATION, export_models, import_bundle
 from ollama_pull.errors import CorruptModel, IncompleteModel, InvalidBundle, StorageError, TamperedBlob
 from ollama_pull.events import (
     BlobFinished,
+    BlobProgress,
     Event,
+    EventCallback,
     ExportFinished,
     ExportPlanned,
     ImportFinished,
@@ -79,7 +82,8 @@ async def test_export_then_import_restores_the_store_byte_for_byte(
     shared = set(first.blobs) & set(second.blobs)
     assert len(shared) == 1
     unique = set(first.blobs) | set(second.blobs)
-    assert result.blobs == len(unique) + 2  # the blobs once each, and both manifests
+    assert result.blobs == len(unique)
+    assert result.total_bytes == sum(len(data) for data in (first.blobs | second.blobs).values())
     assert isinstance(events[0], ExportPlanned)
     assert events[0].models == (str(FIRST), str(SECOND))
     assert isinstance(events[-1], ExportFinished)
@@ -376,3 +380,38 @@ async def test_a_truncated_tar_is_refused(tmp_path: Path, two_models: tuple[Mode
     with pytest.raises((InvalidBundle, TamperedBlob)):
         await import_bundle(output, models_dir=tmp_path / "target")
     assert not (tmp_path / "target" / "manifests").exists()
+
+
+async def cancelled_at_first_progress(run: Callable[[EventCallback], Awaitable[object]]) -> None:
+    """Start ``run``, cancel it at its first blob progress, and wait until it has stopped."""
+    progressed = asyncio.Event()
+
+    def watch(event: Event) -> None:
+        if isinstance(event, BlobProgress):
+            progressed.set()
+
+    task = asyncio.create_task(run(watch))
+    await asyncio.wait_for(progressed.wait(), 20)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+BIG = 48 * 1024 * 1024  # 48 reads: a stop between two of them is long before the end
+
+
+async def test_a_cancelled_export_leaves_nothing_behind(tmp_path: Path) -> None:
+    source = stocked(tmp_path / "source", (str(FIRST), make_model(BIG)))
+    output = tmp_path / "models.tar"
+    await cancelled_at_first_progress(
+        lambda watch: export_models([FIRST], output, models_dir=source.root, on_event=watch)
+    )
+    assert listing(tmp_path) == ["source"]
+
+
+async def test_a_cancelled_import_installs_nothing_and_leaves_no_partial_file(tmp_path: Path) -> None:
+    output = await exported(tmp_path, make_model(BIG))
+    target = tmp_path / "target"
+    await cancelled_at_first_progress(lambda watch: import_bundle(output, models_dir=target, on_event=watch))
+    assert not (target / "manifests").exists()
+    assert listing(target / "blobs") == []
