@@ -136,6 +136,8 @@ async def export_models(
     store = Store(models_dir or default_models_dir())
     chosen = layout or layout_for(output)
     references = tuple(dict.fromkeys(_reference(model) for model in models))
+    if not references:
+        raise ValueError("export_models needs at least one model")
     planned = _export_plan(store, references)
     _check_output(output, chosen)
     blobs = _unique_blobs(planned)

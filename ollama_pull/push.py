@@ -93,11 +93,13 @@ class PushSource:
     chunks: Chunks
 
 
-def push_source(source: str | Path, *, model: str | None = None, models_dir: Path | None = None) -> PushSource:
+def push_source(
+    source: str | Path | ModelReference, *, model: str | None = None, models_dir: Path | None = None
+) -> PushSource:
     """``source`` as a bundle when it is a tar file or a directory holding an OCI layout (``model`` picks one of
     its models), else as the name of a model in the store."""
-    path = Path(source)
-    if path.is_file() or (path / LAYOUT_FILE).is_file():
+    path = None if isinstance(source, ModelReference) else Path(source)
+    if path is not None and (path.is_file() or (path / LAYOUT_FILE).is_file()):
         bundle = open_bundle(path)
         chosen = bundle.select(model)
         return PushSource(
@@ -123,7 +125,7 @@ def push_source(source: str | Path, *, model: str | None = None, models_dir: Pat
 
 
 async def push(
-    source: str | Path | PushSource,
+    source: str | Path | ModelReference | PushSource,
     destination: str | ModelReference,
     *,
     model: str | None = None,

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import io
 import json
+import subprocess
 import tarfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -216,6 +217,16 @@ async def test_one_tampered_byte_installs_nothing_of_the_model(
         await import_bundle(output, models_dir=target)
     assert not (target / "manifests").exists()
     assert listing(target / "blobs") == []
+
+
+async def test_a_layout_tarred_by_gnu_tar_imports(tmp_path: Path, two_models: tuple[Model, Model]) -> None:
+    """``tar -cf bundle.tar -C DIR .``: members start with ``./``, and the directory itself is one."""
+    layout = await exported(tmp_path, two_models[0], "models-dir")
+    bundle = tmp_path / "by-gnu-tar.tar"
+    await asyncio.to_thread(subprocess.run, ["tar", "-cf", str(bundle), "-C", str(layout), "."], check=True)
+    result = await import_bundle(bundle, models_dir=tmp_path / "target")
+    assert [model.reference for model in result.models] == [FIRST]
+    assert snapshot(tmp_path / "target") == snapshot(tmp_path / "source")
 
 
 async def test_import_dry_run_lists_the_models_and_writes_nothing(
