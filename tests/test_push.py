@@ -45,7 +45,8 @@ class MemoryRegistry:
         if self.fail_next and request.method in ("PUT", "PATCH"):
             return self.fail_next.pop(0)
         if "/blobs/uploads/" in path:
-            return self.upload(request, path.rsplit("/blobs/uploads/", 1)[1])
+            repository, session = path.removeprefix("/v2/").split("/blobs/uploads/", 1)
+            return self.upload(request, repository, session)
         if "/blobs/" in path:
             return httpx.Response(200 if path.rsplit("/", 1)[1] in self.blobs else 404)
         if "/manifests/" in path:
@@ -58,20 +59,20 @@ class MemoryRegistry:
             return httpx.Response(200, headers={"Docker-Content-Digest": "sha256:" + hashlib.sha256(held).hexdigest()})
         return httpx.Response(404)
 
-    def upload(self, request: httpx.Request, session: str) -> httpx.Response:
+    def upload(self, request: httpx.Request, repository: str, session: str) -> httpx.Response:
         if request.method == "POST":
             mount = request.url.params.get("mount")
             if mount and self.mountable and mount in self.blobs:
                 return httpx.Response(201)
             name = uuid.uuid4().hex
             self.sessions[name] = bytearray()
-            return httpx.Response(202, headers={"Location": f"/v2/x/blobs/uploads/{name}?_state=s"})
+            return httpx.Response(202, headers={"Location": f"/v2/{repository}/blobs/uploads/{name}?_state=s"})
         data = self.sessions[session]
         data += request.content
         if request.method == "PATCH":
             start = int(request.headers["Content-Range"].split("-")[0])
             assert start == len(data) - len(request.content)
-            return httpx.Response(202, headers={"Location": f"/v2/x/blobs/uploads/{session}?_state=t"})
+            return httpx.Response(202, headers={"Location": f"/v2/{repository}/blobs/uploads/{session}?_state=t"})
         digest = request.url.params["digest"]
         if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
             return httpx.Response(400, json={"errors": [{"code": "DIGEST_INVALID", "message": "digest mismatch"}]})
@@ -233,3 +234,36 @@ async def test_a_bundle_source_names_its_model_when_it_holds_several(tmp_path: P
     chosen = push_source(bundle, model="registry.test/ns/other:tag")
     assert chosen.manifest.raw == second.manifest.raw
     assert json.loads(chosen.manifest.raw)["layers"]
+
+
+async def test_a_bearer_registry_grants_push_after_pull(tmp_path: Path) -> None:
+    """HEAD is challenged for pull, the upload for pull,push: the token is refreshed once with the wider scope,
+    and the streamed upload carries it from the start (a body cannot be sent twice)."""
+    model = make_model(1000)
+    server = MemoryRegistry()
+    granted: dict[str, str] = {}
+    tokens: list[str] = []
+    events: list[Event] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "auth.test":
+            scope = request.url.params["scope"]
+            tokens.append(scope)
+            granted[f"token-{len(tokens)}"] = scope
+            return httpx.Response(200, json={"token": f"token-{len(tokens)}"})
+        needed = "pull" if request.method in ("HEAD", "GET") else "pull,push"
+        token = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        actions = set(granted.get(token, "").rsplit(":", 1)[-1].split(","))
+        if not set(needed.split(",")) <= actions:
+            challenge = f'Bearer realm="https://auth.test/token",service="r",scope="repository:team/copy:{needed}"'
+            return httpx.Response(401, headers={"WWW-Authenticate": challenge})
+        return server(request)
+
+    async with make_client(transport=httpx.MockTransport(handler)) as client:
+        result = await push(
+            SOURCE, "dest.test/team/copy:v1", models_dir=stocked(tmp_path, model), client=client, on_event=events.append
+        )
+    assert result.uploaded_blobs == 2
+    assert server.blobs == model.blobs
+    assert tokens == ["repository:team/copy:pull", "repository:team/copy:pull,push"]
+    assert not [event for event in events if isinstance(event, BlobRetry)]

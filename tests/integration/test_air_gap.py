@@ -4,6 +4,7 @@ uploads nothing; a push within one registry mounts instead of uploading; a tampe
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from ollama_pull.reference import parse_reference
 from ollama_pull.store import Store
 
 from .distribution import DistributionRegistry, manifest_bytes, sha256_digest
-from .test_distribution_registry import CONFIG, PASSWORD, USER, synthetic_layers
+from .test_distribution_registry import CONFIG, PASSWORD, USER, basic_auth, synthetic_layers
 
 pytestmark = [
     pytest.mark.integration,
@@ -92,12 +93,24 @@ async def test_export_push_pull_is_byte_for_byte(tmp_path: Path, registry: Distr
     assert len(second) == 10  # nine blobs and the manifest
 
 
+@pytest.mark.parametrize("where", ["environment", "docker-config"])
 async def test_the_same_with_basic_auth(
-    tmp_path: Path, private_registry: DistributionRegistry, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, private_registry: DistributionRegistry, monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
-    monkeypatch.setenv("OLLAMA_PULL_USERNAME", USER)
-    monkeypatch.setenv("OLLAMA_PULL_PASSWORD", PASSWORD)
+    if where == "environment":
+        monkeypatch.setenv("OLLAMA_PULL_USERNAME", USER)
+        monkeypatch.setenv("OLLAMA_PULL_PASSWORD", PASSWORD)
+    else:
+        docker = tmp_path / "docker"
+        docker.mkdir()
+        auths = {private_registry.host: {"auth": basic_auth(PASSWORD)}}
+        (docker / "config.json").write_text(json.dumps({"auths": auths}))
+        monkeypatch.setenv("DOCKER_CONFIG", str(docker))
     await round_trip(tmp_path, private_registry)
+    # Anonymous requests were challenged, and none was refused once the credentials went along.
+    statuses = {record.status for record in private_registry.requests(AGENT)}
+    assert 401 in statuses
+    assert not statuses & {403, 500}
 
 
 async def test_a_wrong_password_is_an_authentication_error(
