@@ -59,6 +59,8 @@ INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
 _LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
 _BLOB_ENTRY = re.compile(r"blobs/sha256/[0-9a-f]{64}")
 _DIRECTORIES = frozenset({"", "blobs", "blobs/sha256"})
+# Models have at most a few thousand blobs; a bundle with far more entries is an attack on our memory.
+MAX_ENTRIES = 100_000
 _TAR_BLOCK = tarfile.BLOCKSIZE
 _TAR_RECORD = tarfile.RECORDSIZE
 
@@ -509,7 +511,11 @@ def open_bundle(path: Path) -> Bundle:
 def _tar_entries(path: Path, label: str) -> dict[str, _Entry]:
     try:
         with storage_errors(f"read {path}"), tarfile.open(path, "r:") as archive:
-            members = archive.getmembers()
+            members = []
+            for member in archive:
+                members.append(member)
+                if len(members) > MAX_ENTRIES:
+                    raise InvalidBundle(label, f"it has more than {MAX_ENTRIES} members")
     except tarfile.TarError as exc:
         raise InvalidBundle(label, f"it is not an uncompressed tar archive ({exc})") from exc
     entries: dict[str, _Entry] = {}
@@ -533,6 +539,8 @@ def _directory_entries(root: Path, label: str) -> dict[str, _Entry]:
     def walk(directory: Path, prefix: str) -> None:
         with storage_errors(f"read {directory}"):
             found = sorted(os.scandir(directory), key=lambda item: item.name)
+        if len(entries) + len(found) > MAX_ENTRIES:
+            raise InvalidBundle(label, f"it has more than {MAX_ENTRIES} files")
         for item in found:
             name = prefix + item.name
             if item.is_symlink():

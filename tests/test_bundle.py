@@ -316,6 +316,13 @@ async def test_hostile_members_are_refused_before_anything_is_written(tmp_path: 
     assert not (tmp_path / "target").exists()
 
 
+async def test_a_bundle_of_too_many_members_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("ollama_pull.bundle.MAX_ENTRIES", 5)
+    bundle = hostile_tar(tmp_path / "bundle.tar", lambda _archive: None, make_model(1, 2, 3, 4, 5))
+    with pytest.raises(InvalidBundle, match="more than 5 members"):
+        await import_bundle(bundle, models_dir=tmp_path / "target")
+
+
 async def test_an_oversized_index_is_refused_unread(tmp_path: Path) -> None:
     with tarfile.open(tmp_path / "bundle.tar", "w") as archive:
         add(archive, "oci-layout", LAYOUT)
