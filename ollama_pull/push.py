@@ -51,7 +51,7 @@ from .store import Store, default_models_dir
 
 MIB = 1024 * 1024
 # Blobs at least this big go up in chunks of CHUNK_SIZE: a reverse proxy in front of a registry often caps a
-# request body (nginx's client_max_body_size), and a failed chunk is retried alone... by a new session, here.
+# request body (nginx's client_max_body_size). A failed upload starts over in a new session.
 CHUNKED_MIN_SIZE = 256 * MIB
 CHUNK_SIZE = 64 * MIB
 _OCTETS = "application/octet-stream"
@@ -85,12 +85,14 @@ Chunks = Callable[[Layer, int, int], Iterator[bytes]]
 
 @dataclass(frozen=True)
 class PushSource:
-    """What to push: a manifest, where its blobs' bytes are, and the model's own name (for mounts)."""
+    """What to push: a manifest, where its blobs' bytes are, and the model's own name (for mounts); ``store``
+    when the bytes come from the store, which is then locked against a prune while they are read."""
 
     label: str
     reference: ModelReference
     manifest: Manifest
     chunks: Chunks
+    store: Store | None = None
 
 
 def push_source(
@@ -121,7 +123,7 @@ def push_source(
         except EOFError as exc:
             raise StorageError(f"cannot read blob {layer.digest} of {reference.short}: {exc}") from exc
 
-    return PushSource(reference.short, reference, manifest, chunks)
+    return PushSource(reference.short, reference, manifest, chunks, store)
 
 
 async def push(
@@ -146,7 +148,9 @@ async def push(
     chosen = source if isinstance(source, PushSource) else push_source(source, model=model, models_dir=models_dir)
     target = destination if isinstance(destination, ModelReference) else parse_reference(destination)
     own = contextlib.nullcontext(client) if client is not None else make_client(insecure=insecure)
-    async with own as http:
+    store = chosen.store
+    locked = store.store_lock(exclusive=False) if store is not None else contextlib.nullcontext()
+    async with locked, own as http:
         pusher = _Pusher(http, chosen, target, insecure=insecure, settings=settings, on_event=on_event, sleep=sleep)
         return await pusher.run(dry_run=dry_run, started=started)
 

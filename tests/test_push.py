@@ -3,6 +3,7 @@ retries, and the errors a refusal becomes."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import uuid
@@ -14,6 +15,7 @@ import pytest
 from ollama_pull.bundle import export_models
 from ollama_pull.errors import AuthenticationError, IncompleteModel, IntegrityError, InvalidBundle, RegistryError
 from ollama_pull.events import BlobMounted, BlobProgress, BlobRetry, Event, PushFinished, PushPlanned
+from ollama_pull.housekeeping import prune
 from ollama_pull.push import PushSettings, push, push_source
 from ollama_pull.reference import parse_reference
 from ollama_pull.registry import make_client
@@ -267,3 +269,28 @@ async def test_a_bearer_registry_grants_push_after_pull(tmp_path: Path) -> None:
     assert server.blobs == model.blobs
     assert tokens == ["repository:team/copy:pull", "repository:team/copy:pull,push"]
     assert not [event for event in events if isinstance(event, BlobRetry)]
+
+
+async def test_a_prune_waits_while_the_store_is_read(tmp_path: Path) -> None:
+    model = make_model(1000)
+    models = stocked(tmp_path, model)
+    Store(models).blob_path("sha256:" + "0" * 64).write_bytes(b"unreferenced")
+    server = MemoryRegistry()
+    uploading, release = asyncio.Event(), asyncio.Event()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "PUT" and not uploading.is_set():
+            uploading.set()
+            await release.wait()
+        return server(request)
+
+    async with make_client(transport=httpx.MockTransport(handler)) as client:
+        pushing = asyncio.create_task(push(SOURCE, "dest.test/team/copy:v1", models_dir=models, client=client))
+        await uploading.wait()
+        pruning = asyncio.create_task(prune(models))
+        await asyncio.sleep(0.2)
+        assert not pruning.done()
+        release.set()
+        await pushing
+        assert (await pruning).removed == ("sha256:" + "0" * 64,)
+    assert server.blobs == model.blobs
