@@ -2,7 +2,8 @@
 
 hf.co serves GGUF repositories through the same registry API as Ollama's (``ollama pull hf.co/...``). Gated and
 private repositories need a token: ``$HF_TOKEN``, else the file ``hf auth login`` writes (``$HF_TOKEN_PATH``, else
-``$HF_HOME/token``, else ``~/.cache/huggingface/token``). It goes out as ``Authorization: Bearer`` over HTTPS to
+``$HF_HOME/token``, else ``~/.cache/huggingface/token``, with ``$XDG_CACHE_HOME`` for ``~/.cache`` as
+huggingface_hub has it). It goes out as ``Authorization: Bearer`` over HTTPS to
 hf.co and huggingface.co only: httpx drops the header when a blob redirects to a CDN host, and a mirror or any other
 registry never gets it. The Ollama key keeps working beside it: hf.co's token realm is on hf.co, so a challenge is
 still answered with a signed request, as Ollama does.
@@ -40,9 +41,9 @@ def find_token(environ: Mapping[str, str] = os.environ) -> str | None:
     token = environ.get(TOKEN_VARIABLE, "").strip()
     if token:
         return token
-    path = environ.get("HF_TOKEN_PATH") or str(
-        Path(environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "token"
-    )
+    # huggingface_hub's own defaults: $HF_HOME is $XDG_CACHE_HOME/huggingface when that is set.
+    cache = Path(environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    path = environ.get("HF_TOKEN_PATH") or str(Path(environ.get("HF_HOME") or cache / "huggingface") / "token")
     try:
         token = Path(path).expanduser().read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError):

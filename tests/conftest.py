@@ -25,6 +25,7 @@ def isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Pat
         "HF_TOKEN",
         "HF_TOKEN_PATH",
         "HF_HOME",
+        "XDG_CACHE_HOME",
     ):
         monkeypatch.delenv(name, raising=False)
     return models

@@ -35,8 +35,10 @@ CDN = "https://cdn-lfs.hf.co"
         ({"HF_TOKEN_PATH": "explicit", "HF_HOME": "hf-home"}, {"explicit": f"{TOKEN}\n", "hf-home/token": "x"}, TOKEN),
         # Then $HF_HOME/token.
         ({"HF_HOME": "hf-home"}, {"hf-home/token": TOKEN, "home/.cache/huggingface/token": "x"}, TOKEN),
-        # Then where `hf auth login` writes by default.
+        # Then where `hf auth login` writes by default ...
         ({}, {"home/.cache/huggingface/token": f"{TOKEN}\n"}, TOKEN),
+        # ... which moves with XDG_CACHE_HOME, as in huggingface_hub.
+        ({"XDG_CACHE_HOME": "xdg"}, {"xdg/huggingface/token": TOKEN, "home/.cache/huggingface/token": "x"}, TOKEN),
         # An empty variable is no token; an empty or absent file neither.
         ({"HF_TOKEN": "  "}, {"home/.cache/huggingface/token": "\n"}, None),
         ({"HF_TOKEN_PATH": "absent"}, {}, None),
