@@ -25,6 +25,7 @@ from ollama_pull.events import (
     ImportFinished,
     ImportPlanned,
 )
+from ollama_pull.fault_registry import build_manifest
 from ollama_pull.manifest import MAX_MANIFEST_BYTES
 from ollama_pull.reference import parse_reference
 from ollama_pull.store import Store
@@ -433,3 +434,38 @@ async def test_a_cancelled_import_installs_nothing_and_leaves_no_partial_file(tm
     await cancelled_at_first_progress(lambda watch: import_bundle(output, models_dir=target, on_event=watch))
     assert not (target / "manifests").exists()
     assert listing(target / "blobs") == []
+
+
+async def test_members_over_8_gib_are_read_from_their_pax_headers(tmp_path: Path) -> None:
+    """A 70B GGUF is over 8 GiB, the most a plain ustar header can say; the export writes PAX headers (as here),
+    and the import reads the size from them. The blob is a hole in a sparse file: only headers are read."""
+    size = 9 * 1024**3
+    digest = "sha256:" + "f" * 64
+    config = b"{}"
+    raw = build_manifest(config, [])
+    manifest = json.loads(raw)
+    manifest["layers"] = [{"mediaType": "application/vnd.ollama.image.model", "digest": digest, "size": size}]
+    raw = json.dumps(manifest).encode()
+    manifest_digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+    index = {
+        "manifests": [{"digest": manifest_digest, "size": len(raw), "annotations": {REF_NAME_ANNOTATION: str(FIRST)}}]
+    }
+    path = tmp_path / "big.tar"
+    with path.open("wb") as handle:
+        for name, data in [
+            ("oci-layout", LAYOUT),
+            ("index.json", json.dumps(index).encode()),
+            ("blobs/sha256/" + manifest_digest[7:], raw),
+            ("blobs/sha256/" + hashlib.sha256(config).hexdigest(), config),
+        ]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            handle.write(info.tobuf(tarfile.PAX_FORMAT) + data + b"\0" * (-len(data) % 512))
+        info = tarfile.TarInfo("blobs/sha256/" + digest[7:])
+        info.size = size
+        header = info.tobuf(tarfile.PAX_FORMAT)
+        assert b"size=" in header  # the PAX record, since ustar cannot hold the size
+        handle.write(header)
+        handle.truncate(handle.tell() + size + 1024)
+    result = await import_bundle(path, models_dir=tmp_path / "target", dry_run=True)
+    assert [(m.reference, m.installed_bytes) for m in result.models] == [(FIRST, size + len(config))]
