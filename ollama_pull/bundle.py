@@ -49,7 +49,7 @@ from .events import (
 )
 from .manifest import DIGEST_PATTERN, MAX_MANIFEST_BYTES, Layer, Manifest, parse_manifest
 from .reference import ModelReference, parse_reference
-from .store import READ_SIZE, BlobFile, Store, default_models_dir, storage_errors
+from .store import READ_SIZE, BlobFile, Store, open_store, storage_errors
 from .worker import Channel, run_blocking
 
 LAYOUT_FILE = "oci-layout"
@@ -121,9 +121,9 @@ def layout_for(output: Path) -> Layout:
 
 async def export_models(
     models: Sequence[str | ModelReference],
-    output: Path,
+    output: str | Path,
     *,
-    models_dir: Path | None = None,
+    models_dir: str | Path | None = None,
     layout: Layout | None = None,
     on_event: EventCallback = ignore_event,
     dry_run: bool = False,
@@ -135,7 +135,8 @@ async def export_models(
     re-hashed as they are read: a damaged one is removed from the store and raises :class:`CorruptModel`.
     """
     started = time.monotonic()
-    store = Store(models_dir or default_models_dir())
+    store = open_store(models_dir)
+    output = Path(output)
     chosen = layout or layout_for(output)
     references = tuple(dict.fromkeys(_reference(model) for model in models))
     if not references:
@@ -164,7 +165,7 @@ def _export_plan(store: Store, references: Sequence[ModelReference]) -> tuple[Bu
         manifest = store.load_manifest(reference)
         missing = tuple(layer.digest for layer in manifest.blobs if not store.has_blob(layer))
         if missing:
-            raise IncompleteModel(reference.short, missing)
+            raise IncompleteModel(reference.name, missing)
         planned.append(BundleModel(reference, manifest))
     return tuple(planned)
 
@@ -396,14 +397,15 @@ class Bundle:
         """The model named ``name`` (as a user types it), or the only one when ``name`` is None."""
         if name is None:
             if len(self.models) != 1:
-                names = ", ".join(model.reference.short for model in self.models)
+                names = ", ".join(model.reference.name for model in self.models)
                 raise InvalidBundle(self.label, f"it holds {len(self.models)} models ({names}): name the one to use")
             return self.models[0]
         wanted = _reference(name)
         for model in self.models:
-            if model.reference == wanted:
+            # By name: a scheme the user wrote (http://...) says how to reach a registry, not which model.
+            if str(model.reference) == str(wanted):
                 return model
-        raise InvalidBundle(self.label, f"it does not hold {wanted.short}")
+        raise InvalidBundle(self.label, f"it does not hold {wanted.name}")
 
     def _chunks(self, name: str, start: int = 0, length: int | None = None) -> Iterator[bytes]:
         entry = self._entries[name]
@@ -464,18 +466,18 @@ class Bundle:
         if entry is None:
             raise InvalidBundle(self.label, f"the manifest of {name} ({digest}) is missing")
         if entry.size != size:
-            raise TamperedBlob(self.label, reference.short, digest, f"{entry.size} bytes, its descriptor says {size}")
+            raise TamperedBlob(self.label, reference.name, digest, f"{entry.size} bytes, its descriptor says {size}")
         raw = b"".join(self._chunks(blob_entry(digest)))
         if "sha256:" + hashlib.sha256(raw).hexdigest() != digest:
-            raise TamperedBlob(self.label, reference.short, digest, "the manifest's bytes do not match its digest")
-        manifest = parse_manifest(raw, model=reference.short)
+            raise TamperedBlob(self.label, reference.name, digest, "the manifest's bytes do not match its digest")
+        manifest = parse_manifest(raw, model=reference.name)
         for layer in manifest.blobs:
             entry = self._entries.get(blob_entry(layer.digest))
             if entry is None:
-                raise InvalidBundle(self.label, f"blob {layer.digest} of {reference.short} is missing")
+                raise InvalidBundle(self.label, f"blob {layer.digest} of {reference.name} is missing")
             if entry.size != layer.size:
                 raise TamperedBlob(
-                    self.label, reference.short, layer.digest, f"{entry.size} bytes, the manifest says {layer.size}"
+                    self.label, reference.name, layer.digest, f"{entry.size} bytes, the manifest says {layer.size}"
                 )
         return BundleModel(reference, manifest)
 
@@ -497,9 +499,10 @@ def read_range(path: Path, offset: int, length: int, *, nofollow: bool = False) 
             yield chunk
 
 
-def open_bundle(path: Path) -> Bundle:
+def open_bundle(path: str | Path) -> Bundle:
     """Open a bundle (a tar file or an unpacked directory) and check all of it that can be checked without
     reading the blobs; raise :class:`InvalidBundle` for anything unsafe or unexpected."""
+    path = Path(path)
     label = str(path)
     if path.is_dir():
         return Bundle(path, _directory_entries(path, label), unpacked=True)
@@ -583,9 +586,9 @@ def _check_file(label: str, name: str, raw: str, entries: dict[str, _Entry]) -> 
 
 
 async def import_bundle(
-    source: Path,
+    source: str | Path,
     *,
-    models_dir: Path | None = None,
+    models_dir: str | Path | None = None,
     on_event: EventCallback = ignore_event,
     dry_run: bool = False,
 ) -> ImportResult:
@@ -596,7 +599,7 @@ async def import_bundle(
     before it in the bundle stay installed. With ``dry_run``, reports what would be installed and writes nothing.
     """
     bundle = open_bundle(source)
-    store = Store(models_dir or default_models_dir())
+    store = open_store(models_dir)
     if dry_run:
         imported = []
         for model in bundle.models:

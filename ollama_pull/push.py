@@ -47,7 +47,7 @@ from .manifest import Layer, Manifest
 from .reference import ModelReference, parse_reference
 from .registry import RegistryClient, auth_hint, make_client
 from .retry import RETRYABLE_STATUS, Backoff, describe_transport_error, retry_after
-from .store import Store, default_models_dir
+from .store import Store, open_store
 
 MIB = 1024 * 1024
 # Blobs at least this big go up in chunks of CHUNK_SIZE: a reverse proxy in front of a registry often caps a
@@ -96,7 +96,7 @@ class PushSource:
 
 
 def push_source(
-    source: str | Path | ModelReference, *, model: str | None = None, models_dir: Path | None = None
+    source: str | Path | ModelReference, *, model: str | None = None, models_dir: str | Path | None = None
 ) -> PushSource:
     """``source`` as a bundle when it is a tar file or a directory holding an OCI layout (``model`` picks one of
     its models), else as the name of a model in the store."""
@@ -111,17 +111,17 @@ def push_source(
             lambda layer, start, length: bundle.chunks(layer.digest, start, length),
         )
     reference = source if isinstance(source, ModelReference) else parse_reference(str(source))
-    store = Store(models_dir or default_models_dir())
+    store = open_store(models_dir)
     manifest = store.load_manifest(reference)
     missing = tuple(layer.digest for layer in manifest.blobs if not store.has_blob(layer))
     if missing:
-        raise IncompleteModel(reference.short, missing)
+        raise IncompleteModel(reference.name, missing)
 
     def chunks(layer: Layer, start: int, length: int) -> Iterator[bytes]:
         try:
             yield from read_range(store.blob_path(layer.digest), start, length)
         except EOFError as exc:
-            raise StorageError(f"cannot read blob {layer.digest} of {reference.short}: {exc}") from exc
+            raise StorageError(f"cannot read blob {layer.digest} of {reference.name}: {exc}") from exc
 
     return PushSource(reference.short, reference, manifest, chunks, store)
 
@@ -131,8 +131,9 @@ async def push(
     destination: str | ModelReference,
     *,
     model: str | None = None,
-    models_dir: Path | None = None,
+    models_dir: str | Path | None = None,
     insecure: bool = False,
+    ca_cert: str | Path | None = None,
     settings: PushSettings = PushSettings(),
     client: httpx.AsyncClient | None = None,
     on_event: EventCallback = ignore_event,
@@ -141,13 +142,16 @@ async def push(
 ) -> PushResult:
     """Copy a model (from the store, or from a bundle) to ``destination`` (``host/namespace/model:tag``).
 
-    With ``dry_run``, only asks the registry which blobs it has and reports the plan. Raises
+    ``insecure`` (or an ``http://`` destination) means plain HTTP; ``ca_cert`` adds a CA to the public ones, as
+    for a pull; a ``client`` passed in is used as is and left open. With ``dry_run``, only asks the registry which
+    blobs it has and reports the plan. Raises
     :class:`AuthenticationError` when the registry refuses us, :class:`RegistryError` for any other refusal.
     """
     started = time.monotonic()
     chosen = source if isinstance(source, PushSource) else push_source(source, model=model, models_dir=models_dir)
     target = destination if isinstance(destination, ModelReference) else parse_reference(destination)
-    own = contextlib.nullcontext(client) if client is not None else make_client(insecure=insecure)
+    cert = Path(ca_cert) if ca_cert is not None else None
+    own = contextlib.nullcontext(client) if client is not None else make_client(insecure=insecure, ca_cert=cert)
     store = chosen.store
     locked = store.store_lock(exclusive=False) if store is not None else contextlib.nullcontext()
     async with locked, own as http:
@@ -266,7 +270,7 @@ class _Pusher:
             if attempt < self.settings.attempts:
                 await self._sleep(max(wait or 0.0, self.settings.backoff.delay(attempt, random.random())))
         raise RegistryError(
-            f"cannot {what} for {self.target.short} on {self.target.host}: {reason} "
+            f"cannot {what} for {self.target.name} on {self.target.host}: {reason} "
             f"(tried {self.settings.attempts} times)"
         )
 
@@ -381,13 +385,13 @@ class _Pusher:
         status = response.status_code
         if status in (401, 403):
             return AuthenticationError(
-                f"the registry {self.target.host} refused to take {what} for {self.target.short} (HTTP {status}): "
+                f"the registry {self.target.host} refused to take {what} for {self.target.name} (HTTP {status}): "
                 f"{auth_hint(response)}"
             )
         code, message = _oci_error(response)
         detail = f": {code} {message}".rstrip() if code else ""
         return RegistryError(
-            f"the registry {self.target.host} refused {what} for {self.target.short} (HTTP {status}{detail})"
+            f"the registry {self.target.host} refused {what} for {self.target.name} (HTTP {status}{detail})"
         )
 
 
