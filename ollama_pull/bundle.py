@@ -111,9 +111,9 @@ def blob_entry(digest: str) -> str:
     return "blobs/sha256/" + digest.removeprefix("sha256:")
 
 
-def layout_for(output: Path) -> Layout:
+def layout_for(output: str | Path) -> Layout:
     """``FILE.tar`` is written as a tar stream; anything else is a directory."""
-    return "tar" if output.suffix == ".tar" else "dir"
+    return "tar" if Path(output).suffix == ".tar" else "dir"
 
 
 # --- export -------------------------------------------------------------------------------------------------------

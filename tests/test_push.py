@@ -292,5 +292,5 @@ async def test_a_prune_waits_while_the_store_is_read(tmp_path: Path) -> None:
         assert not pruning.done()
         release.set()
         await pushing
-        assert (await pruning).removed == ("sha256:" + "0" * 64,)
+        assert (await pruning).digests == ("sha256:" + "0" * 64,)
     assert server.blobs == model.blobs
