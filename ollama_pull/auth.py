@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,8 +24,11 @@ import httpx
 
 from .credentials import CredentialLookup, Credentials, find_credentials
 from .errors import AuthenticationError, RegistryError, TokenServiceError
+from .huggingface import access_hint, is_hugging_face
 from .retry import RETRYABLE_STATUS, TOKEN_SERVICE
 from .signing import OllamaKey, default_key_path, signed_token_url
+
+PresetHeader = Callable[[httpx.URL], "str | None"]
 
 _PARAM = re.compile(r'(\w+)\s*=\s*(?:"([^"]*)"|([^\s,]*))')
 _REPOSITORY = re.compile(r"^/v2/(.+)/(?:manifests|blobs)/")
@@ -57,8 +60,15 @@ def parse_challenge(header: str) -> BearerChallenge | None:
 class RegistryAuth(httpx.Auth):
     """An httpx auth flow for OCI registries: token authentication, or Basic where the registry asks for it."""
 
-    def __init__(self, credentials: CredentialLookup = find_credentials, key_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        credentials: CredentialLookup = find_credentials,
+        key_path: Path | None = None,
+        preset: PresetHeader = lambda _url: None,
+    ) -> None:
         self._credentials = credentials
+        # The Authorization value a request to a host carries before any challenge (a Hugging Face token).
+        self._preset = preset
         self._key_path = key_path
         self._key: OllamaKey | None = None
         self._key_loaded = False
@@ -75,8 +85,10 @@ class RegistryAuth(httpx.Auth):
         async with self._refresh:
             sent = self._headers.get(key)
         for tries in range(1, MAX_AUTH_TRIES + 1):
-            if sent is not None:
-                request.headers["Authorization"] = sent
+            # Until a challenge has been answered, what a host is given before any challenge (a Hugging Face token).
+            carried = sent or self._preset(request.url)
+            if carried is not None:
+                request.headers["Authorization"] = carried
             response = yield request
             if response.status_code != 401:
                 return
@@ -95,12 +107,14 @@ class RegistryAuth(httpx.Auth):
                     if challenge is not None:
                         self.awaiting = httpx.URL(challenge.realm).host
                         try:
-                            token_response = yield _token_request(challenge, request, credentials, self._ollama_key())
+                            token_response = yield _token_request(
+                                challenge, request, credentials, self._ollama_key(), self._preset
+                            )
                             await token_response.aread()
                         finally:
                             self.awaiting = None
                         fresh = "Bearer " + _token_from(token_response, challenge)
-                    elif header.strip().lower().startswith("basic") and credentials is not None and sent is None:
+                    elif header.strip().lower().startswith("basic") and credentials is not None and carried is None:
                         fresh = credentials.basic_header()
                     else:
                         # Refused credentials, or no way to answer: the caller reports the 401.
@@ -131,7 +145,11 @@ def _cache_key(url: httpx.URL) -> str:
 
 
 def _token_request(
-    challenge: BearerChallenge, original: httpx.Request, credentials: Credentials | None, key: OllamaKey | None
+    challenge: BearerChallenge,
+    original: httpx.Request,
+    credentials: Credentials | None,
+    key: OllamaKey | None,
+    preset: PresetHeader,
 ) -> httpx.Request:
     realm = httpx.URL(challenge.realm)
     if realm.scheme not in ("http", "https"):
@@ -151,11 +169,17 @@ def _token_request(
     params.extend(("scope", scope) for scope in challenge.scopes)
     if credentials is not None:
         headers["Authorization"] = credentials.basic_header()
+    elif (header := preset(realm)) is not None:
+        headers["Authorization"] = header
     return httpx.Request("GET", realm.copy_merge_params(params), headers=headers, extensions=extensions)
 
 
 def _token_from(response: httpx.Response, challenge: BearerChallenge) -> str:
     where = httpx.URL(challenge.realm).host
+    if response.status_code in (401, 403) and is_hugging_face(where):
+        raise AuthenticationError(
+            f"Hugging Face's token service refused access (HTTP {response.status_code}): {access_hint()}"
+        )
     if response.status_code in (401, 403):
         raise AuthenticationError(
             f"the token service at {where} refused access (HTTP {response.status_code}): "

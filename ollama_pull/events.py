@@ -176,6 +176,98 @@ class Failed:
     exit_code: int
 
 
+@dataclass(frozen=True)
+class ExportPlanned:
+    """What an export writes: every model by its full name, each blob once (``blobs`` and ``total_bytes`` count
+    the blobs, not the manifests); ``layout`` is ``tar`` or ``dir``."""
+
+    kind: ClassVar[str] = "export_plan"
+    output: str
+    layout: str
+    models: tuple[str, ...]
+    blobs: int
+    total_bytes: int
+    dry_run: bool
+
+
+@dataclass(frozen=True)
+class ExportFinished:
+    kind: ClassVar[str] = "export_done"
+    output: str
+    layout: str
+    models: tuple[str, ...]
+    blobs: int
+    total_bytes: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ImportPlanned:
+    """One model of a bundle, about to be installed; ``present_*`` counts blobs the store already holds."""
+
+    kind: ClassVar[str] = "import_plan"
+    model: str
+    digest: str
+    blobs: int
+    total_bytes: int
+    present_blobs: int
+    present_bytes: int
+    dry_run: bool
+
+
+@dataclass(frozen=True)
+class ImportFinished:
+    kind: ClassVar[str] = "import_done"
+    model: str
+    digest: str
+    manifest_path: str
+    installed_blobs: int
+    installed_bytes: int
+    present_blobs: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class PushPlanned:
+    """A push to ``model`` (the destination), after asking the registry which blobs it has: those are
+    ``present_*``; ``mountable_blobs`` may be mounted from ``source`` on the same registry instead of uploaded."""
+
+    kind: ClassVar[str] = "push_plan"
+    model: str
+    source: str
+    digest: str
+    blobs: int
+    total_bytes: int
+    present_blobs: int
+    present_bytes: int
+    mountable_blobs: int
+    dry_run: bool
+
+
+@dataclass(frozen=True)
+class BlobMounted:
+    """The registry linked a blob from another of its repositories: no byte was uploaded."""
+
+    kind: ClassVar[str] = "blob_mount"
+    model: str
+    digest: str
+    size: int
+    source: str
+
+
+@dataclass(frozen=True)
+class PushFinished:
+    kind: ClassVar[str] = "push_done"
+    model: str
+    digest: str
+    uploaded_blobs: int
+    uploaded_bytes: int
+    mounted_blobs: int
+    present_blobs: int
+    manifest_uploaded: bool
+    seconds: float
+
+
 PullEvent = (
     Resolving
     | ManifestRetry
@@ -188,7 +280,10 @@ PullEvent = (
     | WritingManifest
     | PullFinished
 )
-Event = PullEvent | Verified | LocalModel | Pruned | Removed | Failed
+TransferEvent = (
+    ExportPlanned | ExportFinished | ImportPlanned | ImportFinished | PushPlanned | BlobMounted | PushFinished
+)
+Event = PullEvent | Verified | LocalModel | Pruned | Removed | Failed | TransferEvent
 EventCallback = Callable[[Event], None]
 
 

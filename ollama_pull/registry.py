@@ -26,6 +26,7 @@ from .errors import (
     RegistryError,
     TokenServiceError,
 )
+from .huggingface import HuggingFaceToken, is_hugging_face, rate_limited_message, refused_message
 from .manifest import MANIFEST_MEDIA_TYPE, MAX_MANIFEST_BYTES, Manifest, parse_manifest
 from .network import ShardedTransport
 from .reference import ModelReference
@@ -60,7 +61,7 @@ def make_client(
             raise RegistryError(f"cannot use the CA certificate {ca_cert}: {exc}") from exc
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     return httpx.AsyncClient(
-        auth=RegistryAuth(),
+        auth=RegistryAuth(preset=HuggingFaceToken()),
         follow_redirects=True,
         verify=verify,
         headers={"User-Agent": USER_AGENT},
@@ -160,8 +161,10 @@ class RegistryClient:
         reason = ""
         unreachable = False
         stalls = 0
+        limited: httpx.Request | None = None
         for attempt in range(1, self.attempts + 1):
             wait: float | None = None
+            limited = None
             try:
                 got = await self._unstalled(lambda seen: self._open_manifest(url, reference, seen))
                 if isinstance(got, Manifest):
@@ -169,6 +172,8 @@ class RegistryClient:
                 _raise_for_manifest_status(got, reference)
                 reason = f"HTTP {got.status_code}"
                 wait = retry_after(got)
+                if got.status_code == 429:
+                    limited = got.request
             except httpx.RequestError as exc:
                 reason = describe_transport_error(exc)
                 if is_tls_mistake(exc):
@@ -186,6 +191,9 @@ class RegistryClient:
                 if on_retry is not None:
                     on_retry(attempt, reason, delay)
                 await self._sleep(delay)
+        if limited is not None and is_hugging_face(reference.host):
+            sent = "Authorization" in limited.headers
+            raise RegistryError(rate_limited_message(reference.name, attempt, token_sent=sent))
         hint = "; check the network connection, or set HTTPS_PROXY if you are behind a proxy" if unreachable else ""
         raise RegistryError(
             f"cannot fetch the manifest of {reference.name} from {reference.host}: {reason} "
@@ -262,6 +270,16 @@ class RegistryClient:
             yield r
 
 
+def auth_hint(response: httpx.Response) -> str:
+    """What to do about a 401 or 403, judged by what the refused request carried."""
+    sent = response.request.headers.get("Authorization", "").split(" ", 1)[0].lower()
+    if sent == "basic":
+        return "the credentials were refused: check them"
+    if sent == "bearer":
+        return "the token it issued does not grant access: the model may be private, or the credentials wrong"
+    return f"it wants credentials: set {USERNAME_VARIABLE} and {PASSWORD_VARIABLE}, or use docker login"
+
+
 def _raise_for_manifest_status(response: httpx.Response, reference: ModelReference) -> None:
     """Raise the final error a manifest status means; return when the status is worth retrying."""
     status = response.status_code
@@ -269,14 +287,10 @@ def _raise_for_manifest_status(response: httpx.Response, reference: ModelReferen
         raise ModelNotFound(reference.name)
     if status in (401, 403):
         sent = response.request.headers.get("Authorization", "").split(" ", 1)[0].lower()
-        if sent == "basic":
-            hint = "the credentials were refused: check them"
-        elif sent == "bearer":
-            hint = "the token it issued does not grant access: the model may be private, or the credentials wrong"
-        else:
-            hint = f"it wants credentials: set {USERNAME_VARIABLE} and {PASSWORD_VARIABLE}, or use docker login"
+        if is_hugging_face(reference.host):
+            raise AuthenticationError(refused_message(reference, status, token_sent=bool(sent)))
         raise AuthenticationError(
-            f"the registry {reference.host} refused access to {reference.name} (HTTP {status}): {hint}"
+            f"the registry {reference.host} refused access to {reference.name} (HTTP {status}): {auth_hint(response)}"
         )
     if status == 412:
         raise ClientTooOld(reference.name)

@@ -22,6 +22,10 @@ def isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Pat
         "OLLAMA_PULL_PASSWORD",
         "DOCKER_CONFIG",
         "SSL_CERT_FILE",
+        "HF_TOKEN",
+        "HF_TOKEN_PATH",
+        "HF_HOME",
+        "XDG_CACHE_HOME",
     ):
         monkeypatch.delenv(name, raising=False)
     return models
