@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Coroutine, Mapping, Sequence
 from enum import IntEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
@@ -126,7 +126,8 @@ class _DefaultToPull(TyperGroup):
             context = getattr(exc, "ctx", None)
             where = context.command_path if context is not None else "ollama-pull"
             text = getattr(exc, "format_message", exc.__str__)()
-            message = f"{text[:1].lower()}{text[1:]} (see {where} --help)"
+            text = text[:1].lower() + text[1:].rstrip(".")
+            message = f"{text} (see {where} --help)"
             _Session.usage_error(message, json_output="--json" in argv)
         sys.exit(code if isinstance(code, int) else 0)
 
@@ -381,6 +382,102 @@ def rm(
     session.finish(_remove(session, references, dry_run=dry_run))
 
 
+@app.command()
+def export(
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            metavar="FILE.tar|DIR",
+            help="Where to write the bundle: a tar file (a name ending in .tar), else a directory.",
+        ),
+    ],
+    models: Models = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would be written; write nothing.")] = False,
+    models_dir: ModelsDir = None,
+    json_output: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    """Write models from the store into a bundle.
+
+    The bundle is an OCI image layout, to carry to a machine behind an air gap: each blob once, however many
+    models share it. A model with blobs missing is refused before anything is written. No network.
+    """
+    from .bundle import export_models
+
+    session = _Session(models_dir, json_output=json_output, quiet=quiet, dry_run=dry_run)
+    references = session.references(models, None, what="export MODEL... -o FILE.tar|DIR")
+    work = export_models(references, output, models_dir=session.models_dir, on_event=session.emit, dry_run=dry_run)
+    session.finish(_attempt(session, work))
+
+
+@app.command("import")
+def import_(
+    bundle: Annotated[Path, typer.Argument(metavar="BUNDLE", help="A bundle from export: a tar file or a directory.")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be installed; write nothing.")] = False,
+    models_dir: ModelsDir = None,
+    json_output: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    """Install the models of a bundle into the store.
+
+    The bundle is what export writes: an OCI image layout, as a tar or a directory.
+    Every blob is hashed as it is read and named only when it matches; one damaged byte installs nothing of that
+    model (exit 5). No network.
+    """
+    from .bundle import import_bundle
+
+    session = _Session(models_dir, json_output=json_output, quiet=quiet, dry_run=dry_run)
+    work = import_bundle(bundle, models_dir=session.models_dir, on_event=session.emit, dry_run=dry_run)
+    session.finish(_attempt(session, work))
+
+
+@app.command("push")
+def push_(
+    source: Annotated[str, typer.Argument(metavar="SOURCE", help="A model in the store, or a bundle (tar or DIR).")],
+    destination: Annotated[
+        str, typer.Argument(metavar="DEST_REF", help="Where to push: host[:port]/namespace/model[:tag].")
+    ],
+    model: Annotated[
+        str | None, typer.Option("--model", metavar="MODEL", help="The model to push from a bundle of several.")
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Use plain http:// to the registry (for a local registry).")
+    ] = False,
+    ca_cert: Annotated[
+        Path | None,
+        typer.Option("--ca-cert", metavar="FILE", exists=True, dir_okay=False, help="Also trust this PEM CA file."),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Ask the registry what it has and say what would be sent; send nothing.")
+    ] = False,
+    models_dir: ModelsDir = None,
+    json_output: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    """Copy a model into a registry.
+
+    From the store (SOURCE is a model's name) or from a bundle (SOURCE is a tar or a directory).
+    Blobs the registry has are skipped, blobs in another of its repositories are mounted, the manifest goes last.
+    Credentials are those of pulls (OLLAMA_PULL_USERNAME/PASSWORD, docker login).
+    """
+    from .push import push
+
+    session = _Session(models_dir, json_output=json_output, quiet=quiet, dry_run=dry_run)
+    work = push(
+        source,
+        destination,
+        model=model,
+        models_dir=session.models_dir,
+        insecure=insecure,
+        ca_cert=ca_cert,
+        on_event=session.emit,
+        dry_run=dry_run,
+    )
+    session.finish(_attempt(session, work, destination))
+
+
 class _Session:
     """What every command shares: the models directory, the renderer, the failures so far, the event loop."""
 
@@ -596,6 +693,14 @@ async def _remove(session: _Session, references: list[ModelReference], *, dry_ru
             session.emit(removed)
     except OllamaPullError as exc:
         session.fail(exc)
+
+
+async def _attempt(session: _Session, work: Awaitable[object], model: str | None = None) -> None:
+    """One library call whose events go to the renderer, and whose error goes to the exit code."""
+    try:
+        await work
+    except OllamaPullError as exc:
+        session.fail(exc, model)
 
 
 def _run_until_signalled(main: Coroutine[Any, Any, None]) -> signal.Signals | None:

@@ -24,17 +24,24 @@ from rich.text import Text
 
 from .events import (
     BlobFinished,
+    BlobMounted,
     BlobProgress,
     BlobRetry,
     BlobStarted,
     BlobWaiting,
     Event,
+    ExportFinished,
+    ExportPlanned,
     Failed,
+    ImportFinished,
+    ImportPlanned,
     LocalModel,
     ManifestResolved,
     ManifestRetry,
     Pruned,
     PullFinished,
+    PushFinished,
+    PushPlanned,
     Removed,
     Resolving,
     Verified,
@@ -80,6 +87,78 @@ def plan_line(event: ManifestResolved) -> str:
         f"{event.model}: {plural(event.blobs, 'blob')}, {format_size(event.total_bytes)}; "
         f"{event.present_blobs} already present, {missing} to download "
         f"({format_size(event.total_bytes - event.present_bytes)}); manifest {event.digest}"
+    )
+
+
+Plan = ManifestResolved | ExportPlanned | ImportPlanned | PushPlanned
+PLANS = (ManifestResolved, ExportPlanned, ImportPlanned, PushPlanned)
+Finish = PullFinished | ExportFinished | ImportFinished | PushFinished
+FINISHES = (PullFinished, ExportFinished, ImportFinished, PushFinished)
+
+
+def plan_totals(event: Plan) -> tuple[str, int, int]:
+    """What a plan's display is called, the bytes it moves in all, and those already where they go."""
+    if isinstance(event, ExportPlanned):
+        return event.output, event.total_bytes, 0
+    return event.model, event.total_bytes, event.present_bytes
+
+
+def is_dry_run(event: Plan, dry_run: bool) -> bool:
+    """A pull's dry run is the renderer's to know; the other commands' plans say so themselves."""
+    return dry_run if isinstance(event, ManifestResolved) else event.dry_run
+
+
+def plan_text(event: Plan, *, dry_run: bool) -> str:
+    """What a command is about to do: said as it starts, and as the whole answer of a dry run."""
+    if isinstance(event, ManifestResolved):
+        if dry_run:
+            return plan_line(event)
+        return (
+            f"pulling {event.model}: {plural(event.blobs, 'blob')}, {format_size(event.total_bytes)} "
+            f"({event.present_blobs} already present)"
+        )
+    if isinstance(event, ExportPlanned):
+        return (
+            f"{'would export' if dry_run else 'exporting'} {plural(len(event.models), 'model')} to "
+            f"{event.output} ({event.layout}): {plural(event.blobs, 'blob')}, {format_size(event.total_bytes)}"
+        )
+    if isinstance(event, ImportPlanned):
+        verb = "would import" if dry_run else "importing"
+    else:
+        verb = f"{'would push' if dry_run else 'pushing'} {event.source} to"
+    line = (
+        f"{verb} {event.model}: {plural(event.blobs, 'blob')}, {format_size(event.total_bytes)} "
+        f"({event.present_blobs} already there"
+    )
+    if isinstance(event, PushPlanned) and event.mountable_blobs:
+        line += f", {event.mountable_blobs} to mount"
+    return line + ")"
+
+
+def finish_line(event: Finish, width: int = SUMMARY_WIDTH) -> str:
+    """The one line a command ends with, at most ``width`` columns."""
+    if isinstance(event, PullFinished):
+        return summary_line(event, width)
+    text = _finish_text(event)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _finish_text(event: ExportFinished | ImportFinished | PushFinished) -> str:
+    if isinstance(event, ExportFinished):
+        return (
+            f"exported {plural(len(event.models), 'model')} to {event.output}: {plural(event.blobs, 'blob')}, "
+            f"{format_size(event.total_bytes)} in {event.seconds:.1f}s"
+        )
+    if isinstance(event, ImportFinished):
+        return (
+            f"imported {event.model}: {format_size(event.installed_bytes)} in {event.seconds:.1f}s, "
+            f"{plural(event.installed_blobs, 'blob')} new, {event.present_blobs} present"
+        )
+    mounted = f", {event.mounted_blobs} mounted" if event.mounted_blobs else ""
+    manifest = "" if event.manifest_uploaded else "; the registry already had this manifest"
+    return (
+        f"pushed {event.model}: {format_size(event.uploaded_bytes)} in {event.seconds:.1f}s, "
+        f"{plural(event.uploaded_blobs, 'blob')} uploaded{mounted}, {event.present_blobs} already there{manifest}"
     )
 
 
@@ -134,8 +213,11 @@ class Tally:
         self._blobs: dict[str, int] = {}
 
     def apply(self, event: Event) -> None:
-        if isinstance(event, ManifestResolved):
-            self.total, self.completed, self._blobs = event.total_bytes, event.present_bytes, {}
+        if isinstance(event, PLANS):
+            _, self.total, self.completed = plan_totals(event)
+            self._blobs = {}
+        elif isinstance(event, BlobMounted):
+            self._advance(event.digest, event.size)
         elif isinstance(event, BlobStarted):
             self._advance(event.digest, event.offset)
         elif isinstance(event, BlobProgress):
@@ -243,19 +325,16 @@ class PlainRenderer:
 
     def __call__(self, event: Event) -> None:
         self._tally.apply(event)
-        if isinstance(event, ManifestResolved) and self._dry_run:
-            self._print(self._out, plan_line(event))
+        if isinstance(event, PLANS) and is_dry_run(event, self._dry_run):
+            self._print(self._out, plan_text(event, dry_run=True))
         elif isinstance(event, ManifestRetry):
             self._line(
                 f"retrying the manifest of {event.model} (failure {event.attempt}, in {event.delay:.1f}s): "
                 f"{event.reason}"
             )
-        elif isinstance(event, ManifestResolved):
+        elif isinstance(event, PLANS):
             self._next_report = self._clock() + self._interval
-            self._line(
-                f"pulling {event.model}: {plural(event.blobs, 'blob')}, {format_size(event.total_bytes)} "
-                f"({event.present_blobs} already present)"
-            )
+            self._line(plan_text(event, dry_run=False))
         elif isinstance(event, BlobWaiting):
             self._labels[event.digest] = event.label
             self._line(f"waiting for {event.label}: another process sharing the store is downloading it")
@@ -271,8 +350,8 @@ class PlainRenderer:
                 f"{event.model}: {percent:.0f}% ({format_size(self._tally.completed)} "
                 f"of {format_size(self._tally.total)})"
             )
-        elif isinstance(event, PullFinished):
-            self._line(summary_line(event))
+        elif isinstance(event, FINISHES):
+            self._line(finish_line(event))
         elif isinstance(event, LocalModel):
             self._print(self._out, "\t".join(model_row(event)).rstrip())
         elif isinstance(event, Failed):
@@ -357,24 +436,24 @@ class RichRenderer:
 
     def __call__(self, event: Event) -> None:
         self._tally.apply(event)
-        if isinstance(event, ManifestResolved) and self._dry_run:
-            self._out.print(plan_line(event), markup=False, highlight=False)
+        if isinstance(event, PLANS) and is_dry_run(event, self._dry_run):
+            self._out.print(plan_text(event, dry_run=True), markup=False, highlight=False)
         elif isinstance(event, Resolving) and not self._dry_run:
             self._start(event.model, "resolving")
         elif isinstance(event, ManifestRetry):
             self._note(f"retrying the manifest of {event.model} (failure {event.attempt}): {event.reason}")
             self._phase(f"retry in {event.delay:.1f}s")
-        elif isinstance(event, ManifestResolved):
-            self._resolved(event)
+        elif isinstance(event, PLANS):
+            self._resolved(*plan_totals(event))
         elif isinstance(event, LocalModel):
             self._rows.append(model_row(event))
         elif isinstance(event, Failed):
             self._note(error_line(event), style="bold red")
-        elif isinstance(event, PullFinished):
+        elif isinstance(event, FINISHES):
             self._phase("")
             self.close()
             width = min(self._console.width, SUMMARY_WIDTH)
-            self._console.print(summary_line(event, width), markup=False, highlight=False, soft_wrap=True)
+            self._console.print(finish_line(event, width), markup=False, highlight=False, soft_wrap=True)
         elif self._progress is not None:
             self._blob_event(self._progress, event)
         else:
@@ -439,12 +518,12 @@ class RichRenderer:
         if self._progress is not None and self._overall is not None:
             self._progress.update(self._overall, status=phase)
 
-    def _resolved(self, event: ManifestResolved) -> None:
-        if self._progress is None or self._model != event.model:
-            self._start(event.model, "")
+    def _resolved(self, name: str, total: int, present: int) -> None:
+        if self._progress is None or self._model != name:
+            self._start(name, "")
         assert self._progress is not None
         assert self._overall is not None
-        self._progress.update(self._overall, total=event.total_bytes, completed=event.present_bytes, status="")
+        self._progress.update(self._overall, total=total, completed=present, status="")
 
     def _note(self, text: str, *, style: str = "") -> None:
         """A line above the bars (or on its own when no display runs), cut to the width rather than wrapped."""
