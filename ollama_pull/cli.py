@@ -225,6 +225,18 @@ ModelsDir = Annotated[
     ),
 ]
 Json = Annotated[bool, typer.Option("--json", help="Write one JSON record per line to stdout instead of text.")]
+Insecure = Annotated[bool, typer.Option("--insecure", help="Use plain http:// to the registry (for a local registry).")]
+CaCert = Annotated[
+    Path | None,
+    typer.Option(
+        "--ca-cert",
+        metavar="FILE",
+        exists=True,
+        dir_okay=False,
+        help="Also trust the CA certificates in this PEM file (a corporate CA). SSL_CERT_FILE replaces the "
+        "default bundle instead.",
+    ),
+]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors (list: the names alone).")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Say what would be done; change nothing.")]
 
@@ -234,9 +246,7 @@ def pull(
     models: Models = None,
     file: ModelFile = None,
     models_dir: ModelsDir = None,
-    insecure: Annotated[
-        bool, typer.Option("--insecure", help="Use plain http:// to the registry (for a local registry).")
-    ] = False,
+    insecure: Insecure = False,
     concurrency: Annotated[
         int, typer.Option("--concurrency", "-j", min=1, max=1024, help="Blobs downloaded at once.")
     ] = 64,
@@ -266,17 +276,7 @@ def pull(
             help="A registry mirror (e.g. a pull-through cache) to try before the model's own registry.",
         ),
     ] = None,
-    ca_cert: Annotated[
-        Path | None,
-        typer.Option(
-            "--ca-cert",
-            metavar="FILE",
-            exists=True,
-            dir_okay=False,
-            help="Also trust the CA certificates in this PEM file (a corporate CA). SSL_CERT_FILE replaces the "
-            "default bundle instead.",
-        ),
-    ] = None,
+    ca_cert: CaCert = None,
     dry_run: Annotated[
         bool,
         typer.Option(
@@ -442,13 +442,8 @@ def push_(
     model: Annotated[
         str | None, typer.Option("--model", metavar="MODEL", help="The model to push from a bundle of several.")
     ] = None,
-    insecure: Annotated[
-        bool, typer.Option("--insecure", help="Use plain http:// to the registry (for a local registry).")
-    ] = False,
-    ca_cert: Annotated[
-        Path | None,
-        typer.Option("--ca-cert", metavar="FILE", exists=True, dir_okay=False, help="Also trust this PEM CA file."),
-    ] = None,
+    insecure: Insecure = False,
+    ca_cert: CaCert = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Ask the registry what it has and say what would be sent; send nothing.")
     ] = False,

@@ -79,6 +79,18 @@ class PushResult:
     seconds: float
     dry_run: bool
 
+    def event(self) -> PushFinished:
+        return PushFinished(
+            model=self.reference.short,
+            digest=self.manifest_digest,
+            uploaded_blobs=self.uploaded_blobs,
+            uploaded_bytes=self.uploaded_bytes,
+            mounted_blobs=self.mounted_blobs,
+            present_blobs=self.present_blobs,
+            manifest_uploaded=self.manifest_uploaded,
+            seconds=self.seconds,
+        )
+
 
 Chunks = Callable[[Layer, int, int], Iterator[bytes]]
 
@@ -218,19 +230,7 @@ class _Pusher:
 
             await self._each(send, missing)
             manifest_uploaded = await self._send_manifest()
-            self.on_event(
-                PushFinished(
-                    model=self.target.short,
-                    digest=manifest.digest,
-                    uploaded_blobs=self.uploaded_blobs,
-                    uploaded_bytes=self.uploaded_bytes,
-                    mounted_blobs=self.mounted_blobs,
-                    present_blobs=len(present),
-                    manifest_uploaded=manifest_uploaded,
-                    seconds=time.monotonic() - started,
-                )
-            )
-        return PushResult(
+        result = PushResult(
             reference=self.target,
             source=self.source.label,
             manifest_digest=manifest.digest,
@@ -242,6 +242,9 @@ class _Pusher:
             seconds=time.monotonic() - started,
             dry_run=dry_run,
         )
+        if not dry_run:
+            self.on_event(result.event())
+        return result
 
     @staticmethod
     async def _each(work: Callable[[Layer], Coroutine[Any, Any, None]], layers: Sequence[Layer]) -> None:
