@@ -92,7 +92,7 @@ class ChunkStream(httpx.AsyncByteStream):
 
 
 def registry_for(router: respx.MockRouter, *, attempts: int = 6, stall_timeout: float = 10.0) -> RegistryClient:
-    client = make_client(transport=httpx.MockTransport(router.async_handler))
+    client = make_client()
     return RegistryClient(
         client, attempts=attempts, backoff=Backoff(base=0.0, cap=0.0), sleep=no_sleep, stall_timeout=stall_timeout
     )
