@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
+import httpx2
 
 from .engine import Clock, Downloader, DownloadSettings
 from .errors import CorruptModel
@@ -76,7 +76,7 @@ async def resolve(
     insecure: bool = False,
     settings: DownloadSettings = DownloadSettings(),
     on_event: EventCallback = ignore_event,
-    client: httpx.AsyncClient | None = None,
+    client: httpx2.AsyncClient | None = None,
     mirror: str | None = None,
     ca_cert: str | Path | None = None,
 ) -> Plan:
@@ -94,7 +94,7 @@ async def pull(
     insecure: bool = False,
     settings: DownloadSettings = DownloadSettings(),
     on_event: EventCallback = ignore_event,
-    client: httpx.AsyncClient | None = None,
+    client: httpx2.AsyncClient | None = None,
     clock: Clock = time.monotonic,
     mirror: str | None = None,
     ca_cert: str | Path | None = None,
@@ -186,8 +186,8 @@ def _reference(reference: str | ModelReference) -> ModelReference:
 
 @asynccontextmanager
 async def _client(
-    client: httpx.AsyncClient | None, insecure: bool, settings: DownloadSettings, ca_cert: str | Path | None
-) -> AsyncIterator[httpx.AsyncClient]:
+    client: httpx2.AsyncClient | None, insecure: bool, settings: DownloadSettings, ca_cert: str | Path | None
+) -> AsyncIterator[httpx2.AsyncClient]:
     """The caller's client, left open; or one of our own, closed after use."""
     if client is not None:
         yield client
@@ -198,7 +198,7 @@ async def _client(
 
 
 def _registry(
-    client: httpx.AsyncClient, insecure: bool, settings: DownloadSettings, mirror: str | None
+    client: httpx2.AsyncClient, insecure: bool, settings: DownloadSettings, mirror: str | None
 ) -> RegistryClient:
     return RegistryClient(
         client,

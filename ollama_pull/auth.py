@@ -8,7 +8,7 @@ uses, many downloads in flight): a 401 on a token fetched for another request re
 ``MAX_AUTH_TRIES`` sends of one request, while a 401 on a token fetched for this very request is final. The token
 request carries the timeouts of the request it serves. A Basic challenge is answered with the configured
 credentials (see :mod:`ollama_pull.credentials`), which also go to the token service when there is one. Tokens
-and credentials never leave this module except in ``Authorization`` headers, and httpx drops those on a redirect
+and credentials never leave this module except in ``Authorization`` headers, and httpx2 drops those on a redirect
 to another host.
 """
 
@@ -20,7 +20,7 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
+import httpx2
 
 from .credentials import CredentialLookup, Credentials, find_credentials
 from .errors import AuthenticationError, RegistryError, TokenServiceError
@@ -28,7 +28,7 @@ from .huggingface import access_hint, is_hugging_face
 from .retry import RETRYABLE_STATUS, TOKEN_SERVICE
 from .signing import OllamaKey, default_key_path, signed_token_url
 
-PresetHeader = Callable[[httpx.URL], "str | None"]
+PresetHeader = Callable[[httpx2.URL], "str | None"]
 
 _PARAM = re.compile(r'(\w+)\s*=\s*(?:"([^"]*)"|([^\s,]*))')
 _REPOSITORY = re.compile(r"^/v2/(.+)/(?:manifests|blobs)/")
@@ -57,8 +57,8 @@ def parse_challenge(header: str) -> BearerChallenge | None:
     return BearerChallenge(realm=realm, service=values.get("service"), scopes=tuple(values.get("scope", "").split()))
 
 
-class RegistryAuth(httpx.Auth):
-    """An httpx auth flow for OCI registries: token authentication, or Basic where the registry asks for it."""
+class RegistryAuth(httpx2.Auth):
+    """An httpx2 auth flow for OCI registries: token authentication, or Basic where the registry asks for it."""
 
     def __init__(
         self,
@@ -78,7 +78,7 @@ class RegistryAuth(httpx.Auth):
         # The host of the token service a token request is waiting on, if any: what a stalled request waits for.
         self.awaiting: str | None = None
 
-    async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
+    async def async_auth_flow(self, request: httpx2.Request) -> AsyncGenerator[httpx2.Request, httpx2.Response]:
         key = _cache_key(request.url)
         # In line behind a refresh under way and the downloads waiting for it: a download that has not waited yet
         # must not use up the new token before them, or one unlucky download could lose every round.
@@ -92,7 +92,7 @@ class RegistryAuth(httpx.Auth):
             response = yield request
             if response.status_code != 401:
                 return
-            # httpx reads the 401's body only after this flow goes on: read before waiting for the refresh, so that
+            # httpx2 reads the 401's body only after this flow goes on: read before waiting for the refresh, so that
             # its connection goes back to the pool for the token request, instead of dozens of waiting downloads
             # holding every connection the refresh needs.
             await response.aread()
@@ -105,7 +105,7 @@ class RegistryAuth(httpx.Auth):
                     credentials = self._credentials(request.url.netloc.decode("ascii"))
                     challenge = parse_challenge(header)
                     if challenge is not None:
-                        self.awaiting = httpx.URL(challenge.realm).host
+                        self.awaiting = httpx2.URL(challenge.realm).host
                         try:
                             token_response = yield _token_request(
                                 challenge, request, credentials, self._ollama_key(), self._preset
@@ -139,19 +139,19 @@ class RegistryAuth(httpx.Auth):
         return self._key
 
 
-def _cache_key(url: httpx.URL) -> str:
+def _cache_key(url: httpx2.URL) -> str:
     match = _REPOSITORY.match(url.path)
     return f"{url.host}:{url.port}/{match.group(1) if match else ''}"
 
 
 def _token_request(
     challenge: BearerChallenge,
-    original: httpx.Request,
+    original: httpx2.Request,
     credentials: Credentials | None,
     key: OllamaKey | None,
     preset: PresetHeader,
-) -> httpx.Request:
-    realm = httpx.URL(challenge.realm)
+) -> httpx2.Request:
+    realm = httpx2.URL(challenge.realm)
     if realm.scheme not in ("http", "https"):
         raise AuthenticationError(f"the registry's token realm is not an HTTP URL: {challenge.realm!r}")
     headers = {"User-Agent": original.headers.get("User-Agent", ""), "Accept": "application/json"}
@@ -162,7 +162,7 @@ def _token_request(
     if key is not None and realm.netloc == original.url.netloc:
         url = signed_token_url(challenge.realm, challenge.service, challenge.scopes)
         headers["Authorization"] = key.authorization(url)
-        return httpx.Request("GET", url, headers=headers, extensions=extensions)
+        return httpx2.Request("GET", url, headers=headers, extensions=extensions)
     params: list[tuple[str, str | int | float | bool | None]] = []
     if challenge.service:
         params.append(("service", challenge.service))
@@ -171,11 +171,11 @@ def _token_request(
         headers["Authorization"] = credentials.basic_header()
     elif (header := preset(realm)) is not None:
         headers["Authorization"] = header
-    return httpx.Request("GET", realm.copy_merge_params(params), headers=headers, extensions=extensions)
+    return httpx2.Request("GET", realm.copy_merge_params(params), headers=headers, extensions=extensions)
 
 
-def _token_from(response: httpx.Response, challenge: BearerChallenge) -> str:
-    where = httpx.URL(challenge.realm).host
+def _token_from(response: httpx2.Response, challenge: BearerChallenge) -> str:
+    where = httpx2.URL(challenge.realm).host
     if response.status_code in (401, 403) and is_hugging_face(where):
         raise AuthenticationError(
             f"Hugging Face's token service refused access (HTTP {response.status_code}): {access_hint()}"

@@ -34,7 +34,7 @@ from .events import Event, Failed
 from .reference import ModelReference, parse_reference
 
 if TYPE_CHECKING:
-    import httpx
+    import httpx2
 
     from .engine import DownloadSettings
     from .manifest import Manifest
@@ -542,7 +542,7 @@ class _Session:
                 references.append(reference)
         return references
 
-    def client(self, *, insecure: bool, concurrency: int, ca_cert: Path | None) -> httpx.AsyncClient:
+    def client(self, *, insecure: bool, concurrency: int, ca_cert: Path | None) -> httpx2.AsyncClient:
         from .registry import make_client
 
         try:
@@ -616,7 +616,7 @@ def _old_mode(session: _Session, command: str, models: list[str] | None, file: s
 async def _pull(
     session: _Session,
     references: list[ModelReference],
-    client: httpx.AsyncClient,
+    client: httpx2.AsyncClient,
     settings: DownloadSettings,
     *,
     insecure: bool,

@@ -20,7 +20,7 @@ where there is one, what to do about it::
     ├── InvalidBundle           a bundle to import or push is not a safe OCI image layout
     └── StorageError            the local store cannot be read or written
 
-Foreign exceptions (httpx, OSError) are translated once, where they happen, and chained with ``from``.
+Foreign exceptions (httpx2, OSError) are translated once, where they happen, and chained with ``from``.
 The CLI alone maps these classes to exit codes.
 """
 

@@ -4,7 +4,7 @@ hf.co serves GGUF repositories through the same registry API as Ollama's (``olla
 private repositories need a token: ``$HF_TOKEN``, else the file ``hf auth login`` writes (``$HF_TOKEN_PATH``, else
 ``$HF_HOME/token``, else ``~/.cache/huggingface/token``, with ``$XDG_CACHE_HOME`` for ``~/.cache`` as
 huggingface_hub has it). It goes out as ``Authorization: Bearer`` over HTTPS to
-hf.co and huggingface.co only: httpx drops the header when a blob redirects to a CDN host, and a mirror or any other
+hf.co and huggingface.co only: httpx2 drops the header when a blob redirects to a CDN host, and a mirror or any other
 registry never gets it. The Ollama key keeps working beside it: hf.co's token realm is on hf.co, so a challenge is
 still answered with a signed request, as Ollama does.
 """
@@ -15,7 +15,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-import httpx
+import httpx2
 
 from .reference import ModelReference
 
@@ -63,7 +63,7 @@ class HuggingFaceToken:
         self._token: str | None = None
         self._loaded = False
 
-    def __call__(self, url: httpx.URL) -> str | None:
+    def __call__(self, url: httpx2.URL) -> str | None:
         if url.scheme != "https" or url.port not in (None, 443) or not is_hugging_face(url.host):
             return None
         if not self._loaded:

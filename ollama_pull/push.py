@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 
 from .bundle import LAYOUT_FILE, open_bundle, read_range
 from .errors import (
@@ -147,7 +147,7 @@ async def push(
     insecure: bool = False,
     ca_cert: str | Path | None = None,
     settings: PushSettings = PushSettings(),
-    client: httpx.AsyncClient | None = None,
+    client: httpx2.AsyncClient | None = None,
     on_event: EventCallback = ignore_event,
     dry_run: bool = False,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -174,7 +174,7 @@ async def push(
 class _Pusher:
     def __init__(
         self,
-        http: httpx.AsyncClient,
+        http: httpx2.AsyncClient,
         source: PushSource,
         target: ModelReference,
         *,
@@ -256,7 +256,7 @@ class _Pusher:
             # One meaningful error, not a group; anything else (a bug) stays in its group and is not hidden.
             raise failures.exceptions[0] from None
 
-    async def _request(self, method: str, url: str | httpx.URL, what: str, **options: object) -> httpx.Response:
+    async def _request(self, method: str, url: str | httpx2.URL, what: str, **options: object) -> httpx2.Response:
         """One request with the pull's retry rules for 429, 5xx and network failures (bodies are not retried:
         callers that send one retry the whole step)."""
         reason = ""
@@ -264,7 +264,7 @@ class _Pusher:
             wait: float | None = None
             try:
                 response = await self.http.request(method, url, **options)  # type: ignore[arg-type]
-            except httpx.RequestError as exc:
+            except httpx2.RequestError as exc:
                 reason = describe_transport_error(exc)
             else:
                 if response.status_code not in RETRYABLE_STATUS:
@@ -343,23 +343,23 @@ class _Pusher:
     async def _send(
         self,
         method: str,
-        url: httpx.URL,
+        url: httpx2.URL,
         layer: Layer,
         start: int,
         length: int,
         headers: dict[str, str],
         state: _Progress,
-    ) -> httpx.Response:
+    ) -> httpx2.Response:
         content = _body(self.source.chunks(layer, start, length), state) if length else b""
         try:
             return await self.http.request(method, url, content=content, headers=headers)
-        except (httpx.RequestError, httpx.StreamError) as exc:
-            # A stream error: the registry challenged us again mid-push and httpx cannot replay the body.
+        except (httpx2.RequestError, httpx2.StreamError) as exc:
+            # A stream error: the registry challenged us again mid-push and httpx2 cannot replay the body.
             raise _UploadFailed(
-                describe_transport_error(exc) if isinstance(exc, httpx.RequestError) else str(exc)
+                describe_transport_error(exc) if isinstance(exc, httpx2.RequestError) else str(exc)
             ) from exc
 
-    def _upload_error(self, response: httpx.Response, layer: Layer) -> Exception:
+    def _upload_error(self, response: httpx2.Response, layer: Layer) -> Exception:
         code, _ = _oci_error(response)
         if code == "DIGEST_INVALID" or code == "SIZE_INVALID":
             return IntegrityError(layer.digest, f"the registry says its bytes are not the digest's ({code})", 1)
@@ -384,7 +384,7 @@ class _Pusher:
             raise self._refused(answer, "the manifest")
         return True
 
-    def _refused(self, response: httpx.Response, what: str) -> OllamaPullError:
+    def _refused(self, response: httpx2.Response, what: str) -> OllamaPullError:
         status = response.status_code
         if status in (401, 403):
             return AuthenticationError(
@@ -445,23 +445,23 @@ async def _body(chunks: Iterator[bytes], state: _Progress) -> AsyncIterator[byte
             close()
 
 
-def _with_digest(location: httpx.URL, layer: Layer) -> httpx.URL:
+def _with_digest(location: httpx2.URL, layer: Layer) -> httpx2.URL:
     """The upload's URL with ``?digest=``, beside the registry's own state parameters."""
     return location.copy_merge_params({"digest": layer.digest})
 
 
-def _location(response: httpx.Response) -> httpx.URL:
+def _location(response: httpx2.Response) -> httpx2.URL:
     location = response.headers.get("Location")
     if not location:
         raise RegistryError(f"the registry answered HTTP {response.status_code} without a Location for the upload")
     return response.url.join(location)
 
 
-def _oci_error(response: httpx.Response) -> tuple[str, str]:
+def _oci_error(response: httpx2.Response) -> tuple[str, str]:
     """The first ``errors[]`` entry of an OCI error body: its code and message, or empty strings."""
     try:
         errors = json.loads(response.content).get("errors")
         first = errors[0]
         return str(first.get("code", "")), str(first.get("message", ""))[:200]
-    except (ValueError, AttributeError, TypeError, IndexError, KeyError, httpx.ResponseNotRead):
+    except (ValueError, AttributeError, TypeError, IndexError, KeyError, httpx2.ResponseNotRead):
         return "", ""

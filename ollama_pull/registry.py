@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import certifi
-import httpx
+import httpx2
 
 from . import __version__
 from .auth import RegistryAuth
@@ -42,14 +42,14 @@ def make_client(
     concurrency: int = 64,
     read_timeout: float = 60.0,
     ca_cert: Path | None = None,
-    transport: httpx.AsyncBaseTransport | None = None,
-) -> httpx.AsyncClient:
+    transport: httpx2.AsyncBaseTransport | None = None,
+) -> httpx2.AsyncClient:
     """The HTTP client a pull uses: registry auth, redirects followed, enough connections for every download.
 
-    httpx drops the ``Authorization`` header on a redirect to another host, so a CDN never sees the registry's
+    httpx2 drops the ``Authorization`` header on a redirect to another host, so a CDN never sees the registry's
     token. The read timeout only backs up the engine's own stall detection for sockets that go silent.
-    ``transport`` is the seam for tests (``httpx.MockTransport``) and for custom networking. Proxies come from
-    ``HTTP(S)_PROXY``/``ALL_PROXY``/``NO_PROXY`` and a CA bundle from ``SSL_CERT_FILE``, through httpx; ``ca_cert``
+    ``transport`` is the seam for tests (``httpx2.MockTransport``) and for custom networking. Proxies come from
+    ``HTTP(S)_PROXY``/``ALL_PROXY``/``NO_PROXY`` and a CA bundle from ``SSL_CERT_FILE``, through httpx2; ``ca_cert``
     adds a CA (a corporate one, say) to the public ones.
     """
     verify: bool | ssl.SSLContext = not insecure
@@ -59,20 +59,20 @@ def make_client(
             verify.load_verify_locations(cafile=ca_cert)
         except (OSError, ssl.SSLError) as exc:
             raise RegistryError(f"cannot use the CA certificate {ca_cert}: {exc}") from exc
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    return httpx.AsyncClient(
+    limits = httpx2.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    return httpx2.AsyncClient(
         auth=RegistryAuth(preset=HuggingFaceToken()),
         follow_redirects=True,
         verify=verify,
         headers={"User-Agent": USER_AGENT},
-        timeout=httpx.Timeout(30.0, read=read_timeout, pool=None),
+        timeout=httpx2.Timeout(30.0, read=read_timeout, pool=None),
         limits=limits,
         transport=transport or _direct_transport(concurrency + 4, verify),
     )
 
 
-def _direct_transport(connections: int, verify: bool | ssl.SSLContext) -> httpx.AsyncBaseTransport | None:
-    """Sharded pools for direct connections; with a proxy in the environment, None, because httpx applies
+def _direct_transport(connections: int, verify: bool | ssl.SSLContext) -> httpx2.AsyncBaseTransport | None:
+    """Sharded pools for direct connections; with a proxy in the environment, None, because httpx2 applies
     HTTP(S)_PROXY/ALL_PROXY/NO_PROXY only when it builds the transports itself."""
     proxies = urllib.request.getproxies()
     if any(proxies.get(scheme) for scheme in ("http", "https", "all")):
@@ -95,7 +95,7 @@ class RegistryClient:
 
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        client: httpx2.AsyncClient,
         *,
         insecure: bool = False,
         attempts: int = 6,
@@ -150,7 +150,7 @@ class RegistryClient:
                 if isinstance(got, Manifest):
                     return got
                 self._mirror_failed(f"HTTP {got.status_code}", down=got.status_code >= 500)
-            except httpx.RequestError as exc:
+            except httpx2.RequestError as exc:
                 self._mirror_failed(describe_transport_error(exc), down=True)
             except (_Stalled, TokenServiceError) as exc:
                 self._mirror_failed(str(exc), down=True)
@@ -161,7 +161,7 @@ class RegistryClient:
         reason = ""
         unreachable = False
         stalls = 0
-        limited: httpx.Request | None = None
+        limited: httpx2.Request | None = None
         for attempt in range(1, self.attempts + 1):
             wait: float | None = None
             limited = None
@@ -174,11 +174,11 @@ class RegistryClient:
                 wait = retry_after(got)
                 if got.status_code == 429:
                     limited = got.request
-            except httpx.RequestError as exc:
+            except httpx2.RequestError as exc:
                 reason = describe_transport_error(exc)
                 if is_tls_mistake(exc):
                     raise RegistryError(f"cannot fetch the manifest of {reference.name}: {reason}") from exc
-                unreachable = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
+                unreachable = isinstance(exc, httpx2.ConnectError | httpx2.ConnectTimeout)
             except (_DigestMismatch, _Stalled, TokenServiceError) as exc:
                 # A token service down for now, or bytes changed in transit (a proxy, a flaky link): the next
                 # attempt may do better.
@@ -202,7 +202,7 @@ class RegistryClient:
 
     async def _open_manifest(
         self, url: str, reference: ModelReference, seen: Callable[[], None]
-    ) -> Manifest | httpx.Response:
+    ) -> Manifest | httpx2.Response:
         """One manifest request: the manifest, or the response (body unread) when the status is not 200."""
         async with self.client.stream("GET", url, headers={"Accept": MANIFEST_MEDIA_TYPE}) as response:
             seen()
@@ -239,7 +239,7 @@ class RegistryClient:
     @asynccontextmanager
     async def stream_blob(
         self, reference: ModelReference, digest: str, *, offset: int = 0, end: int | None = None
-    ) -> AsyncIterator[httpx.Response]:
+    ) -> AsyncIterator[httpx2.Response]:
         """Open a blob's bytes from ``offset`` (up to ``end``, exclusive, if given); the caller judges the status
         and reads the raw body."""
         # Blobs are hashed as stored: ask for no content coding, and the engine reads the raw bytes.
@@ -257,7 +257,7 @@ class RegistryClient:
                 response = await stack.enter_async_context(
                     self.client.stream("GET", f"{mirror}/blobs/{digest}", headers=headers)
                 )
-            except httpx.RequestError as exc:
+            except httpx2.RequestError as exc:
                 self._mirror_failed(describe_transport_error(exc), down=True)
             else:
                 if response.status_code in (200, 206):
@@ -270,7 +270,7 @@ class RegistryClient:
             yield r
 
 
-def auth_hint(response: httpx.Response) -> str:
+def auth_hint(response: httpx2.Response) -> str:
     """What to do about a 401 or 403, judged by what the refused request carried."""
     sent = response.request.headers.get("Authorization", "").split(" ", 1)[0].lower()
     if sent == "basic":
@@ -280,7 +280,7 @@ def auth_hint(response: httpx.Response) -> str:
     return f"it wants credentials: set {USERNAME_VARIABLE} and {PASSWORD_VARIABLE}, or use docker login"
 
 
-def _raise_for_manifest_status(response: httpx.Response, reference: ModelReference) -> None:
+def _raise_for_manifest_status(response: httpx2.Response, reference: ModelReference) -> None:
     """Raise the final error a manifest status means; return when the status is worth retrying."""
     status = response.status_code
     if status == 404:
@@ -298,7 +298,7 @@ def _raise_for_manifest_status(response: httpx.Response, reference: ModelReferen
         raise RegistryError(f"the registry {reference.host} answered HTTP {status} for {reference.name}")
 
 
-async def _read_manifest(response: httpx.Response, reference: ModelReference, seen: Callable[[], None]) -> Manifest:
+async def _read_manifest(response: httpx2.Response, reference: ModelReference, seen: Callable[[], None]) -> Manifest:
     body = bytearray()
     async for chunk in response.aiter_bytes():
         seen()

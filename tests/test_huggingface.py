@@ -112,7 +112,7 @@ async def test_a_gated_model_is_pulled_with_the_token_which_never_reaches_the_cd
 ) -> None:
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     model = gguf_model()
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         serve(router, model)
         events = await run_pull(router, tmp_path)
         assert authorizations(router) == {"hf.co": {f"Bearer {TOKEN}"}, "cdn-lfs.hf.co": {None}}
@@ -123,7 +123,7 @@ async def test_a_gated_model_is_pulled_with_the_token_which_never_reaches_the_cd
 
 async def test_the_tag_defaults_to_latest_and_anonymous_pulls_send_nothing(tmp_path: Path) -> None:
     model = gguf_model()
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         serve(router, model, tag="latest")
         await run_pull(router, tmp_path, "hf.co/bartowski/Llama-3.2-1B-Instruct-GGUF")
         assert authorizations(router) == {"hf.co": {None}, "cdn-lfs.hf.co": {None}}
@@ -133,7 +133,7 @@ async def test_the_tag_defaults_to_latest_and_anonymous_pulls_send_nothing(tmp_p
 async def test_a_mirror_never_gets_the_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     model = gguf_model()
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         serve(router, model, base="https://mirror.test/v2/bartowski/Llama-3.2-1B-Instruct-GGUF")
         await run_pull(router, tmp_path, mirror="https://mirror.test")
         assert authorizations(router) == {"mirror.test": {None}, "cdn-lfs.hf.co": {None}}
@@ -142,7 +142,7 @@ async def test_a_mirror_never_gets_the_token(tmp_path: Path, monkeypatch: pytest
 async def test_other_registries_never_get_the_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     model = gguf_model()
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         serve(router, model, base="https://registry.test/v2/bartowski/gguf", tag="latest")
         await run_pull(router, tmp_path, "registry.test/bartowski/gguf")
         assert authorizations(router) == {"registry.test": {None}, "cdn-lfs.hf.co": {None}}
@@ -155,7 +155,7 @@ async def test_a_refusal_says_how_to_get_access(
 ) -> None:
     if token:
         monkeypatch.setenv("HF_TOKEN", token)
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         router.get(f"{BASE}/manifests/Q4_K_M").respond(status)
         with pytest.raises(AuthenticationError) as caught:
             await run_pull(router, tmp_path)
@@ -178,7 +178,7 @@ async def test_a_rate_limit_says_a_token_lifts_it(
 ) -> None:
     if token:
         monkeypatch.setenv("HF_TOKEN", token)
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         route = router.get(f"{BASE}/manifests/Q4_K_M").respond(429)
         with pytest.raises(RegistryError, match="Hugging Face rate-limited the pull of") as caught:
             await run_pull(router, tmp_path)
@@ -193,7 +193,7 @@ async def test_the_ollama_key_still_answers_hugging_faces_challenge(tmp_path: Pa
     _, public = write_key(key_dir)
     model = gguf_model()
     challenge = 'Bearer realm="https://hf.co/v2/token",service="hf.co",scope="repository:bartowski/x:pull"'
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         serve(router, model)
         router.get(f"{BASE}/manifests/Q4_K_M").mock(
             side_effect=lambda request: (

@@ -1,4 +1,4 @@
-"""The push client against an in-memory OCI registry behind httpx.MockTransport: sessions, chunks, mounts,
+"""The push client against an in-memory OCI registry behind httpx2.MockTransport: sessions, chunks, mounts,
 retries, and the errors a refusal becomes."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import json
 import uuid
 from pathlib import Path
 
-import httpx
+import httpx2
 import pytest
 
 from ollama_pull.bundle import export_models
@@ -38,10 +38,10 @@ class MemoryRegistry:
         self.manifests: dict[str, bytes] = {}
         self.sessions: dict[str, bytearray] = {}
         self.log: list[tuple[str, str]] = []
-        self.fail_next: list[httpx.Response] = []
+        self.fail_next: list[httpx2.Response] = []
         self.mountable = True
 
-    def __call__(self, request: httpx.Request) -> httpx.Response:
+    def __call__(self, request: httpx2.Request) -> httpx2.Response:
         path = request.url.path
         self.log.append((request.method, path))
         if self.fail_next and request.method in ("PUT", "PATCH"):
@@ -50,36 +50,36 @@ class MemoryRegistry:
             repository, session = path.removeprefix("/v2/").split("/blobs/uploads/", 1)
             return self.upload(request, repository, session)
         if "/blobs/" in path:
-            return httpx.Response(200 if path.rsplit("/", 1)[1] in self.blobs else 404)
+            return httpx2.Response(200 if path.rsplit("/", 1)[1] in self.blobs else 404)
         if "/manifests/" in path:
             if request.method == "PUT":
                 self.manifests[path] = request.content
-                return httpx.Response(201)
+                return httpx2.Response(201)
             held = self.manifests.get(path)
             if held is None:
-                return httpx.Response(404)
-            return httpx.Response(200, headers={"Docker-Content-Digest": "sha256:" + hashlib.sha256(held).hexdigest()})
-        return httpx.Response(404)
+                return httpx2.Response(404)
+            return httpx2.Response(200, headers={"Docker-Content-Digest": "sha256:" + hashlib.sha256(held).hexdigest()})
+        return httpx2.Response(404)
 
-    def upload(self, request: httpx.Request, repository: str, session: str) -> httpx.Response:
+    def upload(self, request: httpx2.Request, repository: str, session: str) -> httpx2.Response:
         if request.method == "POST":
             mount = request.url.params.get("mount")
             if mount and self.mountable and mount in self.blobs:
-                return httpx.Response(201)
+                return httpx2.Response(201)
             name = uuid.uuid4().hex
             self.sessions[name] = bytearray()
-            return httpx.Response(202, headers={"Location": f"/v2/{repository}/blobs/uploads/{name}?_state=s"})
+            return httpx2.Response(202, headers={"Location": f"/v2/{repository}/blobs/uploads/{name}?_state=s"})
         data = self.sessions[session]
         data += request.content
         if request.method == "PATCH":
             start = int(request.headers["Content-Range"].split("-")[0])
             assert start == len(data) - len(request.content)
-            return httpx.Response(202, headers={"Location": f"/v2/{repository}/blobs/uploads/{session}?_state=t"})
+            return httpx2.Response(202, headers={"Location": f"/v2/{repository}/blobs/uploads/{session}?_state=t"})
         digest = request.url.params["digest"]
         if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
-            return httpx.Response(400, json={"errors": [{"code": "DIGEST_INVALID", "message": "digest mismatch"}]})
+            return httpx2.Response(400, json={"errors": [{"code": "DIGEST_INVALID", "message": "digest mismatch"}]})
         self.blobs[digest] = bytes(data)
-        return httpx.Response(201)
+        return httpx2.Response(201)
 
 
 def stocked(root: Path, model: Model) -> Path:
@@ -95,7 +95,7 @@ async def run(
     server: MemoryRegistry, models: Path, destination: str = "dest.test/team/copy:v1", **options: object
 ) -> tuple[object, list[Event]]:
     events: list[Event] = []
-    async with make_client(transport=httpx.MockTransport(server)) as client:
+    async with make_client(transport=httpx2.MockTransport(server)) as client:
         result = await push(
             SOURCE,
             destination,
@@ -142,13 +142,13 @@ async def test_a_model_on_the_same_registry_is_mounted(tmp_path: Path) -> None:
     models = stocked(tmp_path, model)
     events: list[Event] = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
+    def handler(request: httpx2.Request) -> httpx2.Response:
         # The memory registry shares blobs across repositories; a real one answers HEAD per repository.
         if request.method == "HEAD" and "/blobs/" in request.url.path:
-            return httpx.Response(404)
+            return httpx2.Response(404)
         return server(request)
 
-    async with make_client(transport=httpx.MockTransport(handler)) as client:
+    async with make_client(transport=httpx2.MockTransport(handler)) as client:
         result = await push(
             SOURCE,
             "registry.test/team/copy:v1",
@@ -176,7 +176,7 @@ async def test_a_refused_mount_uploads_through_the_session_it_opened(tmp_path: P
 async def test_a_failed_upload_is_retried_and_progress_never_goes_back(tmp_path: Path) -> None:
     model = make_model(1000)
     server = MemoryRegistry()
-    server.fail_next = [httpx.Response(503)]
+    server.fail_next = [httpx2.Response(503)]
     _, events = await run(server, stocked(tmp_path, model))
     assert server.blobs == model.blobs
     assert len([e for e in events if isinstance(e, BlobRetry)]) == 1
@@ -199,16 +199,16 @@ async def test_bytes_that_are_not_the_digest_are_an_integrity_error(tmp_path: Pa
 @pytest.mark.parametrize(
     ("answer", "error", "message"),
     [
-        (httpx.Response(401), AuthenticationError, r"refused to take .* \(HTTP 401\): it wants credentials"),
-        (httpx.Response(403), AuthenticationError, r"\(HTTP 403\)"),
+        (httpx2.Response(401), AuthenticationError, r"refused to take .* \(HTTP 401\): it wants credentials"),
+        (httpx2.Response(403), AuthenticationError, r"\(HTTP 403\)"),
         (
-            httpx.Response(400, json={"errors": [{"code": "NAME_INVALID", "message": "invalid repository name"}]}),
+            httpx2.Response(400, json={"errors": [{"code": "NAME_INVALID", "message": "invalid repository name"}]}),
             RegistryError,
             r"\(HTTP 400: NAME_INVALID invalid repository name\)",
         ),
     ],
 )
-async def test_refusals_are_one_line_errors(tmp_path: Path, answer: httpx.Response, error: type, message: str) -> None:
+async def test_refusals_are_one_line_errors(tmp_path: Path, answer: httpx2.Response, error: type, message: str) -> None:
     models = stocked(tmp_path, make_model(10))
     with pytest.raises(error, match=message) as caught:
         await run(lambda _request: answer, models)  # type: ignore[arg-type]
@@ -247,21 +247,21 @@ async def test_a_bearer_registry_grants_push_after_pull(tmp_path: Path) -> None:
     tokens: list[str] = []
     events: list[Event] = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
+    def handler(request: httpx2.Request) -> httpx2.Response:
         if request.url.host == "auth.test":
             scope = request.url.params["scope"]
             tokens.append(scope)
             granted[f"token-{len(tokens)}"] = scope
-            return httpx.Response(200, json={"token": f"token-{len(tokens)}"})
+            return httpx2.Response(200, json={"token": f"token-{len(tokens)}"})
         needed = "pull" if request.method in ("HEAD", "GET") else "pull,push"
         token = request.headers.get("Authorization", "").removeprefix("Bearer ")
         actions = set(granted.get(token, "").rsplit(":", 1)[-1].split(","))
         if not set(needed.split(",")) <= actions:
             challenge = f'Bearer realm="https://auth.test/token",service="r",scope="repository:team/copy:{needed}"'
-            return httpx.Response(401, headers={"WWW-Authenticate": challenge})
+            return httpx2.Response(401, headers={"WWW-Authenticate": challenge})
         return server(request)
 
-    async with make_client(transport=httpx.MockTransport(handler)) as client:
+    async with make_client(transport=httpx2.MockTransport(handler)) as client:
         result = await push(
             SOURCE, "dest.test/team/copy:v1", models_dir=stocked(tmp_path, model), client=client, on_event=events.append
         )
@@ -278,13 +278,13 @@ async def test_a_prune_waits_while_the_store_is_read(tmp_path: Path) -> None:
     server = MemoryRegistry()
     uploading, release = asyncio.Event(), asyncio.Event()
 
-    async def handler(request: httpx.Request) -> httpx.Response:
+    async def handler(request: httpx2.Request) -> httpx2.Response:
         if request.method == "PUT" and not uploading.is_set():
             uploading.set()
             await release.wait()
         return server(request)
 
-    async with make_client(transport=httpx.MockTransport(handler)) as client:
+    async with make_client(transport=httpx2.MockTransport(handler)) as client:
         pushing = asyncio.create_task(push(SOURCE, "dest.test/team/copy:v1", models_dir=models, client=client))
         await uploading.wait()
         pruning = asyncio.create_task(prune(models))

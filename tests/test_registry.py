@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-import httpcore
+import httpcore2
 import httpx
 import pytest
 import respx
@@ -42,7 +42,7 @@ def test_parse_challenge(header: str, expected: BearerChallenge | None) -> None:
 
 async def test_manifest_request_headers_and_exact_bytes() -> None:
     model = make_model(10)
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         # registry.ollama.ai once served manifests as text/plain: the body counts, not the Content-Type.
         route = router.get(f"{BASE}/manifests/tag").respond(
             200, content=model.manifest.raw, headers={"Content-Type": "text/plain"}
@@ -68,7 +68,7 @@ async def test_manifest_request_headers_and_exact_bytes() -> None:
     ],
 )
 async def test_final_manifest_statuses(status: int, error: type[Exception], message: str) -> None:
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         route = router.get(f"{BASE}/manifests/tag").respond(status)
         registry = registry_for(router)
         async with registry.client:
@@ -84,12 +84,12 @@ async def test_429_and_5xx_are_retried_honouring_retry_after() -> None:
     async def sleep(seconds: float) -> None:
         slept.append(seconds)
 
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         route = router.get(f"{BASE}/manifests/tag").mock(
             side_effect=[
                 httpx.Response(429, headers={"Retry-After": "3"}),
                 httpx.Response(503),
-                httpcore.ConnectError("refused"),
+                httpcore2.ConnectError("refused"),
                 httpx.Response(200, content=model.manifest.raw),
             ]
         )
@@ -103,7 +103,7 @@ async def test_429_and_5xx_are_retried_honouring_retry_after() -> None:
 
 
 async def test_retries_are_bounded() -> None:
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         route = router.get(f"{BASE}/manifests/tag").respond(503)
         registry = registry_for(router, attempts=3)
         async with registry.client:
@@ -120,7 +120,7 @@ async def test_retries_are_bounded() -> None:
     ],
 )
 async def test_bad_manifests_are_refused(body: bytes, headers: dict[str, str], reason: str) -> None:
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         router.get(f"{BASE}/manifests/tag").respond(200, content=body, headers=headers)
         registry = registry_for(router)
         async with registry.client:
@@ -130,7 +130,7 @@ async def test_bad_manifests_are_refused(body: bytes, headers: dict[str, str], r
 
 async def test_a_manifest_that_does_not_match_its_announced_digest_is_fetched_again() -> None:
     model = make_model(10)
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         route = router.get(f"{BASE}/manifests/tag").mock(
             side_effect=[
                 httpx.Response(
@@ -150,7 +150,7 @@ async def test_a_manifest_that_does_not_match_its_announced_digest_is_fetched_ag
 
 
 async def test_a_manifest_that_never_matches_its_digest_fails_after_the_retries() -> None:
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         router.get(f"{BASE}/manifests/tag").respond(
             200, content=b"{}", headers={"Docker-Content-Digest": "sha256:" + "0" * 64}
         )
@@ -162,7 +162,7 @@ async def test_a_manifest_that_never_matches_its_digest_fails_after_the_retries(
 
 async def test_token_challenge_is_answered_and_the_token_reused() -> None:
     model = make_model(10)
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         token = router.get("https://auth.test/token").respond(200, json={"access_token": "secret-token"})
 
         sent: list[str | None] = []
@@ -191,7 +191,7 @@ async def test_token_challenge_is_answered_and_the_token_reused() -> None:
 
 async def test_an_expired_token_is_refreshed_once_for_all_concurrent_requests() -> None:
     issued = iter(["first", "second", "third"])
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         token = router.get("https://auth.test/token").mock(
             side_effect=lambda _r: httpx.Response(200, json={"token": next(issued)})
         )
@@ -222,7 +222,7 @@ async def test_a_token_used_up_before_a_waiting_request_sends_it_is_refreshed_ag
     # Tokens good for three uses, twenty downloads at once: most wait for a refresh whose token their siblings use
     # up before they send it, which is no reason to give up.
     uses: dict[str, int] = {}
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
 
         def grant(_request: httpx.Request) -> httpx.Response:
             name = f"token-{len(uses)}"
@@ -254,7 +254,7 @@ async def test_a_token_used_up_before_a_waiting_request_sends_it_is_refreshed_ag
 
 
 async def test_a_request_is_sent_at_most_ten_times_the_last_with_a_token_of_its_own() -> None:
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         token = router.get("https://auth.test/token").respond(200, json={"token": "own"})
         registry = registry_for(router)
         auth = registry.client.auth
@@ -278,7 +278,7 @@ async def test_a_request_is_sent_at_most_ten_times_the_last_with_a_token_of_its_
 
 
 async def test_a_token_that_is_refused_again_is_an_auth_error() -> None:
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         router.get("https://auth.test/token").respond(200, json={"token": "never-good"})
         router.get(f"{BASE}/manifests/tag").mock(return_value=unauthorized())
         registry = registry_for(router)
@@ -299,7 +299,7 @@ async def test_a_token_that_is_refused_again_is_an_auth_error() -> None:
     ],
 )
 async def test_token_service_failures(answer: httpx.Response, error: type[Exception], message: str) -> None:
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         router.get("https://auth.test/token").mock(return_value=answer)
         router.get(f"{BASE}/manifests/tag").mock(return_value=unauthorized())
         registry = registry_for(router)
@@ -310,7 +310,7 @@ async def test_token_service_failures(answer: httpx.Response, error: type[Except
 
 async def test_blob_redirect_to_another_host_drops_the_registry_token() -> None:
     digest = "sha256:" + "0" * 64
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         router.get("https://auth.test/token").respond(200, json={"token": "registry-token"})
 
         def blob(request: httpx.Request) -> httpx.Response:
@@ -331,11 +331,11 @@ async def test_blob_redirect_to_another_host_drops_the_registry_token() -> None:
 
 async def test_a_token_service_down_for_a_moment_is_retried_like_the_manifest() -> None:
     model = make_model(10)
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         token = router.get("https://auth.test/token").mock(
             side_effect=[
                 httpx.Response(503),
-                httpcore.ConnectError("refused"),
+                httpcore2.ConnectError("refused"),
                 httpx.Response(200, json={"token": "t"}),
             ]
         )
@@ -358,7 +358,7 @@ async def test_a_token_service_down_for_a_moment_is_retried_like_the_manifest() 
 async def test_a_token_service_that_stalls_is_cut_off_and_named(stalls: int) -> None:
     model = make_model(10)
     left = {"stalls": stalls, "asked": 0}
-    with respx.mock(using="httpcore", assert_all_called=False) as router:
+    with respx.mock(using="httpcore2", assert_all_called=False) as router:
 
         async def token(_request: httpx.Request) -> httpx.Response:
             # Counted here: respx records a call only once it is answered.
@@ -400,7 +400,7 @@ async def test_a_manifest_body_that_stalls_is_cut_off() -> None:
             yield model.manifest.raw[:10]
             await asyncio.Event().wait()
 
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         route = router.get(f"{BASE}/manifests/tag").mock(
             side_effect=[httpx.Response(200, stream=Trickle()), httpx.Response(200, content=model.manifest.raw)]
         )
@@ -417,7 +417,7 @@ async def test_a_mirror_that_stalls_is_left_for_the_origin() -> None:
         await asyncio.Event().wait()
         raise AssertionError("never answered")
 
-    with respx.mock(using="httpcore", assert_all_called=False) as router:
+    with respx.mock(using="httpcore2", assert_all_called=False) as router:
         router.get("https://mirror.test/v2/ns/model/manifests/tag").mock(side_effect=hang)
         origin = router.get(f"{BASE}/manifests/tag").respond(200, content=model.manifest.raw)
         registry = registry_for(router, stall_timeout=0.05)
