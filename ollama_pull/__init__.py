@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-# Exports load on first use: `ollama-pull --version` and `--help` should not pay for httpx, asyncio and
+# Exports load on first use: `ollama-pull --version` and `--help` should not pay for httpx2, asyncio and
 # cryptography.
 _EXPORTS = {
     "DownloadSettings": ".engine",

@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
+import httpx2
 
 from .engine import Clock, Downloader, DownloadSettings
 from .errors import CorruptModel
@@ -66,7 +66,7 @@ async def resolve(
     models_dir: Path | None = None,
     insecure: bool = False,
     settings: DownloadSettings = DownloadSettings(),
-    client: httpx.AsyncClient | None = None,
+    client: httpx2.AsyncClient | None = None,
     mirror: str | None = None,
 ) -> Plan:
     """Fetch and validate the manifest and compare it with the store; write nothing."""
@@ -83,7 +83,7 @@ async def pull(
     insecure: bool = False,
     settings: DownloadSettings = DownloadSettings(),
     on_event: EventCallback = ignore_event,
-    client: httpx.AsyncClient | None = None,
+    client: httpx2.AsyncClient | None = None,
     clock: Clock = time.monotonic,
     mirror: str | None = None,
 ) -> PullResult:
@@ -167,8 +167,8 @@ def _reference(reference: str | ModelReference) -> ModelReference:
 
 @asynccontextmanager
 async def _client(
-    client: httpx.AsyncClient | None, insecure: bool, settings: DownloadSettings
-) -> AsyncIterator[httpx.AsyncClient]:
+    client: httpx2.AsyncClient | None, insecure: bool, settings: DownloadSettings
+) -> AsyncIterator[httpx2.AsyncClient]:
     """The caller's client, left open; or one of our own, closed after use."""
     if client is not None:
         yield client
@@ -178,7 +178,7 @@ async def _client(
 
 
 def _registry(
-    client: httpx.AsyncClient, insecure: bool, settings: DownloadSettings, mirror: str | None
+    client: httpx2.AsyncClient, insecure: bool, settings: DownloadSettings, mirror: str | None
 ) -> RegistryClient:
     return RegistryClient(
         client, insecure=insecure, attempts=settings.attempts, backoff=settings.backoff, mirror=mirror

@@ -5,7 +5,7 @@ token from the realm and send the request again. Tokens are cached per repositor
 the next 401 refreshes it once; concurrent downloads that hit the same 401 wait for that one refresh instead of
 each asking for a token. A Basic challenge is answered with the configured credentials (see
 :mod:`ollama_pull.credentials`), which also go to the token service when there is one. Tokens and credentials
-never leave this module except in ``Authorization`` headers, and httpx drops those on a redirect to another host.
+never leave this module except in ``Authorization`` headers, and httpx2 drops those on a redirect to another host.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
+import httpx2
 
 from .credentials import CredentialLookup, Credentials, find_credentials
 from .errors import AuthenticationError, RegistryError
@@ -45,8 +45,8 @@ def parse_challenge(header: str) -> BearerChallenge | None:
     return BearerChallenge(realm=realm, service=values.get("service"), scopes=tuple(values.get("scope", "").split()))
 
 
-class RegistryAuth(httpx.Auth):
-    """An httpx auth flow for OCI registries: token authentication, or Basic where the registry asks for it."""
+class RegistryAuth(httpx2.Auth):
+    """An httpx2 auth flow for OCI registries: token authentication, or Basic where the registry asks for it."""
 
     def __init__(self, credentials: CredentialLookup = find_credentials, key_path: Path | None = None) -> None:
         self._credentials = credentials
@@ -57,7 +57,7 @@ class RegistryAuth(httpx.Auth):
         self._headers: dict[str, str] = {}
         self._refresh = asyncio.Lock()
 
-    async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
+    async def async_auth_flow(self, request: httpx2.Request) -> AsyncGenerator[httpx2.Request, httpx2.Response]:
         key = _cache_key(request.url)
         sent = self._headers.get(key)
         if sent is not None:
@@ -91,15 +91,15 @@ class RegistryAuth(httpx.Auth):
         return self._key
 
 
-def _cache_key(url: httpx.URL) -> str:
+def _cache_key(url: httpx2.URL) -> str:
     match = _REPOSITORY.match(url.path)
     return f"{url.host}:{url.port}/{match.group(1) if match else ''}"
 
 
 def _token_request(
-    challenge: BearerChallenge, original: httpx.Request, credentials: Credentials | None, key: OllamaKey | None
-) -> httpx.Request:
-    realm = httpx.URL(challenge.realm)
+    challenge: BearerChallenge, original: httpx2.Request, credentials: Credentials | None, key: OllamaKey | None
+) -> httpx2.Request:
+    realm = httpx2.URL(challenge.realm)
     if realm.scheme not in ("http", "https"):
         raise AuthenticationError(f"the registry's token realm is not an HTTP URL: {challenge.realm!r}")
     headers = {"User-Agent": original.headers.get("User-Agent", ""), "Accept": "application/json"}
@@ -108,18 +108,18 @@ def _token_request(
     if key is not None and realm.netloc == original.url.netloc:
         url = signed_token_url(challenge.realm, challenge.service, challenge.scopes)
         headers["Authorization"] = key.authorization(url)
-        return httpx.Request("GET", url, headers=headers)
+        return httpx2.Request("GET", url, headers=headers)
     params: list[tuple[str, str | int | float | bool | None]] = []
     if challenge.service:
         params.append(("service", challenge.service))
     params.extend(("scope", scope) for scope in challenge.scopes)
     if credentials is not None:
         headers["Authorization"] = credentials.basic_header()
-    return httpx.Request("GET", realm.copy_merge_params(params), headers=headers)
+    return httpx2.Request("GET", realm.copy_merge_params(params), headers=headers)
 
 
-def _token_from(response: httpx.Response, challenge: BearerChallenge) -> str:
-    where = httpx.URL(challenge.realm).host
+def _token_from(response: httpx2.Response, challenge: BearerChallenge) -> str:
+    where = httpx2.URL(challenge.realm).host
     if response.status_code in (401, 403):
         raise AuthenticationError(
             f"the token service at {where} refused access (HTTP {response.status_code}): "

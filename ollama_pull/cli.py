@@ -223,7 +223,7 @@ def command(
     # The download stack loads here rather than at import, so that --version and --help answer at once.
     import asyncio
 
-    import httpx
+    import httpx2
 
     from .api import pull, resolve, verify
     from .engine import DownloadSettings
@@ -265,7 +265,7 @@ def command(
         elif not quiet:
             console.print(text, markup=False)
 
-    async def one(reference: ModelReference, client: httpx.AsyncClient) -> None:
+    async def one(reference: ModelReference, client: httpx2.AsyncClient) -> None:
         if verify_only:
             manifest = await verify(reference, models_dir=models_dir)
             say(

@@ -1,4 +1,4 @@
-"""The download engine: Ollama's tensor-model downloader (x/transfer), reimplemented on httpx.
+"""The download engine: Ollama's tensor-model downloader (x/transfer), reimplemented on httpx2.
 
 Blobs download concurrently under a semaphore, each streamed into its partial file with SHA-256 computed as the
 bytes arrive, and renamed into place only when digest and size match. Every attempt is watched: one that
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-import httpx
+import httpx2
 
 from .errors import AuthenticationError, BlobError, IntegrityError, OllamaPullError
 from .events import BlobFinished, BlobProgress, BlobRetry, BlobStarted, EventCallback, ignore_event
@@ -461,7 +461,7 @@ class Downloader:
                     lambda: self._report(state, model, blob.offset),
                     too_much=f"the server sent more than the manifest's {layer.size} bytes",
                 )
-        except httpx.RequestError as exc:
+        except httpx2.RequestError as exc:
             raise _AttemptFailed(describe_transport_error(exc)) from exc
         if blob.offset < layer.size:
             # Not corruption: the bytes so far may be good, and a resumable blob continues from them.
@@ -488,7 +488,7 @@ class Downloader:
                     too_much=f"the server sent more than the {chunk.end - start} bytes asked for",
                     batch_size=_CHUNK_WRITE_BATCH,
                 )
-        except httpx.RequestError as exc:
+        except httpx2.RequestError as exc:
             raise _AttemptFailed(describe_transport_error(exc)) from exc
         if blob.position(chunk) < chunk.end:
             got = blob.position(chunk) - start
@@ -496,7 +496,7 @@ class Downloader:
 
     async def _receive(
         self,
-        response: httpx.Response,
+        response: httpx2.Response,
         watch: _Watch,
         room: int,
         write: Callable[[list[bytes]], None],
@@ -557,7 +557,7 @@ class Downloader:
                 write(batch)
 
 
-def _accept(response: httpx.Response, digest: str, start: int) -> None:
+def _accept(response: httpx2.Response, digest: str, start: int) -> None:
     """Judge a blob response's status and headers before any byte of it is written."""
     status = response.status_code
     if status in (401, 403):

@@ -16,7 +16,7 @@ where there is one, what to do about it::
     ├── NotInStore              verify was asked for a model the store does not hold
     └── StorageError            the local store cannot be read or written
 
-Foreign exceptions (httpx, OSError) are translated once, where they happen, and chained with ``from``.
+Foreign exceptions (httpx2, OSError) are translated once, where they happen, and chained with ``from``.
 The CLI alone maps these classes to exit codes.
 """
 

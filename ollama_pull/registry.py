@@ -12,7 +12,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import certifi
-import httpx
+import httpx2
 
 from . import __version__
 from .auth import RegistryAuth
@@ -32,14 +32,14 @@ def make_client(
     concurrency: int = 64,
     read_timeout: float = 60.0,
     ca_cert: Path | None = None,
-    transport: httpx.AsyncBaseTransport | None = None,
-) -> httpx.AsyncClient:
+    transport: httpx2.AsyncBaseTransport | None = None,
+) -> httpx2.AsyncClient:
     """The HTTP client a pull uses: registry auth, redirects followed, enough connections for every download.
 
-    httpx drops the ``Authorization`` header on a redirect to another host, so a CDN never sees the registry's
+    httpx2 drops the ``Authorization`` header on a redirect to another host, so a CDN never sees the registry's
     token. The read timeout only backs up the engine's own stall detection for sockets that go silent.
-    ``transport`` is the seam for tests (``httpx.MockTransport``) and for custom networking. Proxies come from
-    ``HTTP(S)_PROXY``/``ALL_PROXY``/``NO_PROXY`` and a CA bundle from ``SSL_CERT_FILE``, through httpx; ``ca_cert``
+    ``transport`` is the seam for tests (``httpx2.MockTransport``) and for custom networking. Proxies come from
+    ``HTTP(S)_PROXY``/``ALL_PROXY``/``NO_PROXY`` and a CA bundle from ``SSL_CERT_FILE``, through httpx2; ``ca_cert``
     adds a CA (a corporate one, say) to the public ones.
     """
     verify: bool | ssl.SSLContext = not insecure
@@ -49,20 +49,20 @@ def make_client(
             verify.load_verify_locations(cafile=ca_cert)
         except (OSError, ssl.SSLError) as exc:
             raise RegistryError(f"cannot use the CA certificate {ca_cert}: {exc}") from exc
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    return httpx.AsyncClient(
+    limits = httpx2.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    return httpx2.AsyncClient(
         auth=RegistryAuth(),
         follow_redirects=True,
         verify=verify,
         headers={"User-Agent": USER_AGENT},
-        timeout=httpx.Timeout(30.0, read=read_timeout, pool=None),
+        timeout=httpx2.Timeout(30.0, read=read_timeout, pool=None),
         limits=limits,
         transport=transport or _direct_transport(concurrency + 4, verify),
     )
 
 
-def _direct_transport(connections: int, verify: bool | ssl.SSLContext) -> httpx.AsyncBaseTransport | None:
-    """Sharded pools for direct connections; with a proxy in the environment, None, because httpx applies
+def _direct_transport(connections: int, verify: bool | ssl.SSLContext) -> httpx2.AsyncBaseTransport | None:
+    """Sharded pools for direct connections; with a proxy in the environment, None, because httpx2 applies
     HTTP(S)_PROXY/ALL_PROXY/NO_PROXY only when it builds the transports itself."""
     proxies = urllib.request.getproxies()
     if any(proxies.get(scheme) for scheme in ("http", "https", "all")):
@@ -80,7 +80,7 @@ class RegistryClient:
 
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        client: httpx2.AsyncClient,
         *,
         insecure: bool = False,
         attempts: int = 6,
@@ -119,7 +119,7 @@ class RegistryClient:
                     if response.status_code == 200:
                         return await _read_manifest(response, reference)
                     self._mirror_failed(f"HTTP {response.status_code}", down=response.status_code >= 500)
-            except httpx.RequestError as exc:
+            except httpx2.RequestError as exc:
                 self._mirror_failed(describe_transport_error(exc), down=True)
             except InvalidManifest:
                 # A mirror that serves a bad manifest is no reason to fail: the origin may serve a good one.
@@ -135,7 +135,7 @@ class RegistryClient:
                     _raise_for_manifest_status(response, reference)
                     reason = f"HTTP {response.status_code}"
                     wait = retry_after(response)
-            except httpx.RequestError as exc:
+            except httpx2.RequestError as exc:
                 reason = describe_transport_error(exc)
             except _DigestMismatch as exc:
                 # Bytes changed in transit (a proxy, a flaky link): the next attempt may get them whole.
@@ -150,7 +150,7 @@ class RegistryClient:
     @asynccontextmanager
     async def stream_blob(
         self, reference: ModelReference, digest: str, *, offset: int = 0, end: int | None = None
-    ) -> AsyncIterator[httpx.Response]:
+    ) -> AsyncIterator[httpx2.Response]:
         """Open a blob's bytes from ``offset`` (up to ``end``, exclusive, if given); the caller judges the status
         and reads the raw body."""
         # Blobs are hashed as stored: ask for no content coding, and the engine reads the raw bytes.
@@ -168,7 +168,7 @@ class RegistryClient:
                 response = await stack.enter_async_context(
                     self.client.stream("GET", f"{mirror}/blobs/{digest}", headers=headers)
                 )
-            except httpx.RequestError as exc:
+            except httpx2.RequestError as exc:
                 self._mirror_failed(describe_transport_error(exc), down=True)
             else:
                 if response.status_code in (200, 206):
@@ -181,7 +181,7 @@ class RegistryClient:
             yield r
 
 
-def _raise_for_manifest_status(response: httpx.Response, reference: ModelReference) -> None:
+def _raise_for_manifest_status(response: httpx2.Response, reference: ModelReference) -> None:
     """Raise the final error a manifest status means; return when the status is worth retrying."""
     status = response.status_code
     if status == 404:
@@ -203,7 +203,7 @@ def _raise_for_manifest_status(response: httpx.Response, reference: ModelReferen
         raise RegistryError(f"the registry {reference.host} answered HTTP {status} for {reference.short}")
 
 
-async def _read_manifest(response: httpx.Response, reference: ModelReference) -> Manifest:
+async def _read_manifest(response: httpx2.Response, reference: ModelReference) -> Manifest:
     body = bytearray()
     async for chunk in response.aiter_bytes():
         body += chunk

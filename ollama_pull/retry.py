@@ -6,7 +6,7 @@ import email.utils
 import time
 from dataclasses import dataclass
 
-import httpx
+import httpx2
 
 # A server may ask for hours; past this we would rather fail with a clear message than look hung.
 MAX_RETRY_AFTER = 60.0
@@ -24,7 +24,7 @@ class Backoff:
         return float(min(self.base * 2 ** max(failures - 1, 0), self.cap)) * (0.5 + jitter)
 
 
-def retry_after(response: httpx.Response, *, now: float | None = None) -> float | None:
+def retry_after(response: httpx2.Response, *, now: float | None = None) -> float | None:
     """Seconds to wait as the response's ``Retry-After`` says (delta-seconds or HTTP date), if it says."""
     value = response.headers.get("Retry-After", "").strip()
     if not value:
@@ -40,17 +40,17 @@ def retry_after(response: httpx.Response, *, now: float | None = None) -> float 
     return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
-def describe_transport_error(exc: httpx.RequestError) -> str:
+def describe_transport_error(exc: httpx2.RequestError) -> str:
     """A short reason for a network failure, without URLs or headers (which may carry credentials)."""
     kind = {
-        httpx.ConnectError: "connection failed",
-        httpx.ConnectTimeout: "connection timed out",
-        httpx.ReadTimeout: "read timed out",
-        httpx.RemoteProtocolError: "connection closed early",
-        httpx.ReadError: "connection reset",
-        httpx.WriteError: "connection reset while sending",
-        httpx.TooManyRedirects: "too many redirects",
-        httpx.UnsupportedProtocol: "redirected to an unsupported URL scheme",
+        httpx2.ConnectError: "connection failed",
+        httpx2.ConnectTimeout: "connection timed out",
+        httpx2.ReadTimeout: "read timed out",
+        httpx2.RemoteProtocolError: "connection closed early",
+        httpx2.ReadError: "connection reset",
+        httpx2.WriteError: "connection reset while sending",
+        httpx2.TooManyRedirects: "too many redirects",
+        httpx2.UnsupportedProtocol: "redirected to an unsupported URL scheme",
     }.get(type(exc), "network error")
     detail = str(exc).splitlines()[0] if str(exc) else ""
     if "CERTIFICATE_VERIFY_FAILED" in detail:

@@ -29,5 +29,5 @@ def isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Pat
 
 @pytest.fixture
 def anyio_backend() -> str:
-    """Async tests run on asyncio through anyio's pytest plugin, which httpx already brings."""
+    """Async tests run on asyncio through anyio's pytest plugin, which httpx2 already brings."""
     return "asyncio"

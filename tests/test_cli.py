@@ -185,10 +185,10 @@ def test_rich_renderer_shows_overall_and_a_few_blob_bars() -> None:
 
 
 def test_version_and_help_do_not_load_the_download_stack() -> None:
-    # --version answers in a tenth of a second because httpx, asyncio and cryptography are not imported for it.
+    # --version answers in a tenth of a second because httpx2, asyncio and cryptography are not imported for it.
     probe = (
         "import sys, ollama_pull.cli; "
-        "print(sorted(m for m in ('httpx', 'cryptography', 'ollama_pull.engine') if m in sys.modules))"
+        "print(sorted(m for m in ('httpx2', 'cryptography', 'ollama_pull.engine') if m in sys.modules))"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"

@@ -74,7 +74,7 @@ async def test_a_basic_challenge_is_answered_once_and_remembered() -> None:
             return httpx.Response(200, content=model.manifest.raw)
         return httpx.Response(401, headers={"WWW-Authenticate": 'Basic realm="registry"'})
 
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         router.get(f"{BASE}/manifests/tag").mock(side_effect=manifest)
         registry = registry_with(router, Credentials("u", "p"))
         async with registry.client:
@@ -84,7 +84,7 @@ async def test_a_basic_challenge_is_answered_once_and_remembered() -> None:
 
 
 async def test_wrong_basic_credentials_are_an_auth_error_without_the_password() -> None:
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         route = router.get(f"{BASE}/manifests/tag").respond(401, headers={"WWW-Authenticate": 'Basic realm="r"'})
         registry = registry_with(router, Credentials("u", "wrong-password"))
         async with registry.client:
@@ -96,7 +96,7 @@ async def test_wrong_basic_credentials_are_an_auth_error_without_the_password() 
 
 async def test_credentials_go_to_the_token_service() -> None:
     model = make_model(10)
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         token = router.get("https://auth.test/token").respond(200, json={"token": "t"})
 
         def manifest(request: httpx.Request) -> httpx.Response:

@@ -9,7 +9,7 @@ import gzip
 from collections.abc import Callable
 from pathlib import Path
 
-import httpcore
+import httpcore2
 import httpx
 import pytest
 import respx
@@ -76,7 +76,7 @@ async def test_downloads_every_blob_verified_within_the_concurrency_limit(store:
             finally:
                 in_flight -= 1
 
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         serve(router, model, lambda _r, data: httpx.Response(200, stream=Counting(data, chunk=4096)))
         events = await download(router, model, store, settings=dataclasses.replace(FAST, concurrency=3))
     assert_store_holds(store, model)
@@ -94,7 +94,7 @@ async def test_corrupted_bytes_are_discarded_and_the_blob_retried(store: Store) 
             data = data[:100] + bytes([data[100] ^ 0xFF]) + data[101:]
         return httpx.Response(200, stream=ChunkStream(data))
 
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         serve(router, model, handler)
         events = await download(router, model, store)
     assert_store_holds(store, model)
@@ -109,7 +109,7 @@ async def test_a_blob_that_never_verifies_fails_with_an_integrity_error(store: S
     def handler(_request: httpx.Request, data: bytes) -> httpx.Response:
         return httpx.Response(200, stream=ChunkStream(data[:-1] + b"\0" if len(data) == bad.size else data))
 
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         serve(router, model, handler)
         with pytest.raises(IntegrityError) as caught:
             await download(router, model, store, settings=dataclasses.replace(FAST, attempts=4))
@@ -128,9 +128,9 @@ async def test_a_blob_that_never_verifies_fails_with_an_integrity_error(store: S
         # Each row: the first answer for the blob, and the reason the retry event must give.
         (httpx.Response(503, headers={"Retry-After": "0"}), "HTTP 503"),
         (httpx.Response(404), "HTTP 404"),
-        (httpcore.ReadError("reset by peer"), "connection reset"),
-        (httpcore.RemoteProtocolError("peer closed connection"), "connection closed early"),
-        (httpcore.ConnectError("refused"), "connection failed"),
+        (httpcore2.ReadError("reset by peer"), "connection reset"),
+        (httpcore2.RemoteProtocolError("peer closed connection"), "connection closed early"),
+        (httpcore2.ConnectError("refused"), "connection failed"),
         (httpx.Response(200, stream=ChunkStream(b"x" * 50_000)), "more than the manifest's 40000 bytes"),
         (httpx.Response(200, stream=ChunkStream(b"x" * 1000)), "the body ended after 1000 of 40000 bytes"),
         (httpx.Response(200, headers={"Content-Encoding": "gzip"}, stream=ChunkStream(gzip.compress(b"x"))), "gzip"),
@@ -139,7 +139,7 @@ async def test_a_blob_that_never_verifies_fails_with_an_integrity_error(store: S
 async def test_failures_are_retried_with_their_reason(store: Store, failure: object, reason: str) -> None:
     model = make_model(40_000)
     target = model.layers[1]
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         serve(router, model, ok)
         router.get(f"{BASE}/blobs/{target.digest}").mock(
             side_effect=[failure, httpx.Response(200, stream=ChunkStream(model.blobs[target.digest]))]
@@ -158,7 +158,7 @@ async def test_retry_after_is_honoured(store: Store) -> None:
         slept.append(seconds)
 
     target = model.layers[1]
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         serve(router, model, ok)
         router.get(f"{BASE}/blobs/{target.digest}").mock(
             side_effect=[
@@ -176,7 +176,7 @@ async def test_retry_after_is_honoured(store: Store) -> None:
 async def test_a_rejected_token_is_final_not_retried(store: Store) -> None:
     model = make_model(1000)
     # The first 403 cancels the other blob, whose route may then never be called.
-    with respx.mock(using="httpcore", assert_all_called=False) as router:
+    with respx.mock(using="httpcore2", assert_all_called=False) as router:
         serve(router, model, lambda _r, _d: httpx.Response(403))
         with pytest.raises(AuthenticationError, match="HTTP 403"):
             await download(router, model, store)
@@ -203,7 +203,7 @@ async def test_blobs_failing_together_leave_no_unretrieved_error(store: Store, l
             await asyncio.sleep(0)
         return httpx.Response(403)
 
-    with respx.mock(using="httpcore", assert_all_called=False) as router:
+    with respx.mock(using="httpcore2", assert_all_called=False) as router:
         for digest in model.blobs:
             router.get(f"{BASE}/blobs/{digest}").mock(side_effect=refuse_first if digest == first else refuse_second)
         with pytest.raises(AuthenticationError):
@@ -216,7 +216,7 @@ async def test_stalls_are_retried_without_using_up_attempts(store: Store) -> Non
     model = make_model(40_000)
     target = model.layers[1]
     stalls = [httpx.Response(200, stream=ChunkStream(model.blobs[target.digest], stall_after=n % 2)) for n in range(8)]
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         serve(router, model, ok)
         router.get(f"{BASE}/blobs/{target.digest}").mock(
             side_effect=[*stalls, httpx.Response(200, stream=ChunkStream(model.blobs[target.digest]))]
@@ -231,7 +231,7 @@ async def test_stalls_are_retried_without_using_up_attempts(store: Store) -> Non
 
 async def test_a_server_that_always_stalls_cannot_hang_the_pull(store: Store) -> None:
     model = make_model(40_000)
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         serve(router, model, lambda _r, data: httpx.Response(200, stream=ChunkStream(data, stall_after=0)))
         with pytest.raises(BlobError, match="stalled 4 times"):
             await download(router, model, store, settings=dataclasses.replace(FAST, max_stalls=3), clock=TickingClock())
@@ -249,7 +249,7 @@ async def test_slow_attempts_are_aborted_and_only_the_third_counts(store: Store)
             return httpx.Response(200, stream=ChunkStream(data, chunk=1024, clock=clock, seconds_per_chunk=1.0))
         return httpx.Response(200, stream=ChunkStream(data, chunk=50_000, clock=clock, seconds_per_chunk=0.01))
 
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         serve(router, model, handler)
         settings = dataclasses.replace(FAST, concurrency=1, attempts=2)
         with pytest.raises(BlobError) as caught:
@@ -269,7 +269,7 @@ async def test_slow_detection_waits_for_five_samples(store: Store) -> None:
         per_chunk = 1.0 if len(data) == 20_000 else 0.01
         return httpx.Response(200, stream=ChunkStream(data, chunk=1024, clock=clock, seconds_per_chunk=per_chunk))
 
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         serve(router, model, handler)
         events = await download(router, model, store, settings=dataclasses.replace(FAST, concurrency=1), clock=clock)
     assert retries(events) == []
@@ -280,7 +280,7 @@ async def test_progress_never_goes_backwards_when_an_attempt_fails(store: Store)
     model = make_model(100_000)
     target = model.layers[1]
     data = model.blobs[target.digest]
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         serve(router, model, ok)
         router.get(f"{BASE}/blobs/{target.digest}").mock(
             side_effect=[
@@ -331,7 +331,7 @@ async def test_large_blobs_resume_with_range(store: Store, answer: str, expected
         headers = {"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"}
         return httpx.Response(206, headers=headers, stream=ChunkStream(data[start:]))
 
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         serve(router, model, ok)
         router.get(f"{BASE}/blobs/{target.digest}").mock(side_effect=handler)
         await download(router, model, store, settings=dataclasses.replace(FAST, resume_min_size=50_000))
@@ -342,7 +342,7 @@ async def test_large_blobs_resume_with_range(store: Store, answer: str, expected
 async def test_cancellation_leaves_no_task_and_no_unverified_blob(store: Store) -> None:
     model = make_model(40_000, 200_000)
     small, large = model.layers[1], model.layers[2]
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         serve(router, model, lambda _r, data: httpx.Response(200, stream=ChunkStream(data, chunk=8192, stall_after=2)))
         store.prepare()
         tasks_before = asyncio.all_tasks()

@@ -1,4 +1,4 @@
-"""The network layer: httpcore on asyncio's transports, against real sockets on 127.0.0.1."""
+"""The network layer: httpcore2 on asyncio's transports, against real sockets on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import httpcore
-import httpx
+import httpcore2
+import httpx2
 import pytest
 
 from ollama_pull import network
@@ -39,7 +39,7 @@ async def test_a_pull_client_talks_through_the_asyncio_backend(monkeypatch: pyte
     connects: list[tuple[str, int]] = []
     connect = AsyncioBackend.connect_tcp
 
-    async def counting(self: AsyncioBackend, host: str, port: int, **kwargs: object) -> httpcore.AsyncNetworkStream:
+    async def counting(self: AsyncioBackend, host: str, port: int, **kwargs: object) -> httpcore2.AsyncNetworkStream:
         connects.append((host, port))
         return await connect(self, host, port, **kwargs)  # type: ignore[arg-type]
 
@@ -55,7 +55,7 @@ async def test_a_pull_client_talks_through_the_asyncio_backend(monkeypatch: pyte
         for _ in range(3):
             response = await client.get(f"http://127.0.0.1:{port}/blob")
             assert response.content == body
-    # httpx keeps the pool in a private attribute; were that to change, no request would come through here.
+    # httpx2 keeps the pool in a private attribute; were that to change, no request would come through here.
     assert connects == [("127.0.0.1", port)]
 
 
@@ -67,7 +67,7 @@ def test_direct_connections_are_spread_over_small_pools(monkeypatch: pytest.Monk
     pools = [shard._pool for shard in transport._shards]
     assert {pool._max_connections for pool in pools} == {8}
     assert all(isinstance(pool._network_backend, AsyncioBackend) for pool in pools)
-    # With a proxy configured, httpx must build the transports itself to honour it and NO_PROXY.
+    # With a proxy configured, httpx2 must build the transports itself to honour it and NO_PROXY.
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:1")
     assert _direct_transport(68, True) is None
 
@@ -77,13 +77,13 @@ async def test_sharded_transport_takes_the_pools_in_turn() -> None:
     seen: list[int] = []
     for index, shard in enumerate(transport._shards):
 
-        async def answer(request: httpx.Request, index: int = index) -> httpx.Response:
+        async def answer(request: httpx2.Request, index: int = index) -> httpx2.Response:
             seen.append(index)
-            return httpx.Response(200)
+            return httpx2.Response(200)
 
         shard.handle_async_request = answer  # type: ignore[method-assign]
     for _ in range(6):
-        await transport.handle_async_request(httpx.Request("GET", "https://registry.test/"))
+        await transport.handle_async_request(httpx2.Request("GET", "https://registry.test/"))
     assert seen == [0, 1, 2, 0, 1, 2]
     await transport.aclose()
 
@@ -99,14 +99,14 @@ async def test_bytes_received_before_a_reset_are_read_before_the_error() -> None
 
     received: list[bytes] = []
 
-    async def read_all(stream: httpcore.AsyncNetworkStream) -> None:
+    async def read_all(stream: httpcore2.AsyncNetworkStream) -> None:
         while chunk := await stream.read(65536, timeout=5):
             received.append(chunk)
 
     async with serving(reset) as port:
         stream = await AsyncioBackend().connect_tcp("127.0.0.1", port, timeout=5)
         await asyncio.sleep(0.2)
-        with pytest.raises(httpcore.ReadError, match="reset"):
+        with pytest.raises(httpcore2.ReadError, match="reset"):
             await read_all(stream)
         await stream.aclose()
     assert b"".join(received) == b"first bytes"
@@ -126,7 +126,7 @@ async def test_a_clean_close_reads_as_the_end_and_makes_the_connection_readable(
         assert stream.get_extra_info("is_readable") is True
         assert stream.get_extra_info("server_addr") == ("127.0.0.1", port)
         await stream.aclose()
-        with pytest.raises(httpcore.WriteError):
+        with pytest.raises(httpcore2.WriteError):
             await stream.write(b"GET / HTTP/1.1\r\n\r\n", timeout=5)
 
 
@@ -137,7 +137,7 @@ async def test_a_silent_server_times_the_read_out() -> None:
     async with serving(silent) as port:
         stream = await AsyncioBackend().connect_tcp("127.0.0.1", port, timeout=5)
         assert stream.get_extra_info("is_readable") is False
-        with pytest.raises(httpcore.ReadTimeout):
+        with pytest.raises(httpcore2.ReadTimeout):
             await stream.read(65536, timeout=0.01)
         await stream.aclose()
 
@@ -168,7 +168,7 @@ async def test_a_slow_reader_stops_the_socket_instead_of_buffering_everything() 
 async def test_a_refused_connection_is_a_connect_error() -> None:
     async with serving(lambda reader, writer: asyncio.sleep(0)) as port:
         pass
-    with pytest.raises(httpcore.ConnectError):
+    with pytest.raises(httpcore2.ConnectError):
         await AsyncioBackend().connect_tcp("127.0.0.1", port, timeout=5)
 
 

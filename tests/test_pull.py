@@ -38,7 +38,7 @@ async def run(router: respx.MockRouter, models: Path, events: list[Event] | None
 async def test_pull_writes_blobs_then_the_exact_manifest(tmp_path: Path) -> None:
     model = make_model(1000, 2000, 3000)
     events: list[Event] = []
-    with respx.mock(using="httpcore", assert_all_called=False) as router:
+    with respx.mock(using="httpcore2", assert_all_called=False) as router:
         routes(router, model)
         result = await run(router, tmp_path, events)
     store = Store(tmp_path)
@@ -61,7 +61,7 @@ async def test_present_blobs_are_skipped_and_counted_as_done(tmp_path: Path) -> 
     present = model.layers[2]
     store.blob_path(present.digest).write_bytes(model.blobs[present.digest])
     events: list[Event] = []
-    with respx.mock(using="httpcore", assert_all_called=False) as router:
+    with respx.mock(using="httpcore2", assert_all_called=False) as router:
         routes(router, model)
         await run(router, tmp_path, events)
         assert router.get(f"{BASE}/blobs/{present.digest}").call_count == 0
@@ -80,14 +80,14 @@ async def test_a_blob_with_the_wrong_size_on_disk_is_downloaded_again(tmp_path: 
     store.prepare()
     layer = model.layers[1]
     store.blob_path(layer.digest).write_bytes(b"short")
-    with respx.mock(using="httpcore", assert_all_called=False) as router:
+    with respx.mock(using="httpcore2", assert_all_called=False) as router:
         routes(router, model)
         await run(router, tmp_path)
     assert store.blob_path(layer.digest).read_bytes() == model.blobs[layer.digest]
 
 
 async def test_an_invalid_manifest_writes_nothing(tmp_path: Path) -> None:
-    with respx.mock(using="httpcore", assert_all_called=False) as router:
+    with respx.mock(using="httpcore2", assert_all_called=False) as router:
         router.get(f"{BASE}/manifests/tag").respond(200, json={"schemaVersion": 2, "config": {}, "layers": []})
         with pytest.raises(InvalidManifest):
             await run(router, tmp_path / "models")
@@ -97,7 +97,7 @@ async def test_an_invalid_manifest_writes_nothing(tmp_path: Path) -> None:
 async def test_a_failed_blob_leaves_no_manifest_and_no_unverified_blob(tmp_path: Path) -> None:
     model = make_model(1000, 2000)
     bad = model.layers[2]
-    with respx.mock(using="httpcore", assert_all_called=False) as router:
+    with respx.mock(using="httpcore2", assert_all_called=False) as router:
         routes(router, model)
         router.get(f"{BASE}/blobs/{bad.digest}").respond(500)
         with pytest.raises(BlobError, match="HTTP 500"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-import httpcore
+import httpcore2
 import httpx
 import pytest
 import respx
@@ -41,7 +41,7 @@ def test_parse_challenge(header: str, expected: BearerChallenge | None) -> None:
 
 async def test_manifest_request_headers_and_exact_bytes() -> None:
     model = make_model(10)
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         # registry.ollama.ai once served manifests as text/plain: the body counts, not the Content-Type.
         route = router.get(f"{BASE}/manifests/tag").respond(
             200, content=model.manifest.raw, headers={"Content-Type": "text/plain"}
@@ -67,7 +67,7 @@ async def test_manifest_request_headers_and_exact_bytes() -> None:
     ],
 )
 async def test_final_manifest_statuses(status: int, error: type[Exception], message: str) -> None:
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         route = router.get(f"{BASE}/manifests/tag").respond(status)
         registry = registry_for(router)
         async with registry.client:
@@ -83,12 +83,12 @@ async def test_429_and_5xx_are_retried_honouring_retry_after() -> None:
     async def sleep(seconds: float) -> None:
         slept.append(seconds)
 
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         route = router.get(f"{BASE}/manifests/tag").mock(
             side_effect=[
                 httpx.Response(429, headers={"Retry-After": "3"}),
                 httpx.Response(503),
-                httpcore.ConnectError("refused"),
+                httpcore2.ConnectError("refused"),
                 httpx.Response(200, content=model.manifest.raw),
             ]
         )
@@ -102,7 +102,7 @@ async def test_429_and_5xx_are_retried_honouring_retry_after() -> None:
 
 
 async def test_retries_are_bounded() -> None:
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         route = router.get(f"{BASE}/manifests/tag").respond(503)
         registry = registry_for(router, attempts=3)
         async with registry.client:
@@ -119,7 +119,7 @@ async def test_retries_are_bounded() -> None:
     ],
 )
 async def test_bad_manifests_are_refused(body: bytes, headers: dict[str, str], reason: str) -> None:
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         router.get(f"{BASE}/manifests/tag").respond(200, content=body, headers=headers)
         registry = registry_for(router)
         async with registry.client:
@@ -129,7 +129,7 @@ async def test_bad_manifests_are_refused(body: bytes, headers: dict[str, str], r
 
 async def test_a_manifest_that_does_not_match_its_announced_digest_is_fetched_again() -> None:
     model = make_model(10)
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         route = router.get(f"{BASE}/manifests/tag").mock(
             side_effect=[
                 httpx.Response(
@@ -149,7 +149,7 @@ async def test_a_manifest_that_does_not_match_its_announced_digest_is_fetched_ag
 
 
 async def test_a_manifest_that_never_matches_its_digest_fails_after_the_retries() -> None:
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         router.get(f"{BASE}/manifests/tag").respond(
             200, content=b"{}", headers={"Docker-Content-Digest": "sha256:" + "0" * 64}
         )
@@ -161,7 +161,7 @@ async def test_a_manifest_that_never_matches_its_digest_fails_after_the_retries(
 
 async def test_token_challenge_is_answered_and_the_token_reused() -> None:
     model = make_model(10)
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         token = router.get("https://auth.test/token").respond(200, json={"access_token": "secret-token"})
 
         sent: list[str | None] = []
@@ -190,7 +190,7 @@ async def test_token_challenge_is_answered_and_the_token_reused() -> None:
 
 async def test_an_expired_token_is_refreshed_once_for_all_concurrent_requests() -> None:
     issued = iter(["first", "second", "third"])
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         token = router.get("https://auth.test/token").mock(
             side_effect=lambda _r: httpx.Response(200, json={"token": next(issued)})
         )
@@ -218,7 +218,7 @@ async def test_an_expired_token_is_refreshed_once_for_all_concurrent_requests() 
 
 
 async def test_a_token_that_is_refused_again_is_an_auth_error() -> None:
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         router.get("https://auth.test/token").respond(200, json={"token": "never-good"})
         router.get(f"{BASE}/manifests/tag").mock(return_value=unauthorized())
         registry = registry_for(router)
@@ -238,7 +238,7 @@ async def test_a_token_that_is_refused_again_is_an_auth_error() -> None:
     ],
 )
 async def test_token_service_failures(answer: httpx.Response, error: type[Exception], message: str) -> None:
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         router.get("https://auth.test/token").mock(return_value=answer)
         router.get(f"{BASE}/manifests/tag").mock(return_value=unauthorized())
         registry = registry_for(router)
@@ -249,7 +249,7 @@ async def test_token_service_failures(answer: httpx.Response, error: type[Except
 
 async def test_blob_redirect_to_another_host_drops_the_registry_token() -> None:
     digest = "sha256:" + "0" * 64
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         router.get("https://auth.test/token").respond(200, json={"token": "registry-token"})
 
         def blob(request: httpx.Request) -> httpx.Response:

@@ -101,7 +101,7 @@ def challenged_manifest(router: respx.MockRouter, realm: str, raw: bytes) -> Non
 async def test_a_challenge_from_the_registrys_own_host_is_signed(tmp_path: Path) -> None:
     path, public = write_key(tmp_path)
     model = make_model(10)
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         challenged_manifest(router, "https://registry.test/token", model.manifest.raw)
 
         def token(request: httpx.Request) -> httpx.Response:
@@ -123,7 +123,7 @@ async def test_a_challenge_from_the_registrys_own_host_is_signed(tmp_path: Path)
 async def test_a_realm_on_another_host_never_gets_the_signature(tmp_path: Path) -> None:
     path, _ = write_key(tmp_path)
     model = make_model(10)
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         challenged_manifest(router, "https://elsewhere.test/token", model.manifest.raw)
         route = router.get("https://elsewhere.test/token").respond(200, json={"token": "signed-token"})
         registry = registry_with_key(router, path)
@@ -136,7 +136,7 @@ async def test_a_realm_on_another_host_never_gets_the_signature(tmp_path: Path) 
 
 async def test_without_a_key_the_token_request_is_anonymous(tmp_path: Path) -> None:
     model = make_model(10)
-    with respx.mock(using="httpcore") as router:
+    with respx.mock(using="httpcore2") as router:
         challenged_manifest(router, "https://registry.test/token", model.manifest.raw)
         route = router.get("https://registry.test/token").respond(200, json={"token": "signed-token"})
         registry = registry_with_key(router, tmp_path / "no-key")
