@@ -1,10 +1,14 @@
-"""How bytes reach us: httpcore2's connection pools running on asyncio's own transports, in shards.
+"""How bytes reach us: our transport, httpcore2's connection pools in shards, on asyncio's own transports.
 
 httpcore2's default backend goes through anyio, and every read pays for it: a cancel scope for the timeout, a
 checkpoint that costs a turn of the event loop even when data is already waiting, exception mapping, and a
 split of anything above 64 KiB. On a 1 GiB blob that was the largest cost left on the event loop (see
 bench/PROFILE.md). Here the event loop's transport buffers what arrives, and a read hands over what is buffered
 without waiting at all, one received chunk at a time.
+
+httpx2's own transport has no parameter for the network backend, so ``ShardedTransport`` does what it does
+with public API only: it owns the pools, builds httpcore2's request from httpx2's, and httpx2's response and
+exceptions from httpcore2's. This is the only module that imports httpcore2 (a ruff banned-api rule).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import asyncio
 import itertools
 import ssl
 from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import Any
 
 import httpcore2
@@ -194,46 +199,139 @@ class AsyncioBackend(httpcore2.AsyncNetworkBackend):
         await asyncio.sleep(seconds)
 
 
-class AsyncioTransport(httpx2.AsyncHTTPTransport):
-    """httpx2's transport (its request mapping and exceptions) over a connection pool on ``AsyncioBackend``."""
+# httpcore2's exceptions and httpx2's, most specific first, so that the first match is the one to raise.
+_EXCEPTIONS: tuple[tuple[type[Exception], type[httpx2.TransportError]], ...] = (
+    (httpcore2.ConnectTimeout, httpx2.ConnectTimeout),
+    (httpcore2.ReadTimeout, httpx2.ReadTimeout),
+    (httpcore2.WriteTimeout, httpx2.WriteTimeout),
+    (httpcore2.PoolTimeout, httpx2.PoolTimeout),
+    (httpcore2.TimeoutException, httpx2.TimeoutException),
+    (httpcore2.ConnectError, httpx2.ConnectError),
+    (httpcore2.ReadError, httpx2.ReadError),
+    (httpcore2.WriteError, httpx2.WriteError),
+    (httpcore2.NetworkError, httpx2.NetworkError),
+    (httpcore2.ProxyError, httpx2.ProxyError),
+    (httpcore2.UnsupportedProtocol, httpx2.UnsupportedProtocol),
+    (httpcore2.LocalProtocolError, httpx2.LocalProtocolError),
+    (httpcore2.RemoteProtocolError, httpx2.RemoteProtocolError),
+    (httpcore2.ProtocolError, httpx2.ProtocolError),
+)
+_CORE_ERRORS = tuple(core for core, _ in _EXCEPTIONS)
 
-    def __init__(self, *, ssl_context: ssl.SSLContext, limits: httpx2.Limits) -> None:
-        super().__init__(verify=ssl_context, limits=limits)
-        # httpx2 has no parameter for the network backend; its transport keeps the pool it talks to in ``_pool``.
-        # Were that to change, this pool would go unused and the pull would run as fast as before, not fail:
-        # test_network checks that requests go through this backend.
-        self._pool = httpcore2.AsyncConnectionPool(
-            ssl_context=ssl_context,
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
-            network_backend=AsyncioBackend(),
-        )
+
+def _translated(exc: Exception) -> httpx2.TransportError:
+    """httpx2's exception for one of httpcore2's, with its message (the caller chains it)."""
+    ours = next(ours for core, ours in _EXCEPTIONS if isinstance(exc, core))
+    return ours(str(exc))
+
+
+class _ResponseStream(httpx2.AsyncByteStream):
+    """A response body from a pool, with httpcore2's exceptions translated; ``done`` runs once, when it closes."""
+
+    def __init__(self, stream: AsyncIterable[bytes], done: Callable[[], None]) -> None:
+        self._stream = stream
+        self._done: Callable[[], None] | None = done
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._stream:
+                yield chunk
+        except _CORE_ERRORS as exc:
+            raise _translated(exc) from exc
+
+    async def aclose(self) -> None:
+        try:
+            aclose = getattr(self._stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        finally:
+            if self._done is not None:
+                self._done()
+                self._done = None
+
+
+class _Shard:
+    """One connection pool and how many of its responses are still open."""
+
+    __slots__ = ("open", "pool")
+
+    def __init__(self, pool: httpcore2.AsyncConnectionPool) -> None:
+        self.pool = pool
+        self.open = 0
+
+    def release(self) -> None:
+        self.open -= 1
 
 
 class ShardedTransport(httpx2.AsyncBaseTransport):
-    """Several connection pools behind one transport, taking requests in turn.
+    """Several connection pools on ``AsyncioBackend`` behind one transport, taking requests in turn.
 
-    httpcore2's pool matches every queued request against every connection each time a request starts or ends,
-    which costs O(requests x connections): with 64 downloads in one pool that bookkeeping was 40% of our CPU.
-    Pools of at most ``SHARD_SIZE`` connections cut it by the number of pools squared; each keeps its own
-    keep-alive connections, so reuse is unchanged.
+    httpcore's pool used to match every queued request against every connection each time a request started or
+    ended, O(requests x connections): with 64 downloads in one pool that bookkeeping was 40% of our CPU. Pools
+    of at most ``SHARD_SIZE`` connections cut it by the number of pools squared; each keeps its own keep-alive
+    connections.
     """
 
     SHARD_SIZE = 8
+    # httpx's default: an idle connection older than this may have been dropped by the server.
+    KEEPALIVE_EXPIRY = 5.0
 
     def __init__(self, connections: int, *, verify: bool | ssl.SSLContext) -> None:
         count = max(1, -(-connections // self.SHARD_SIZE))
         per_shard = -(-connections // count)
-        limits = httpx2.Limits(max_connections=per_shard, max_keepalive_connections=per_shard)
         # One TLS context for all: building one loads the CA bundle, a few milliseconds each.
         context = httpx2.create_ssl_context(verify=verify)
-        self._shards = [AsyncioTransport(ssl_context=context, limits=limits) for _ in range(count)]
+        backend = AsyncioBackend()
+        self._shards = [
+            _Shard(
+                httpcore2.AsyncConnectionPool(
+                    ssl_context=context,
+                    max_connections=per_shard,
+                    max_keepalive_connections=per_shard,
+                    keepalive_expiry=self.KEEPALIVE_EXPIRY,
+                    network_backend=backend,
+                )
+            )
+            for _ in range(count)
+        ]
         self._turn = itertools.cycle(self._shards)
 
+    @property
+    def pools(self) -> list[httpcore2.AsyncConnectionPool]:
+        return [shard.pool for shard in self._shards]
+
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
-        return await next(self._turn).handle_async_request(request)
+        assert isinstance(request.stream, httpx2.AsyncByteStream)
+        url = httpcore2.URL(
+            scheme=request.url.raw_scheme,
+            host=request.url.raw_host,
+            port=request.url.port,
+            target=request.url.raw_path,
+        )
+        shard = next(self._turn)
+        core = httpcore2.Request(
+            method=request.method,
+            url=url,
+            headers=request.headers.raw,
+            content=request.stream,
+            extensions=request.extensions,
+        )
+        shard.open += 1
+        try:
+            response = await shard.pool.handle_async_request(core)
+        except BaseException as exc:
+            shard.release()
+            if isinstance(exc, _CORE_ERRORS):
+                raise _translated(exc) from exc
+            raise
+        assert isinstance(response.stream, AsyncIterable)
+        return httpx2.Response(
+            status_code=response.status,
+            headers=response.headers,
+            stream=_ResponseStream(response.stream, shard.release),
+            extensions=response.extensions,
+        )
 
     async def aclose(self) -> None:
         for shard in self._shards:
-            await shard.aclose()
+            await shard.pool.aclose()
