@@ -14,7 +14,6 @@ exceptions from httpcore2's. This is the only module that imports httpcore2 (a r
 from __future__ import annotations
 
 import asyncio
-import itertools
 import ssl
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable
@@ -259,17 +258,23 @@ class _Shard:
         self.pool = pool
         self.open = 0
 
+    def has_idle(self, origin: httpcore2.Origin) -> bool:
+        return any(
+            connection.is_idle() and connection.can_handle_request(origin) for connection in self.pool.connections
+        )
+
     def release(self) -> None:
         self.open -= 1
 
 
 class ShardedTransport(httpx2.AsyncBaseTransport):
-    """Several connection pools on ``AsyncioBackend`` behind one transport, taking requests in turn.
+    """Several connection pools on ``AsyncioBackend`` behind one transport.
 
     httpcore's pool used to match every queued request against every connection each time a request started or
     ended, O(requests x connections): with 64 downloads in one pool that bookkeeping was 40% of our CPU. Pools
-    of at most ``SHARD_SIZE`` connections cut it by the number of pools squared; each keeps its own keep-alive
-    connections.
+    of at most ``SHARD_SIZE`` connections cut it by the number of pools squared. A request goes to a pool that
+    holds an idle connection to its host, so that one host's requests reuse connections wherever they are;
+    among several (or none), to the pool with the fewest open responses, so that a burst spreads evenly.
     """
 
     SHARD_SIZE = 8
@@ -294,11 +299,15 @@ class ShardedTransport(httpx2.AsyncBaseTransport):
             )
             for _ in range(count)
         ]
-        self._turn = itertools.cycle(self._shards)
 
     @property
     def pools(self) -> list[httpcore2.AsyncConnectionPool]:
         return [shard.pool for shard in self._shards]
+
+    def _shard_for(self, url: httpcore2.URL) -> _Shard:
+        # A scheme the pools cannot speak has no origin; any pool refuses it (UnsupportedProtocol).
+        origin = url.origin if url.scheme in (b"http", b"https") else None
+        return min(self._shards, key=lambda shard: (origin is None or not shard.has_idle(origin), shard.open))
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         assert isinstance(request.stream, httpx2.AsyncByteStream)
@@ -308,7 +317,7 @@ class ShardedTransport(httpx2.AsyncBaseTransport):
             port=request.url.port,
             target=request.url.raw_path,
         )
-        shard = next(self._turn)
+        shard = self._shard_for(url)
         core = httpcore2.Request(
             method=request.method,
             url=url,
@@ -316,6 +325,7 @@ class ShardedTransport(httpx2.AsyncBaseTransport):
             content=request.stream,
             extensions=request.extensions,
         )
+        # Counted from before the pool is asked, so that requests starting together see each other.
         shard.open += 1
         try:
             response = await shard.pool.handle_async_request(core)

@@ -83,13 +83,41 @@ def test_direct_connections_are_spread_over_small_pools(monkeypatch: pytest.Monk
     assert _direct_transport(68, True) is None
 
 
-async def test_sharded_transport_takes_the_pools_in_turn(connects: list[tuple[str, int]]) -> None:
+async def test_one_hosts_requests_in_turn_reuse_one_connection_across_shards(connects: list[tuple[str, int]]) -> None:
     transport = ShardedTransport(24, verify=True)
+    assert len(transport.pools) == 3
     async with serving(answering(b"ok")) as port, httpx2.AsyncClient(transport=transport) as client:
         for _ in range(6):
             assert (await client.get(f"http://127.0.0.1:{port}/")).content == b"ok"
-        assert [len(pool.connections) for pool in transport.pools] == [1, 1, 1]
-    assert len(connects) == 3
+    # Taking the pools in turn would open one connection in each.
+    assert connects == [("127.0.0.1", port)]
+
+
+async def test_a_burst_spreads_over_the_shards_and_the_next_one_reuses_its_connections(
+    connects: list[tuple[str, int]],
+) -> None:
+    # Two pools of 8: 16 requests at once are all answered only if each pool takes 8 of them, since the server
+    # answers none before all 16 have arrived.
+    transport = ShardedTransport(16, verify=True)
+    assert len(transport.pools) == 2
+    arrived = 0
+    everyone = asyncio.Event()
+
+    async def barrier() -> None:
+        nonlocal arrived
+        arrived += 1
+        if arrived % 16 == 0:
+            everyone.set()
+        await everyone.wait()
+
+    async with serving(answering(b"ok", arrived=barrier)) as port, httpx2.AsyncClient(transport=transport) as client:
+        for wave in range(2):
+            everyone.clear()
+            async with asyncio.timeout(10):
+                responses = await asyncio.gather(*(client.get(f"http://127.0.0.1:{port}/") for _ in range(16)))
+            assert [response.content for response in responses] == [b"ok"] * 16, wave
+            assert [len(pool.connections) for pool in transport.pools] == [8, 8]
+    assert len(connects) == 16
 
 
 @pytest.mark.parametrize(
