@@ -182,8 +182,8 @@ def command(
             metavar="FILE",
             exists=True,
             dir_okay=False,
-            help="Also trust the CA certificates in this PEM file (a corporate CA). SSL_CERT_FILE replaces the "
-            "default bundle instead.",
+            help="Also trust the CA certificates in this PEM file (a corporate CA), on top of the system's "
+            "store; SSL_CERT_FILE replaces that store instead. A CA installed in the system's store needs neither.",
         ),
     ] = None,
     dry_run: Annotated[

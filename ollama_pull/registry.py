@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
-import certifi
 import httpx2
 
 from . import __version__
@@ -39,12 +38,13 @@ def make_client(
     httpx2 drops the ``Authorization`` header on a redirect to another host, so a CDN never sees the registry's
     token. The read timeout only backs up the engine's own stall detection for sockets that go silent.
     ``transport`` is the seam for tests (``httpx2.MockTransport``) and for custom networking. Proxies come from
-    ``HTTP(S)_PROXY``/``ALL_PROXY``/``NO_PROXY`` and a CA bundle from ``SSL_CERT_FILE``, through httpx2; ``ca_cert``
-    adds a CA (a corporate one, say) to the public ones.
+    ``HTTP(S)_PROXY``/``ALL_PROXY``/``NO_PROXY``, through httpx2. The CAs trusted are httpx2's: the operating
+    system's store (OpenSSL's on Linux, through truststore on macOS and Windows), or instead the bundle that
+    ``SSL_CERT_FILE`` (or the directory ``SSL_CERT_DIR``) names; ``ca_cert`` adds a CA to those.
     """
     verify: bool | ssl.SSLContext = not insecure
     if ca_cert is not None and not insecure:
-        verify = ssl.create_default_context(cafile=certifi.where())
+        verify = httpx2.create_ssl_context()
         try:
             verify.load_verify_locations(cafile=ca_cert)
         except (OSError, ssl.SSLError) as exc:

@@ -22,6 +22,7 @@ def isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Pat
         "OLLAMA_PULL_PASSWORD",
         "DOCKER_CONFIG",
         "SSL_CERT_FILE",
+        "SSL_CERT_DIR",
     ):
         monkeypatch.delenv(name, raising=False)
     return models
