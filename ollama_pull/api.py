@@ -19,8 +19,9 @@ from .engine import Clock, Downloader, DownloadSettings
 from .errors import CorruptModel
 from .events import EventCallback, ManifestResolved, PullFinished, ignore_event
 from .manifest import Layer, Manifest
+from .network import make_client
 from .reference import ModelReference, parse_reference
-from .registry import RegistryClient, make_client
+from .registry import RegistryClient
 from .store import Store, default_models_dir
 
 

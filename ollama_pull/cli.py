@@ -229,9 +229,9 @@ def command(
     from .engine import DownloadSettings
     from .events import Event
     from .housekeeping import list_models, prune
+    from .network import make_client
     from .progress import JsonRenderer, PlainRenderer, RichRenderer
     from .ratelimit import parse_rate
-    from .registry import make_client
 
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     if dry_run and verify_only:

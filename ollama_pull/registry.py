@@ -5,69 +5,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
-import ssl
-import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from pathlib import Path
 
 import httpx2
 
-from . import __version__
-from .auth import RegistryAuth
 from .credentials import PASSWORD_VARIABLE, USERNAME_VARIABLE
 from .errors import AuthenticationError, ClientTooOld, InvalidManifest, ModelNotFound, RegistryError
 from .manifest import MANIFEST_MEDIA_TYPE, MAX_MANIFEST_BYTES, Manifest, parse_manifest
-from .network import ShardedTransport
 from .reference import ModelReference
 from .retry import RETRYABLE_STATUS, Backoff, describe_transport_error, retry_after
-
-USER_AGENT = f"ollama-pull/{__version__}"
-
-
-def make_client(
-    *,
-    insecure: bool = False,
-    concurrency: int = 64,
-    read_timeout: float = 60.0,
-    ca_cert: Path | None = None,
-    transport: httpx2.AsyncBaseTransport | None = None,
-) -> httpx2.AsyncClient:
-    """The HTTP client a pull uses: registry auth, redirects followed, enough connections for every download.
-
-    httpx2 drops the ``Authorization`` header on a redirect to another host, so a CDN never sees the registry's
-    token. The read timeout only backs up the engine's own stall detection for sockets that go silent.
-    ``transport`` is the seam for tests (``httpx2.MockTransport``) and for custom networking. Proxies come from
-    ``HTTP(S)_PROXY``/``ALL_PROXY``/``NO_PROXY``, through httpx2. The CAs trusted are httpx2's: the operating
-    system's store (OpenSSL's on Linux, through truststore on macOS and Windows), or instead the bundle that
-    ``SSL_CERT_FILE`` (or the directory ``SSL_CERT_DIR``) names; ``ca_cert`` adds a CA to those.
-    """
-    verify: bool | ssl.SSLContext = not insecure
-    if ca_cert is not None and not insecure:
-        verify = httpx2.create_ssl_context()
-        try:
-            verify.load_verify_locations(cafile=ca_cert)
-        except (OSError, ssl.SSLError) as exc:
-            raise RegistryError(f"cannot use the CA certificate {ca_cert}: {exc}") from exc
-    limits = httpx2.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    return httpx2.AsyncClient(
-        auth=RegistryAuth(),
-        follow_redirects=True,
-        verify=verify,
-        headers={"User-Agent": USER_AGENT},
-        timeout=httpx2.Timeout(30.0, read=read_timeout, pool=None),
-        limits=limits,
-        transport=transport or _direct_transport(concurrency + 4, verify),
-    )
-
-
-def _direct_transport(connections: int, verify: bool | ssl.SSLContext) -> httpx2.AsyncBaseTransport | None:
-    """Sharded pools for direct connections; with a proxy in the environment, None, because httpx2 applies
-    HTTP(S)_PROXY/ALL_PROXY/NO_PROXY only when it builds the transports itself."""
-    proxies = urllib.request.getproxies()
-    if any(proxies.get(scheme) for scheme in ("http", "https", "all")):
-        return None
-    return ShardedTransport(connections, verify=verify)
 
 
 class RegistryClient:

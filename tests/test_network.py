@@ -16,8 +16,7 @@ import httpx2
 import pytest
 
 from ollama_pull import network
-from ollama_pull.network import AsyncioBackend, ShardedTransport
-from ollama_pull.registry import _direct_transport, make_client
+from ollama_pull.network import AsyncioBackend, ShardedTransport, _direct_transport, make_client
 
 pytestmark = pytest.mark.anyio
 

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from ollama_pull.fault_registry import FaultRegistry
-from ollama_pull.registry import make_client
+from ollama_pull.network import make_client
 
 from .conftest import Run, assert_store_holds, cli_command, cli_env, reference
 
