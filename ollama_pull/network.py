@@ -277,15 +277,17 @@ class _Shard:
 class ShardedTransport(httpx2.AsyncBaseTransport):
     """Several connection pools on ``AsyncioBackend`` behind one transport.
 
-    httpcore's pool used to match every queued request against every connection each time a request started or
-    ended, O(requests x connections): with 64 downloads in one pool that bookkeeping was 40% of our CPU. Pools
-    of at most ``SHARD_SIZE`` connections cut it by the number of pools squared. A request goes to a pool that
+    The pool we used before httpcore2 matched every queued request against every connection each time a request
+    started or ended, O(requests x connections): with 64 downloads in one pool that bookkeeping was 40% of our
+    CPU. Pools of at most ``SHARD_SIZE`` connections cut it by the number of pools squared. httpcore2's pool takes
+    one pass over both instead, and the shards still pay: one pool of 68 was 5-15% slower on bench/run.py's many
+    (2.4-2.5 s against 2.2-2.3 s) and 4096-blob scaling (5.9-6.3 s against 5.4 s). A request goes to a pool that
     holds an idle connection to its host, so that one host's requests reuse connections wherever they are;
     among several (or none), to the pool with the fewest open responses, so that a burst spreads evenly.
     """
 
     SHARD_SIZE = 8
-    # httpx's default: an idle connection older than this may have been dropped by the server.
+    # httpx2's default: an idle connection older than this may have been dropped by the server.
     KEEPALIVE_EXPIRY = 5.0
 
     def __init__(self, connections: int, *, verify: bool | ssl.SSLContext) -> None:
