@@ -28,8 +28,9 @@ from .events import (
     ignore_event,
 )
 from .manifest import Layer, Manifest
+from .network import make_client
 from .reference import ModelReference, parse_reference
-from .registry import RegistryClient, make_client
+from .registry import RegistryClient
 from .store import Store, open_store
 
 

@@ -233,8 +233,8 @@ CaCert = Annotated[
         metavar="FILE",
         exists=True,
         dir_okay=False,
-        help="Also trust the CA certificates in this PEM file (a corporate CA). SSL_CERT_FILE replaces the "
-        "default bundle instead.",
+        help="Also trust the CA certificates in this PEM file (a corporate CA), on top of the system's "
+        "store; SSL_CERT_FILE replaces that store instead. A CA installed in the system's store needs neither.",
     ),
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors (list: the names alone).")]
@@ -543,7 +543,7 @@ class _Session:
         return references
 
     def client(self, *, insecure: bool, concurrency: int, ca_cert: Path | None) -> httpx2.AsyncClient:
-        from .registry import make_client
+        from .network import make_client
 
         try:
             return make_client(insecure=insecure, concurrency=concurrency, ca_cert=ca_cert)

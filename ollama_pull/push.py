@@ -44,8 +44,9 @@ from .events import (
     ignore_event,
 )
 from .manifest import Layer, Manifest
+from .network import make_client
 from .reference import ModelReference, parse_reference
-from .registry import RegistryClient, auth_hint, make_client
+from .registry import RegistryClient, auth_hint
 from .retry import RETRYABLE_STATUS, Backoff, describe_transport_error, retry_after
 from .store import Store, open_store
 

@@ -5,17 +5,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
-import ssl
-import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
-from pathlib import Path
 from typing import Any, TypeVar
 
-import certifi
 import httpx2
 
-from . import __version__
 from .auth import RegistryAuth
 from .credentials import PASSWORD_VARIABLE, USERNAME_VARIABLE
 from .errors import (
@@ -26,58 +21,12 @@ from .errors import (
     RegistryError,
     TokenServiceError,
 )
-from .huggingface import HuggingFaceToken, is_hugging_face, rate_limited_message, refused_message
+from .huggingface import is_hugging_face, rate_limited_message, refused_message
 from .manifest import MANIFEST_MEDIA_TYPE, MAX_MANIFEST_BYTES, Manifest, parse_manifest
-from .network import ShardedTransport
 from .reference import ModelReference
 from .retry import RETRYABLE_STATUS, Backoff, describe_transport_error, is_tls_mistake, retry_after
 
-USER_AGENT = f"ollama-pull/{__version__}"
 T = TypeVar("T")
-
-
-def make_client(
-    *,
-    insecure: bool = False,
-    concurrency: int = 64,
-    read_timeout: float = 60.0,
-    ca_cert: Path | None = None,
-    transport: httpx2.AsyncBaseTransport | None = None,
-) -> httpx2.AsyncClient:
-    """The HTTP client a pull uses: registry auth, redirects followed, enough connections for every download.
-
-    httpx2 drops the ``Authorization`` header on a redirect to another host, so a CDN never sees the registry's
-    token. The read timeout only backs up the engine's own stall detection for sockets that go silent.
-    ``transport`` is the seam for tests (``httpx2.MockTransport``) and for custom networking. Proxies come from
-    ``HTTP(S)_PROXY``/``ALL_PROXY``/``NO_PROXY`` and a CA bundle from ``SSL_CERT_FILE``, through httpx2; ``ca_cert``
-    adds a CA (a corporate one, say) to the public ones.
-    """
-    verify: bool | ssl.SSLContext = not insecure
-    if ca_cert is not None and not insecure:
-        verify = ssl.create_default_context(cafile=certifi.where())
-        try:
-            verify.load_verify_locations(cafile=ca_cert)
-        except (OSError, ssl.SSLError) as exc:
-            raise RegistryError(f"cannot use the CA certificate {ca_cert}: {exc}") from exc
-    limits = httpx2.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    return httpx2.AsyncClient(
-        auth=RegistryAuth(preset=HuggingFaceToken()),
-        follow_redirects=True,
-        verify=verify,
-        headers={"User-Agent": USER_AGENT},
-        timeout=httpx2.Timeout(30.0, read=read_timeout, pool=None),
-        limits=limits,
-        transport=transport or _direct_transport(concurrency + 4, verify),
-    )
-
-
-def _direct_transport(connections: int, verify: bool | ssl.SSLContext) -> httpx2.AsyncBaseTransport | None:
-    """Sharded pools for direct connections; with a proxy in the environment, None, because httpx2 applies
-    HTTP(S)_PROXY/ALL_PROXY/NO_PROXY only when it builds the transports itself."""
-    proxies = urllib.request.getproxies()
-    if any(proxies.get(scheme) for scheme in ("http", "https", "all")):
-        return None
-    return ShardedTransport(connections, verify=verify)
 
 
 # A registry or token service that takes the request and then says nothing, again and again, is down for now:

@@ -26,6 +26,7 @@ def isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Pat
         "HF_TOKEN_PATH",
         "HF_HOME",
         "XDG_CACHE_HOME",
+        "SSL_CERT_DIR",
     ):
         monkeypatch.delenv(name, raising=False)
     return models

@@ -13,7 +13,8 @@ import respx
 from ollama_pull.auth import RegistryAuth
 from ollama_pull.credentials import Credentials, find_credentials
 from ollama_pull.errors import AuthenticationError
-from ollama_pull.registry import RegistryClient, make_client
+from ollama_pull.network import make_client
+from ollama_pull.registry import RegistryClient
 from ollama_pull.retry import Backoff
 
 from .fakes import BASE, REF, make_model, no_sleep

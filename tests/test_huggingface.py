@@ -13,7 +13,7 @@ from ollama_pull import pull
 from ollama_pull.errors import AuthenticationError, RegistryError
 from ollama_pull.events import Event
 from ollama_pull.huggingface import HuggingFaceToken, find_token
-from ollama_pull.registry import make_client
+from ollama_pull.network import make_client
 
 from .fakes import FAST, ChunkStream, Model, make_model
 from .test_signing import verify, write_key

@@ -12,8 +12,8 @@ import respx
 from ollama_pull import pull
 from ollama_pull.errors import BlobError, InvalidManifest
 from ollama_pull.events import BlobStarted, Event, ManifestResolved, PullFinished, Resolving, WritingManifest
+from ollama_pull.network import make_client
 from ollama_pull.progress import Tally
-from ollama_pull.registry import make_client
 from ollama_pull.store import Store
 
 from .fakes import BASE, FAST, REF, ChunkStream, Model, make_model

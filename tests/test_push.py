@@ -16,9 +16,9 @@ from ollama_pull.bundle import export_models
 from ollama_pull.errors import AuthenticationError, IncompleteModel, IntegrityError, InvalidBundle, RegistryError
 from ollama_pull.events import BlobMounted, BlobProgress, BlobRetry, Event, PushFinished, PushPlanned
 from ollama_pull.housekeeping import prune
+from ollama_pull.network import make_client
 from ollama_pull.push import PushSettings, push, push_source
 from ollama_pull.reference import parse_reference
-from ollama_pull.registry import make_client
 from ollama_pull.retry import Backoff
 from ollama_pull.store import Store
 

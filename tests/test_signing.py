@@ -15,7 +15,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from ollama_pull.auth import RegistryAuth
 from ollama_pull.errors import AuthenticationError
-from ollama_pull.registry import RegistryClient, make_client
+from ollama_pull.network import make_client
+from ollama_pull.registry import RegistryClient
 from ollama_pull.retry import Backoff
 from ollama_pull.signing import OllamaKey, signed_token_url
 
