@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import gc
 import gzip
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,8 +18,9 @@ import respx
 from ollama_pull.engine import Downloader
 from ollama_pull.errors import AuthenticationError, BlobError, IntegrityError
 from ollama_pull.events import BlobProgress
+from ollama_pull.manifest import Layer
 from ollama_pull.progress import Tally
-from ollama_pull.store import Store
+from ollama_pull.store import BlobFile, Store
 
 from .fakes import (
     BASE,
@@ -389,3 +391,38 @@ async def test_cancellation_leaves_no_task_and_no_unverified_blob(store: Store) 
     # A small blob's partial file is removed; a large one's is kept for the next run to resume.
     assert not store.partial_path(small.digest).exists()
     assert store.partial_path(large.digest).stat().st_size == 16384
+
+
+async def test_a_download_cancelled_while_its_file_opens_leaves_no_partial_file(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The file is opened in a worker thread, which a cancel does not stop: the thread creates the partial file
+    # after the task that asked for it is gone. Seen on a loaded CI machine when another blob failed the pull.
+    model = make_model(1000)
+    opening = threading.Event()
+    go_on = threading.Event()
+    open_blob = Store.open_blob
+
+    opened = threading.Event()
+
+    def slow_open(self: Store, layer: Layer, *, resume: bool) -> BlobFile:
+        opening.set()
+        go_on.wait(10)
+        try:
+            return open_blob(self, layer, resume=resume)
+        finally:
+            opened.set()
+
+    monkeypatch.setattr(Store, "open_blob", slow_open)
+    with respx.mock(using="httpcore2", assert_all_called=False) as router:
+        serve(router, model, ok)
+        task = asyncio.ensure_future(download(router, model, store))
+        while not opening.is_set():
+            await asyncio.sleep(0.001)
+        task.cancel()
+        await asyncio.sleep(0.01)
+        go_on.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert opened.wait(10)
+    assert [path.name for path in store.blobs_dir.iterdir()] == []
