@@ -15,33 +15,49 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-# Exports load on first use: `ollama-pull --version` and `--help` should not pay for httpx, asyncio and
+# Exports load on first use: `ollama-pull --version` and `--help` should not pay for httpx2, asyncio and
 # cryptography.
 _EXPORTS = {
     "DownloadSettings": ".engine",
     "Downloader": ".engine",
+    "ExportResult": ".bundle",
+    "ImportResult": ".bundle",
     "ModelReference": ".reference",
     "OllamaPullError": ".errors",
     "PullResult": ".api",
+    "PushResult": ".push",
+    "PushSettings": ".push",
+    "export_models": ".bundle",
+    "import_bundle": ".bundle",
     "parse_reference": ".reference",
     "pull": ".api",
+    "push": ".push",
 }
 
 if TYPE_CHECKING:
     from .api import PullResult, pull
+    from .bundle import ExportResult, ImportResult, export_models, import_bundle
     from .engine import Downloader, DownloadSettings
     from .errors import OllamaPullError
+    from .push import PushResult, PushSettings, push
     from .reference import ModelReference, parse_reference
 
 __all__ = [
     "DownloadSettings",
     "Downloader",
+    "ExportResult",
+    "ImportResult",
     "ModelReference",
     "OllamaPullError",
     "PullResult",
+    "PushResult",
+    "PushSettings",
     "__version__",
+    "export_models",
+    "import_bundle",
     "parse_reference",
     "pull",
+    "push",
 ]
 
 

@@ -2,28 +2,40 @@
 
 The first request goes out anonymously, as Ollama's does; a 401 that carries a Bearer challenge makes us fetch a
 token from the realm and send the request again. Tokens are cached per repository. When a cached token expires,
-the next 401 refreshes it once; concurrent downloads that hit the same 401 wait for that one refresh instead of
-each asking for a token. A Basic challenge is answered with the configured credentials (see
-:mod:`ollama_pull.credentials`), which also go to the token service when there is one. Tokens and credentials
-never leave this module except in ``Authorization`` headers, and httpx drops those on a redirect to another host.
+the next 401 refreshes it; concurrent downloads that hit the same 401 wait for that one refresh instead of each
+asking for a token. A token may expire again before a waiting download gets to use it (a token good for a few
+uses, many downloads in flight): a 401 on a token fetched for another request refreshes again, up to
+``MAX_AUTH_TRIES`` sends of one request, while a 401 on a token fetched for this very request is final. The token
+request carries the timeouts of the request it serves. A Basic challenge is answered with the configured
+credentials (see :mod:`ollama_pull.credentials`), which also go to the token service when there is one. Tokens
+and credentials never leave this module except in ``Authorization`` headers, and httpx2 drops those on a redirect
+to another host.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
+import httpx2
 
 from .credentials import CredentialLookup, Credentials, find_credentials
-from .errors import AuthenticationError, RegistryError
+from .errors import AuthenticationError, RegistryError, TokenServiceError
+from .huggingface import access_hint, is_hugging_face
+from .retry import RETRYABLE_STATUS, TOKEN_SERVICE
 from .signing import OllamaKey, default_key_path, signed_token_url
+
+PresetHeader = Callable[[httpx2.URL], "str | None"]
 
 _PARAM = re.compile(r'(\w+)\s*=\s*(?:"([^"]*)"|([^\s,]*))')
 _REPOSITORY = re.compile(r"^/v2/(.+)/(?:manifests|blobs)/")
+# Sends of one request, the first included, as Ollama's own resolver bounds its retries on 401.
+MAX_AUTH_TRIES = 10
+# Sends with tokens other requests fetched, after which a request fetches its own for the last send.
+_SHARED_TRIES = MAX_AUTH_TRIES - 1
 
 
 @dataclass(frozen=True)
@@ -45,47 +57,84 @@ def parse_challenge(header: str) -> BearerChallenge | None:
     return BearerChallenge(realm=realm, service=values.get("service"), scopes=tuple(values.get("scope", "").split()))
 
 
-class RegistryAuth(httpx.Auth):
-    """An httpx auth flow for OCI registries: token authentication, or Basic where the registry asks for it."""
+class RegistryAuth(httpx2.Auth):
+    """An httpx2 auth flow for OCI registries: token authentication, or Basic where the registry asks for it."""
 
-    def __init__(self, credentials: CredentialLookup = find_credentials, key_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        credentials: CredentialLookup = find_credentials,
+        key_path: Path | None = None,
+        preset: PresetHeader = lambda _url: None,
+    ) -> None:
         self._credentials = credentials
+        # The Authorization value a request to a host carries before any challenge (a Hugging Face token).
+        self._preset = preset
         self._key_path = key_path
         self._key: OllamaKey | None = None
         self._key_loaded = False
         # The Authorization value that works for a repository: "Bearer <token>" or "Basic <...>".
         self._headers: dict[str, str] = {}
         self._refresh = asyncio.Lock()
+        # The host of the token service a token request is waiting on, if any: what a stalled request waits for.
+        self.awaiting: str | None = None
 
-    async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
+    async def async_auth_flow(self, request: httpx2.Request) -> AsyncGenerator[httpx2.Request, httpx2.Response]:
         key = _cache_key(request.url)
-        sent = self._headers.get(key)
-        if sent is not None:
-            request.headers["Authorization"] = sent
-        response = yield request
-        if response.status_code != 401:
-            return
-        header = response.headers.get("WWW-Authenticate", "")
+        # In line behind a refresh under way and the downloads waiting for it: a download that has not waited yet
+        # must not use up the new token before them, or one unlucky download could lose every round.
         async with self._refresh:
-            # Another download may have refreshed the header while we waited for the lock: use what it got.
-            if self._headers.get(key) == sent:
-                credentials = self._credentials(request.url.netloc.decode("ascii"))
-                challenge = parse_challenge(header)
-                if challenge is not None:
-                    token_response = yield _token_request(challenge, request, credentials, self._ollama_key())
-                    await token_response.aread()
-                    self._headers[key] = "Bearer " + _token_from(token_response, challenge)
-                elif header.strip().lower().startswith("basic") and credentials is not None and sent is None:
-                    self._headers[key] = credentials.basic_header()
-                else:
-                    # Refused credentials, or no way to answer: the caller reports the 401.
+            sent = self._headers.get(key)
+        for tries in range(1, MAX_AUTH_TRIES + 1):
+            # Until a challenge has been answered, what a host is given before any challenge (a Hugging Face token).
+            carried = sent or self._preset(request.url)
+            if carried is not None:
+                request.headers["Authorization"] = carried
+            response = yield request
+            if response.status_code != 401:
+                return
+            # httpx2 reads the 401's body only after this flow goes on: read before waiting for the refresh, so that
+            # its connection goes back to the pool for the token request, instead of dozens of waiting downloads
+            # holding every connection the refresh needs.
+            await response.aread()
+            async with self._refresh:
+                current = self._headers.get(key)
+                # Nobody refreshed since we sent: ours is the one refresh the others wait for. A download that kept
+                # losing the race for shared tokens (one that waited for a connection, say) asks for its own.
+                if current == sent or tries >= _SHARED_TRIES:
+                    header = response.headers.get("WWW-Authenticate", "")
+                    credentials = self._credentials(request.url.netloc.decode("ascii"))
+                    challenge = parse_challenge(header)
+                    if challenge is not None:
+                        self.awaiting = httpx2.URL(challenge.realm).host
+                        try:
+                            token_response = yield _token_request(
+                                challenge, request, credentials, self._ollama_key(), self._preset
+                            )
+                            await token_response.aread()
+                        finally:
+                            self.awaiting = None
+                        fresh = "Bearer " + _token_from(token_response, challenge)
+                    elif header.strip().lower().startswith("basic") and credentials is not None and carried is None:
+                        fresh = credentials.basic_header()
+                    else:
+                        # Refused credentials, or no way to answer: the caller reports the 401.
+                        return
+                    request.headers["Authorization"] = fresh
+                    try:
+                        # The others see the new value only once this request has used it: a 401 now is about
+                        # this request, not a token used up by its siblings, and final.
+                        yield request
+                    finally:
+                        self._headers[key] = fresh
                     return
-            request.headers["Authorization"] = self._headers[key]
-        yield request
+            # Another download refreshed while we waited, or while our request was in flight; by the time we send,
+            # its token may be used up too, so a 401 on it goes round again.
+            sent = current
 
-    def cached_header(self, url: httpx.URL) -> str | None:
-        """The ``Authorization`` value that last worked for the repository of ``url``, if any."""
-        return self._headers.get(_cache_key(url))
+    def cached_header(self, url: httpx2.URL) -> str | None:
+        """The ``Authorization`` value a request to ``url`` carries before any challenge: the one that last worked
+        for its repository, else the host's preset (a Hugging Face token), if any."""
+        return self._headers.get(_cache_key(url)) or self._preset(url)
 
     def _ollama_key(self) -> OllamaKey | None:
         # Read once, at the first challenge: anonymous pulls never touch the key.
@@ -95,40 +144,54 @@ class RegistryAuth(httpx.Auth):
         return self._key
 
 
-def _cache_key(url: httpx.URL) -> str:
+def _cache_key(url: httpx2.URL) -> str:
     match = _REPOSITORY.match(url.path)
     return f"{url.host}:{url.port}/{match.group(1) if match else ''}"
 
 
 def _token_request(
-    challenge: BearerChallenge, original: httpx.Request, credentials: Credentials | None, key: OllamaKey | None
-) -> httpx.Request:
-    realm = httpx.URL(challenge.realm)
+    challenge: BearerChallenge,
+    original: httpx2.Request,
+    credentials: Credentials | None,
+    key: OllamaKey | None,
+    preset: PresetHeader,
+) -> httpx2.Request:
+    realm = httpx2.URL(challenge.realm)
     if realm.scheme not in ("http", "https"):
         raise AuthenticationError(f"the registry's token realm is not an HTTP URL: {challenge.realm!r}")
     headers = {"User-Agent": original.headers.get("User-Agent", ""), "Accept": "application/json"}
+    # The client's timeouts (connect, read, ...) and a mark by which a failure names the token service.
+    extensions = {"timeout": original.extensions.get("timeout", {}), TOKEN_SERVICE: realm.host}
     # The Ollama key signs only for a realm on the registry's own host, as Ollama insists: a signature is never
     # handed to another host, which then gets the plain request any registry client would send.
     if key is not None and realm.netloc == original.url.netloc:
         url = signed_token_url(challenge.realm, challenge.service, challenge.scopes)
         headers["Authorization"] = key.authorization(url)
-        return httpx.Request("GET", url, headers=headers)
+        return httpx2.Request("GET", url, headers=headers, extensions=extensions)
     params: list[tuple[str, str | int | float | bool | None]] = []
     if challenge.service:
         params.append(("service", challenge.service))
     params.extend(("scope", scope) for scope in challenge.scopes)
     if credentials is not None:
         headers["Authorization"] = credentials.basic_header()
-    return httpx.Request("GET", realm.copy_merge_params(params), headers=headers)
+    elif (header := preset(realm)) is not None:
+        headers["Authorization"] = header
+    return httpx2.Request("GET", realm.copy_merge_params(params), headers=headers, extensions=extensions)
 
 
-def _token_from(response: httpx.Response, challenge: BearerChallenge) -> str:
-    where = httpx.URL(challenge.realm).host
+def _token_from(response: httpx2.Response, challenge: BearerChallenge) -> str:
+    where = httpx2.URL(challenge.realm).host
+    if response.status_code in (401, 403) and is_hugging_face(where):
+        raise AuthenticationError(
+            f"Hugging Face's token service refused access (HTTP {response.status_code}): {access_hint()}"
+        )
     if response.status_code in (401, 403):
         raise AuthenticationError(
             f"the token service at {where} refused access (HTTP {response.status_code}): "
             "the model may be private, or your credentials wrong"
         )
+    if response.status_code in RETRYABLE_STATUS:
+        raise TokenServiceError(f"the token service at {where} answered HTTP {response.status_code}")
     if response.status_code != 200:
         raise RegistryError(f"the token service at {where} answered HTTP {response.status_code}")
     try:

@@ -1,4 +1,4 @@
-"""The download engine: Ollama's tensor-model downloader (x/transfer), reimplemented on httpx.
+"""The download engine: Ollama's tensor-model downloader (x/transfer), reimplemented on httpx2.
 
 Blobs download concurrently under a semaphore, each streamed into its partial file with SHA-256 computed as the
 bytes arrive, and renamed into place only when digest and size match. Every attempt is watched: one that
@@ -17,12 +17,12 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 
-import httpx
+import httpx2
 
-from .errors import AuthenticationError, BlobError, IntegrityError, OllamaPullError
-from .events import BlobFinished, BlobProgress, BlobRetry, BlobStarted, EventCallback, ignore_event
+from .errors import AuthenticationError, BlobError, IntegrityError, OllamaPullError, TokenServiceError
+from .events import BlobFinished, BlobProgress, BlobRetry, BlobStarted, BlobWaiting, EventCallback, ignore_event
 from .manifest import Layer
 from .parts import Chunk, PartedBlob
 from .ratelimit import RateLimiter
@@ -30,8 +30,10 @@ from .reference import ModelReference
 from .registry import RegistryClient
 from .retry import Backoff, describe_transport_error, retry_after
 from .store import BlobFile, Store
+from .units import format_rate
 
 Clock = Callable[[], float]
+F = TypeVar("F")
 Sleep = Callable[[float], Awaitable[None]]
 
 KIB = 1024
@@ -65,7 +67,8 @@ class DownloadSettings:
     speed_min_blob: int = 100 * KIB
     speed_samples: int = 30
     speed_min_samples: int = 5
-    # Blobs at least this big keep their partial file across attempts and runs and resume it with Range.
+    # Within a run every blob resumes a failed attempt with Range; blobs at least this big also keep their partial
+    # file for the next run (and resume it), smaller ones start over.
     resume_min_size: int = 64 * MIB
     # Blobs at least this big come in chunks over several streams at once (Ollama's own puller splits its big
     # blobs in up to 16 parts): a CDN that caps each connection then caps the blob no more. Smaller blobs stay whole.
@@ -219,7 +222,10 @@ class Downloader:
     async def _download_blob(
         self, reference: ModelReference, layer: Layer, model: str, slots: asyncio.Semaphore
     ) -> None:
-        async with slots, self.store.blob_lock(layer.digest):
+        def waiting() -> None:
+            self._emit(BlobWaiting(model, layer.digest, layer.label))
+
+        async with slots, self.store.blob_lock(layer.digest, on_wait=waiting):
             if self.store.has_blob(layer):
                 # Another process sharing the store downloaded it while we waited for its lock.
                 self._emit(BlobFinished(model, layer.digest, layer.size, 0.0))
@@ -258,10 +264,13 @@ class Downloader:
         await self._sleep(delay)
 
     async def _download_whole(self, reference: ModelReference, state: _BlobState, model: str) -> float:
-        """The blob in one stream, resumed with Range across attempts (and runs) when it is large enough."""
+        """The blob in one stream. A failed attempt leaves a verified prefix (hashed as written) that the next one
+        continues with Range; the partial file outlives the run only for a blob large enough to be worth it."""
         layer = state.layer
         resumable = layer.size >= self.settings.resume_min_size
-        blob = await asyncio.to_thread(self.store.open_blob, layer, resume=resumable)
+        blob = await _open_file(
+            lambda: self.store.open_blob(layer, resume=resumable), lambda opened: opened.close(keep=resumable)
+        )
         self._announce(state, model, blob.offset)
         committed = False
         try:
@@ -271,7 +280,9 @@ class Downloader:
                         lambda watch: self._stream_whole(reference, blob, state, model, watch)
                     )
                 except _AttemptFailed as failed:
-                    if failed.restart or not resumable:
+                    # Every byte came but the response failed (a lying Content-Length): a Range past the end would
+                    # only get a 416, so that attempt is taken again whole.
+                    if failed.restart or blob.offset >= layer.size:
                         blob.restart()
                     await self._retry(layer.digest, state.tries, failed, model)
                     continue
@@ -288,7 +299,10 @@ class Downloader:
         """The blob in chunks over several streams, hashed front to back as the chunks land."""
         layer = state.layer
         started = self._clock()
-        blob = await asyncio.to_thread(PartedBlob, self.store, layer, chunk_size=self.settings.chunk_size)
+        blob = await _open_file(
+            lambda: PartedBlob(self.store, layer, chunk_size=self.settings.chunk_size),
+            lambda opened: opened.close(keep=opened.received > 0),
+        )
         self._announce(state, model, blob.received)
         committed = False
         keep = True
@@ -431,14 +445,18 @@ class Downloader:
         now = self._clock()
         silent = now - watch.last_read
         if silent >= self.settings.stall_timeout:
-            raise _AttemptFailed(f"stalled: no data for {silent:.0f}s", _Kind.STALL)
+            # A stalled token service counts against the attempts, as it does for the manifest: unlike a blob's
+            # server, it has no bytes in flight that a free retry could continue.
+            kind = _Kind.STALL if self.registry.awaited_token_service() is None else _Kind.FAILURE
+            raise _AttemptFailed(self.registry.stall_reason(silent), kind)
         elapsed = now - watch.started
         median = self.speeds.median()
         if elapsed >= self.settings.slow_grace and median is not None:
             speed = watch.received / elapsed
             if speed < self.settings.slow_fraction * median:
                 raise _AttemptFailed(
-                    f"slow: {_rate(speed)} is below {self.settings.slow_fraction:.0%} of the median {_rate(median)}",
+                    f"slow: {format_rate(speed)} is below {self.settings.slow_fraction:.0%} of the median "
+                    f"{format_rate(median)}",
                     _Kind.SLOW,
                 )
 
@@ -461,8 +479,10 @@ class Downloader:
                     lambda: self._report(state, model, blob.offset),
                     too_much=f"the server sent more than the manifest's {layer.size} bytes",
                 )
-        except httpx.RequestError as exc:
+        except httpx2.RequestError as exc:
             raise _AttemptFailed(describe_transport_error(exc)) from exc
+        except TokenServiceError as exc:
+            raise _AttemptFailed(str(exc)) from exc
         if blob.offset < layer.size:
             # Not corruption: the bytes so far may be good, and a resumable blob continues from them.
             raise _AttemptFailed(f"the body ended after {blob.offset} of {layer.size} bytes")
@@ -488,15 +508,17 @@ class Downloader:
                     too_much=f"the server sent more than the {chunk.end - start} bytes asked for",
                     batch_size=_CHUNK_WRITE_BATCH,
                 )
-        except httpx.RequestError as exc:
+        except httpx2.RequestError as exc:
             raise _AttemptFailed(describe_transport_error(exc)) from exc
+        except TokenServiceError as exc:
+            raise _AttemptFailed(str(exc)) from exc
         if blob.position(chunk) < chunk.end:
             got = blob.position(chunk) - start
             raise _AttemptFailed(f"the body ended after {got} of {chunk.end - start} bytes")
 
     async def _receive(
         self,
-        response: httpx.Response,
+        response: httpx2.Response,
         watch: _Watch,
         room: int,
         write: Callable[[list[bytes]], None],
@@ -557,7 +579,7 @@ class Downloader:
                 write(batch)
 
 
-def _accept(response: httpx.Response, digest: str, start: int) -> None:
+def _accept(response: httpx2.Response, digest: str, start: int) -> None:
     """Judge a blob response's status and headers before any byte of it is written."""
     status = response.status_code
     if status in (401, 403):
@@ -575,6 +597,19 @@ def _accept(response: httpx.Response, digest: str, start: int) -> None:
             raise _AttemptFailed(f"the server resumed at the wrong offset ({first or '?'}, not {start})", restart=True)
 
 
+async def _open_file(open_file: Callable[[], F], close: Callable[[F], None]) -> F:
+    """Open a partial file in a worker thread. Cancelled meanwhile, the thread opens (and may create) the file all
+    the same: wait for it and close it as a failed attempt would, so that no partial file is left behind."""
+    opening = asyncio.ensure_future(asyncio.to_thread(open_file))
+    try:
+        return await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        await asyncio.wait({opening})
+        if not opening.cancelled() and opening.exception() is None:
+            close(opening.result())
+        raise
+
+
 def _first_error(failures: BaseExceptionGroup[BaseException]) -> BaseException:
     """The error to report from a TaskGroup: one of ours if any (a bug's exception is never hidden)."""
     leaves: list[BaseException] = []
@@ -588,7 +623,3 @@ def _first_error(failures: BaseExceptionGroup[BaseException]) -> BaseException:
     if all(isinstance(leaf, OllamaPullError | _RangesIgnored) for leaf in leaves):
         return leaves[0]
     return failures
-
-
-def _rate(bytes_per_second: float) -> str:
-    return f"{bytes_per_second / MIB:.2f} MiB/s"

@@ -8,15 +8,19 @@ where there is one, what to do about it::
     ├── RegistryError           the registry answered something we cannot use
     │   ├── ModelNotFound       404 on the manifest
     │   ├── AuthenticationError 401/403 even with a token
+    │   ├── TokenServiceError   the token service is down for now (429, 5xx): retried like a failed request
     │   ├── ClientTooOld        412: the registry wants a newer client
     │   └── InvalidManifest     the manifest is malformed or unsafe
     ├── BlobError               one blob could not be downloaded after every retry
     │   └── IntegrityError      ... because its bytes never matched the digest
+    │       └── TamperedBlob    a blob of a bundle being imported does not match its digest
     ├── CorruptModel            a model in the store does not match its manifest (found by verify)
+    │   └── IncompleteModel     a model to export lacks blobs in the store
     ├── NotInStore              verify was asked for a model the store does not hold
+    ├── InvalidBundle           a bundle to import or push is not a safe OCI image layout
     └── StorageError            the local store cannot be read or written
 
-Foreign exceptions (httpx, OSError) are translated once, where they happen, and chained with ``from``.
+Foreign exceptions (httpx2, OSError) are translated once, where they happen, and chained with ``from``.
 The CLI alone maps these classes to exit codes.
 """
 
@@ -50,6 +54,11 @@ class AuthenticationError(RegistryError):
     """The registry refused us even after answering its challenge."""
 
 
+class TokenServiceError(RegistryError):
+    """The token service failed in a way that another try may not (429, 5xx); network failures and stalls of a
+    token request are retried the same way."""
+
+
 class ClientTooOld(RegistryError):
     def __init__(self, model: str) -> None:
         super().__init__(f"the registry says {model!r} needs a newer client (HTTP 412): upgrade ollama-pull or Ollama")
@@ -75,6 +84,20 @@ class IntegrityError(BlobError):
     """The blob's bytes never matched its digest or size."""
 
 
+class TamperedBlob(IntegrityError):
+    """A blob read from a bundle whose bytes are not its digest's: nothing of its model is installed."""
+
+    def __init__(self, bundle: str, model: str, digest: str, reason: str) -> None:
+        self.digest = digest
+        self.reason = reason
+        self.attempts = 1
+        OllamaPullError.__init__(
+            self,
+            f"blob {digest} of {model} in {bundle} is damaged ({reason}); nothing of {model} was installed: "
+            "copy the bundle again, or export it again from a store that passes verify",
+        )
+
+
 class CorruptModel(OllamaPullError):
     """Blobs in the store whose bytes are missing or differ from what the manifest names."""
 
@@ -83,6 +106,30 @@ class CorruptModel(OllamaPullError):
         listed = "; ".join(f"blob {digest}: {reason}" for digest, reason in problems.items())
         super().__init__(
             f"{model} is corrupt in the store ({listed}); the bad blobs were removed: pull the model again to repair it"
+        )
+
+
+class IncompleteModel(CorruptModel):
+    """Blobs a model's manifest names that the store does not hold (an interrupted pull, a manual removal)."""
+
+    def __init__(self, model: str, missing: tuple[str, ...]) -> None:
+        self.problems = dict.fromkeys(missing, "missing")
+        OllamaPullError.__init__(
+            self,
+            f"{model} lacks {len(missing)} blob(s) in the store ({', '.join(missing)}); nothing was written: "
+            f"pull {model} again first",
+        )
+
+
+class InvalidBundle(OllamaPullError):
+    """A bundle that is not an OCI image layout we can trust: refused before anything is installed."""
+
+    def __init__(self, bundle: str, reason: str) -> None:
+        self.bundle = bundle
+        self.reason = reason
+        super().__init__(
+            f"{bundle} is not a usable model bundle: {reason}; nothing was installed: "
+            "make it with `ollama-pull export MODEL... -o FILE.tar`"
         )
 
 

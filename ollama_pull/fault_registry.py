@@ -920,6 +920,13 @@ class FaultRegistry:
         with self._lock:
             return list(self._tokens_issued)
 
+    @property
+    def token_requests(self) -> list[RequestRecord]:
+        """GETs of the token endpoint, in arrival order, stalled and refused ones included: a token issued is
+        not a token delivered when a fault bends the answer."""
+        with self._lock:
+            return [entry.record() for entry in self._log if entry.method == "GET" and entry.path.startswith("/token")]
+
     def _verify_signature(self, authorization: str, path: str) -> bool:
         """Check an Ollama-signed token request as registry.ollama.ai does: a known key, ``ts`` and ``nonce``
         present, and an ed25519 signature over ``GET,<url>,<base64 of the hex SHA-256 of the empty body>``."""

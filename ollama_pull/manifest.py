@@ -51,6 +51,12 @@ class Manifest:
         return "sha256:" + hashlib.sha256(self.raw).hexdigest()
 
     @property
+    def media_type(self) -> str:
+        """The manifest's own ``mediaType`` (what a registry wants as Content-Type), Docker's v2 by default."""
+        value = json.loads(self.raw).get("mediaType")
+        return value if isinstance(value, str) else MANIFEST_MEDIA_TYPE
+
+    @property
     def blobs(self) -> tuple[Layer, ...]:
         """Every blob to fetch, config first, each digest once (a manifest may list one blob twice)."""
         seen: dict[str, Layer] = {}

@@ -1,22 +1,34 @@
-"""How bytes reach us: httpcore's connection pools running on asyncio's own transports, in shards.
+"""How bytes reach us: our transport, httpcore2's connection pools in shards, on asyncio's own transports.
 
-httpcore's default backend goes through anyio, and every read pays for it: a cancel scope for the timeout, a
+httpcore2's default backend goes through anyio, and every read pays for it: a cancel scope for the timeout, a
 checkpoint that costs a turn of the event loop even when data is already waiting, exception mapping, and a
 split of anything above 64 KiB. On a 1 GiB blob that was the largest cost left on the event loop (see
 bench/PROFILE.md). Here the event loop's transport buffers what arrives, and a read hands over what is buffered
 without waiting at all, one received chunk at a time.
+
+httpx2's own transport has no parameter for the network backend, so ``ShardedTransport`` does what it does
+with public API only: it owns the pools, builds httpcore2's request from httpx2's, and httpx2's response and
+exceptions from httpcore2's. This is the only module that imports httpcore2 (a ruff banned-api rule).
+``make_client`` builds the client a pull uses: TLS, proxies and the choice of transport.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import ssl
+import urllib.request
 from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
-import httpcore
-import httpx
+import httpcore2
+import httpx2
+
+from . import __version__
+from .auth import RegistryAuth
+from .errors import RegistryError
+from .huggingface import HuggingFaceToken
 
 # Reading stops while this much is buffered and unread, and starts again once the reader has taken it all: it
 # bounds each connection's buffer at this plus one read of the transport (256 KiB).
@@ -90,12 +102,12 @@ class _Receiver(asyncio.Protocol):
                 self._transport.resume_reading()
             return data
         if self._error is not None:
-            raise httpcore.ReadError(str(self._error) or type(self._error).__name__) from self._error
+            raise httpcore2.ReadError(str(self._error) or type(self._error).__name__) from self._error
         return b""
 
-    async def changed(self, timeout: float | None, timed_out: type[httpcore.TimeoutException]) -> None:
+    async def changed(self, timeout: float | None, timed_out: type[httpcore2.TimeoutException]) -> None:
         """Wait until data, the end of the connection, or room to write arrives; ``timed_out`` after ``timeout``."""
-        # httpcore uses a connection for one request at a time, reading or writing: there is one waiter at most.
+        # httpcore2 uses a connection for one request at a time, reading or writing: there is one waiter at most.
         self._waiter = asyncio.get_running_loop().create_future()
         try:
             async with asyncio.timeout(timeout):
@@ -110,27 +122,27 @@ class _Receiver(asyncio.Protocol):
             self._waiter.set_result(None)
 
 
-class AsyncioStream(httpcore.AsyncNetworkStream):
-    """One connection, plain or TLS, as httpcore sees it."""
+class AsyncioStream(httpcore2.AsyncNetworkStream):
+    """One connection, plain or TLS, as httpcore2 sees it."""
 
     def __init__(self, transport: asyncio.Transport, receiver: _Receiver) -> None:
         self._transport = transport
         self._receiver = receiver
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        # ``max_bytes`` (httpcore asks for 64 KiB) is taken as a hint: a received chunk, at most the 256 KiB the
-        # transport reads at once, is handed over whole. Splitting it would only add trips through httpcore and
+        # ``max_bytes`` (httpcore2 asks for 64 KiB) is taken as a hint: a received chunk, at most the 256 KiB the
+        # transport reads at once, is handed over whole. Splitting it would only add trips through httpcore2 and
         # h11 for the same bytes, and those trips are the cost this backend exists to cut.
         if not self._receiver.readable:
-            await self._receiver.changed(timeout, httpcore.ReadTimeout)
+            await self._receiver.changed(timeout, httpcore2.ReadTimeout)
         return self._receiver.take()
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
         if self._transport.is_closing():
-            raise httpcore.WriteError("the connection is closed")
+            raise httpcore2.WriteError("the connection is closed")
         self._transport.write(buffer)
         while self._receiver.writing_paused and not self._transport.is_closing():
-            await self._receiver.changed(timeout, httpcore.WriteTimeout)
+            await self._receiver.changed(timeout, httpcore2.WriteTimeout)
 
     async def aclose(self) -> None:
         self._transport.close()
@@ -140,7 +152,7 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
         ssl_context: ssl.SSLContext,
         server_hostname: str | None = None,
         timeout: float | None = None,
-    ) -> httpcore.AsyncNetworkStream:
+    ) -> httpcore2.AsyncNetworkStream:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout):
@@ -149,23 +161,23 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
                 )
         except TimeoutError as exc:
             self._transport.abort()
-            raise httpcore.ConnectTimeout() from exc
+            raise httpcore2.ConnectTimeout() from exc
         except (OSError, EOFError) as exc:
             self._transport.abort()
-            raise httpcore.ConnectError(str(exc) or type(exc).__name__) from exc
+            raise httpcore2.ConnectError(str(exc) or type(exc).__name__) from exc
         if transport is None:
-            raise httpcore.ConnectError("the connection closed during the TLS handshake")
+            raise httpcore2.ConnectError("the connection closed during the TLS handshake")
         self._receiver.switch(transport)
         return AsyncioStream(transport, self._receiver)
 
     def get_extra_info(self, info: str) -> Any:
         if info == "is_readable":
-            # httpcore asks before reusing an idle connection: readable then means the server closed it.
+            # httpcore2 asks before reusing an idle connection: readable then means the server closed it.
             return self._receiver.readable
         return self._transport.get_extra_info({"client_addr": "sockname", "server_addr": "peername"}.get(info, info))
 
 
-class AsyncioBackend(httpcore.AsyncNetworkBackend):
+class AsyncioBackend(httpcore2.AsyncNetworkBackend):
     """Connections on the running event loop's transports."""
 
     async def connect_tcp(
@@ -175,16 +187,16 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
         timeout: float | None = None,
         local_address: str | None = None,
         socket_options: Any = None,
-    ) -> httpcore.AsyncNetworkStream:
+    ) -> httpcore2.AsyncNetworkStream:
         loop = asyncio.get_running_loop()
         local = (local_address, 0) if local_address else None
         try:
             async with asyncio.timeout(timeout):
                 transport, receiver = await loop.create_connection(_Receiver, host, port, local_addr=local)
         except TimeoutError as exc:
-            raise httpcore.ConnectTimeout() from exc
+            raise httpcore2.ConnectTimeout() from exc
         except OSError as exc:
-            raise httpcore.ConnectError(str(exc) or type(exc).__name__) from exc
+            raise httpcore2.ConnectError(str(exc) or type(exc).__name__) from exc
         sock = transport.get_extra_info("socket")
         for option in socket_options or ():
             sock.setsockopt(*option)
@@ -194,46 +206,208 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
         await asyncio.sleep(seconds)
 
 
-class AsyncioTransport(httpx.AsyncHTTPTransport):
-    """httpx's transport (its request mapping and exceptions) over a connection pool on ``AsyncioBackend``."""
+# httpcore2's exceptions and httpx2's, most specific first, so that the first match is the one to raise.
+_EXCEPTIONS: tuple[tuple[type[Exception], type[httpx2.TransportError]], ...] = (
+    (httpcore2.ConnectTimeout, httpx2.ConnectTimeout),
+    (httpcore2.ReadTimeout, httpx2.ReadTimeout),
+    (httpcore2.WriteTimeout, httpx2.WriteTimeout),
+    (httpcore2.PoolTimeout, httpx2.PoolTimeout),
+    (httpcore2.TimeoutException, httpx2.TimeoutException),
+    (httpcore2.ConnectError, httpx2.ConnectError),
+    (httpcore2.ReadError, httpx2.ReadError),
+    (httpcore2.WriteError, httpx2.WriteError),
+    (httpcore2.NetworkError, httpx2.NetworkError),
+    (httpcore2.ProxyError, httpx2.ProxyError),
+    (httpcore2.UnsupportedProtocol, httpx2.UnsupportedProtocol),
+    (httpcore2.LocalProtocolError, httpx2.LocalProtocolError),
+    (httpcore2.RemoteProtocolError, httpx2.RemoteProtocolError),
+    (httpcore2.ProtocolError, httpx2.ProtocolError),
+)
+_CORE_ERRORS = tuple(core for core, _ in _EXCEPTIONS)
 
-    def __init__(self, *, ssl_context: ssl.SSLContext, limits: httpx.Limits) -> None:
-        super().__init__(verify=ssl_context, limits=limits)
-        # httpx has no parameter for the network backend; its transport keeps the pool it talks to in ``_pool``.
-        # Were that to change, this pool would go unused and the pull would run as fast as before, not fail:
-        # test_network checks that requests go through this backend.
-        self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=ssl_context,
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
-            network_backend=AsyncioBackend(),
+
+def _translated(exc: Exception) -> httpx2.TransportError:
+    """httpx2's exception for one of httpcore2's, with its message (the caller chains it)."""
+    ours = next(ours for core, ours in _EXCEPTIONS if isinstance(exc, core))
+    return ours(str(exc))
+
+
+class _ResponseStream(httpx2.AsyncByteStream):
+    """A response body from a pool, with httpcore2's exceptions translated; ``done`` runs once, when it closes."""
+
+    def __init__(self, stream: AsyncIterable[bytes], done: Callable[[], None]) -> None:
+        self._stream = stream
+        self._done: Callable[[], None] | None = done
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._stream:
+                yield chunk
+        except _CORE_ERRORS as exc:
+            raise _translated(exc) from exc
+
+    async def aclose(self) -> None:
+        try:
+            aclose = getattr(self._stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        finally:
+            if self._done is not None:
+                self._done()
+                self._done = None
+
+
+class _Shard:
+    """One connection pool and how many of its responses are still open."""
+
+    __slots__ = ("open", "pool")
+
+    def __init__(self, pool: httpcore2.AsyncConnectionPool) -> None:
+        self.pool = pool
+        self.open = 0
+
+    def has_idle(self, origin: httpcore2.Origin) -> bool:
+        return any(
+            connection.is_idle() and connection.can_handle_request(origin) for connection in self.pool.connections
         )
 
+    def release(self) -> None:
+        self.open -= 1
 
-class ShardedTransport(httpx.AsyncBaseTransport):
-    """Several connection pools behind one transport, taking requests in turn.
 
-    httpcore's pool matches every queued request against every connection each time a request starts or ends,
-    which costs O(requests x connections): with 64 downloads in one pool that bookkeeping was 40% of our CPU.
-    Pools of at most ``SHARD_SIZE`` connections cut it by the number of pools squared; each keeps its own
-    keep-alive connections, so reuse is unchanged.
+class ShardedTransport(httpx2.AsyncBaseTransport):
+    """Several connection pools on ``AsyncioBackend`` behind one transport.
+
+    The pool we used before httpcore2 matched every queued request against every connection each time a request
+    started or ended, O(requests x connections): with 64 downloads in one pool that bookkeeping was 40% of our
+    CPU. Pools of at most ``SHARD_SIZE`` connections cut it by the number of pools squared. httpcore2's pool takes
+    one pass over both instead, and the shards still pay: one pool of 68 was 5-15% slower on bench/run.py's many
+    (2.4-2.5 s against 2.2-2.3 s) and 4096-blob scaling (5.9-6.3 s against 5.4 s). A request goes to a pool that
+    holds an idle connection to its host, so that one host's requests reuse connections wherever they are;
+    among several (or none), to the pool with the fewest open responses, so that a burst spreads evenly.
     """
 
     SHARD_SIZE = 8
+    # httpx2's default: an idle connection older than this may have been dropped by the server.
+    KEEPALIVE_EXPIRY = 5.0
 
     def __init__(self, connections: int, *, verify: bool | ssl.SSLContext) -> None:
         count = max(1, -(-connections // self.SHARD_SIZE))
         per_shard = -(-connections // count)
-        limits = httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard)
         # One TLS context for all: building one loads the CA bundle, a few milliseconds each.
-        context = httpx.create_ssl_context(verify=verify)
-        self._shards = [AsyncioTransport(ssl_context=context, limits=limits) for _ in range(count)]
-        self._turn = itertools.cycle(self._shards)
+        context = httpx2.create_ssl_context(verify=verify)
+        backend = AsyncioBackend()
+        self._shards = [
+            _Shard(
+                httpcore2.AsyncConnectionPool(
+                    ssl_context=context,
+                    max_connections=per_shard,
+                    max_keepalive_connections=per_shard,
+                    keepalive_expiry=self.KEEPALIVE_EXPIRY,
+                    network_backend=backend,
+                )
+            )
+            for _ in range(count)
+        ]
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        return await next(self._turn).handle_async_request(request)
+    @property
+    def pools(self) -> list[httpcore2.AsyncConnectionPool]:
+        return [shard.pool for shard in self._shards]
+
+    def _shard_for(self, url: httpcore2.URL) -> _Shard:
+        # A scheme the pools cannot speak has no origin; any pool refuses it (UnsupportedProtocol).
+        origin = url.origin if url.scheme in (b"http", b"https") else None
+        return min(self._shards, key=lambda shard: (origin is None or not shard.has_idle(origin), shard.open))
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        assert isinstance(request.stream, httpx2.AsyncByteStream)
+        url = httpcore2.URL(
+            scheme=request.url.raw_scheme,
+            host=request.url.raw_host,
+            port=request.url.port,
+            target=request.url.raw_path,
+        )
+        shard = self._shard_for(url)
+        core = httpcore2.Request(
+            method=request.method,
+            url=url,
+            headers=request.headers.raw,
+            content=request.stream,
+            extensions=request.extensions,
+        )
+        # Counted from before the pool is asked, so that requests starting together see each other.
+        shard.open += 1
+        try:
+            response = await shard.pool.handle_async_request(core)
+        except BaseException as exc:
+            shard.release()
+            if isinstance(exc, _CORE_ERRORS):
+                raise _translated(exc) from exc
+            raise
+        assert isinstance(response.stream, AsyncIterable)
+        return httpx2.Response(
+            status_code=response.status,
+            headers=response.headers,
+            stream=_ResponseStream(response.stream, shard.release),
+            extensions=response.extensions,
+        )
 
     async def aclose(self) -> None:
         for shard in self._shards:
-            await shard.aclose()
+            await shard.pool.aclose()
+
+
+USER_AGENT = f"ollama-pull/{__version__}"
+
+
+def make_client(
+    *,
+    insecure: bool = False,
+    concurrency: int = 64,
+    read_timeout: float = 60.0,
+    ca_cert: Path | None = None,
+    transport: httpx2.AsyncBaseTransport | None = None,
+) -> httpx2.AsyncClient:
+    """The HTTP client a pull uses: registry auth, redirects followed, enough connections for every download.
+
+    httpx2 drops the ``Authorization`` header on a redirect to another host, so a CDN never sees the registry's
+    token. The read timeout only backs up the engine's own stall detection for sockets that go silent.
+    ``transport`` is the seam for tests (``httpx2.MockTransport``) and for custom networking. Proxies come from
+    ``HTTP(S)_PROXY``/``ALL_PROXY``/``NO_PROXY``, through httpx2. The CAs trusted are httpx2's: the operating
+    system's store (OpenSSL's on Linux, through truststore on macOS and Windows), or instead the bundle that
+    ``SSL_CERT_FILE`` (or the directory ``SSL_CERT_DIR``) names; ``ca_cert`` adds a CA to those.
+    """
+    verify: bool | ssl.SSLContext = not insecure
+    if ca_cert is not None and not insecure:
+        verify = httpx2.create_ssl_context()
+        try:
+            verify.load_verify_locations(cafile=ca_cert)
+        except (OSError, ssl.SSLError) as exc:
+            raise RegistryError(f"cannot use the CA certificate {ca_cert}: {exc}") from exc
+    limits = httpx2.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    return PullClient(
+        auth=RegistryAuth(preset=HuggingFaceToken()),
+        follow_redirects=True,
+        verify=verify,
+        headers={"User-Agent": USER_AGENT},
+        timeout=httpx2.Timeout(30.0, read=read_timeout, pool=None),
+        limits=limits,
+        transport=transport or _direct_transport(concurrency + 4, verify),
+    )
+
+
+class PullClient(httpx2.AsyncClient):
+    """The client :func:`make_client` builds; it keeps the transport it was given, for ``registry.BlobGets``."""
+
+    def __init__(self, *, transport: httpx2.AsyncBaseTransport | None, **options: Any) -> None:
+        super().__init__(transport=transport, **options)
+        self.blob_transport = transport
+
+
+def _direct_transport(connections: int, verify: bool | ssl.SSLContext) -> httpx2.AsyncBaseTransport | None:
+    """Sharded pools for direct connections; with a proxy in the environment, None, because httpx2 applies
+    HTTP(S)_PROXY/ALL_PROXY/NO_PROXY only when it builds the transports itself."""
+    proxies = urllib.request.getproxies()
+    if any(proxies.get(scheme) for scheme in ("http", "https", "all")):
+        return None
+    return ShardedTransport(connections, verify=verify)

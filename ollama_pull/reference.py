@@ -21,12 +21,18 @@ _HOST = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-:]*")
 
 @dataclass(frozen=True)
 class ModelReference:
-    """A fully qualified model name: every part present, every part valid."""
+    """A fully qualified model name: every part present, every part valid.
+
+    ``scheme`` is ``"http"`` or ``"https"`` when the reference was written as a URL (``http://host/ns/model``), and
+    then says how to reach that registry; None leaves it to the caller (``--insecure``). It is never part of the
+    name: the model is stored without it, as Ollama stores it.
+    """
 
     host: str
     namespace: str
     model: str
     tag: str
+    scheme: str | None = None
 
     @property
     def repository(self) -> str:
@@ -44,22 +50,50 @@ class ModelReference:
             name = f"{self.host}/{self.repository}"
         return f"{name}:{self.tag}"
 
+    @property
+    def name(self) -> str:
+        """The name for messages: like :attr:`short`, but keeping the namespace (``library/flux2-klein:latest``),
+        so that what a message names is what a user can search for."""
+        name = self.repository if self.host == DEFAULT_HOST else f"{self.host}/{self.repository}"
+        return f"{name}:{self.tag}"
+
 
 def parse_reference(text: str) -> ModelReference:
-    """Parse ``[host[:port]/][namespace/]model[:tag]``; raise :class:`InvalidReference` for anything else."""
+    """Parse ``[scheme://][host[:port]/][namespace/]model[:tag]``; raise :class:`InvalidReference` otherwise.
+
+    As in Ollama, ``http://host:port/namespace/model:tag`` names that registry over plain HTTP; the scheme is cut
+    off the name (Ollama's ``ParseNameBare``), so the model is stored under ``host:port/namespace/model``.
+    """
     if not text or text != text.strip():
         raise InvalidReference(text, "empty or surrounded by white space")
     if "@" in text:
         raise InvalidReference(text, "digest references (model@sha256:...) are not supported; use a tag")
 
-    rest, tag = text, DEFAULT_TAG
-    colon = text.rfind(":")
-    if colon > text.rfind("/"):
-        rest, tag = text[:colon], text[colon + 1 :]
+    scheme, separator, bare = text.partition("://")
+    if not separator:
+        scheme, bare = "", text
+    elif scheme not in ("http", "https"):
+        raise InvalidReference(text, f"the scheme {scheme!r} is not http or https")
+
+    rest, tag = bare, DEFAULT_TAG
+    colon = bare.rfind(":")
+    if colon > bare.rfind("/"):
+        rest, tag = bare[:colon], bare[colon + 1 :]
 
     parts = rest.split("/")
     if len(parts) > 3:
         raise InvalidReference(text, "too many '/' parts; expected [host/][namespace/]model[:tag]")
+    if ":" in parts[-1]:
+        tags = " and ".join(repr(":" + part) for part in bare.rsplit("/", 1)[-1].split(":")[1:])
+        raise InvalidReference(text, f"it has two tags ({tags}); a reference has at most one")
+    if len(parts) == 2 and _HOST.fullmatch(parts[0]) and ("." in parts[0] or parts[0].partition(":")[2].isdigit()):
+        raise InvalidReference(
+            text,
+            f"{parts[0]!r} is a registry host without a namespace; write {parts[0]}/<namespace>/{parts[1]} "
+            f"(on Ollama's registry, library/{parts[1]})",
+        )
+    if scheme and len(parts) < 3:
+        raise InvalidReference(text, f"with {scheme}://, name the registry in full: {scheme}://host/namespace/model")
     host = parts[-3] if len(parts) == 3 else DEFAULT_HOST
     namespace = parts[-2] if len(parts) >= 2 else DEFAULT_NAMESPACE
     model = parts[-1]
@@ -68,7 +102,7 @@ def parse_reference(text: str) -> ModelReference:
     _check(text, "namespace", namespace, _NAMESPACE, _PART_MAX)
     _check(text, "model", model, _PART, _PART_MAX)
     _check(text, "tag", tag, _PART, _PART_MAX)
-    return ModelReference(host=host, namespace=namespace, model=model, tag=tag)
+    return ModelReference(host=host, namespace=namespace, model=model, tag=tag, scheme=scheme or None)
 
 
 def _check(text: str, what: str, value: str, pattern: re.Pattern[str], limit: int) -> None:

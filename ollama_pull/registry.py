@@ -5,78 +5,34 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
-import ssl
-import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
-from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import certifi
-import httpx
+import httpx2
 
-from . import __version__
 from .auth import RegistryAuth
 from .credentials import PASSWORD_VARIABLE, USERNAME_VARIABLE
-from .errors import AuthenticationError, ClientTooOld, InvalidManifest, ModelNotFound, RegistryError
+from .errors import (
+    AuthenticationError,
+    ClientTooOld,
+    InvalidManifest,
+    ModelNotFound,
+    RegistryError,
+    TokenServiceError,
+)
+from .huggingface import is_hugging_face, rate_limited_message, refused_message
 from .manifest import MANIFEST_MEDIA_TYPE, MAX_MANIFEST_BYTES, Manifest, parse_manifest
-from .network import ShardedTransport
+from .network import PullClient
 from .reference import ModelReference
-from .retry import RETRYABLE_STATUS, Backoff, describe_transport_error, retry_after
+from .retry import RETRYABLE_STATUS, Backoff, describe_transport_error, is_tls_mistake, retry_after
 
-USER_AGENT = f"ollama-pull/{__version__}"
-
-
-def make_client(
-    *,
-    insecure: bool = False,
-    concurrency: int = 64,
-    read_timeout: float = 60.0,
-    ca_cert: Path | None = None,
-    transport: httpx.AsyncBaseTransport | None = None,
-) -> httpx.AsyncClient:
-    """The HTTP client a pull uses: registry auth, redirects followed, enough connections for every download.
-
-    httpx drops the ``Authorization`` header on a redirect to another host, so a CDN never sees the registry's
-    token. The read timeout only backs up the engine's own stall detection for sockets that go silent.
-    ``transport`` is the seam for tests (``httpx.MockTransport``) and for custom networking. Proxies come from
-    ``HTTP(S)_PROXY``/``ALL_PROXY``/``NO_PROXY`` and a CA bundle from ``SSL_CERT_FILE``, through httpx; ``ca_cert``
-    adds a CA (a corporate one, say) to the public ones.
-    """
-    verify: bool | ssl.SSLContext = not insecure
-    if ca_cert is not None and not insecure:
-        verify = ssl.create_default_context(cafile=certifi.where())
-        try:
-            verify.load_verify_locations(cafile=ca_cert)
-        except (OSError, ssl.SSLError) as exc:
-            raise RegistryError(f"cannot use the CA certificate {ca_cert}: {exc}") from exc
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    return PullClient(
-        auth=RegistryAuth(),
-        follow_redirects=True,
-        verify=verify,
-        headers={"User-Agent": USER_AGENT},
-        timeout=httpx.Timeout(30.0, read=read_timeout, pool=None),
-        limits=limits,
-        transport=transport or _direct_transport(concurrency + 4, verify),
-    )
+T = TypeVar("T")
 
 
-class PullClient(httpx.AsyncClient):
-    """The client :func:`make_client` builds; it keeps the transport it was given, for :class:`BlobGets`."""
-
-    def __init__(self, *, transport: httpx.AsyncBaseTransport | None, **options: Any) -> None:
-        super().__init__(transport=transport, **options)
-        self.blob_transport = transport
-
-
-def _direct_transport(connections: int, verify: bool | ssl.SSLContext) -> httpx.AsyncBaseTransport | None:
-    """Sharded pools for direct connections; with a proxy in the environment, None, because httpx applies
-    HTTP(S)_PROXY/ALL_PROXY/NO_PROXY only when it builds the transports itself."""
-    proxies = urllib.request.getproxies()
-    if any(proxies.get(scheme) for scheme in ("http", "https", "all")):
-        return None
-    return ShardedTransport(connections, verify=verify)
+# A registry or token service that takes the request and then says nothing, again and again, is down for now:
+# three silent attempts are enough to say so, about half a minute with the default --stall-timeout.
+MAX_MANIFEST_STALLS = 3
 
 
 class BlobGets:
@@ -85,33 +41,37 @@ class BlobGets:
     ``AsyncClient.stream`` runs, for every request, the auth flow, the redirect loop, cookie extraction (which
     builds urllib ``Request`` objects) and URL merging: about a fifth of the event loop's time on a model of a
     few thousand small blobs (bench/PROFILE.md). A blob GET needs little of that: the registry's cached
-    ``Authorization`` value, a redirect or two with the header dropped when the host changes (as httpx does), no
-    cookies. Anything else (a 401 that wants a token, a client that holds cookies) goes through the client.
+    ``Authorization`` value (or the token preset for the host), a redirect or two with the header dropped when
+    the host changes (as httpx2 does), no cookies. Anything else (a 401 that wants a token, a client that holds
+    cookies) goes through the client.
     """
 
-    def __init__(self, client: httpx.AsyncClient, transport: httpx.AsyncBaseTransport, auth: RegistryAuth) -> None:
+    def __init__(self, client: httpx2.AsyncClient, transport: httpx2.AsyncBaseTransport, auth: RegistryAuth) -> None:
         self._client = client
         self._transport = transport
         self._auth = auth
 
-    async def send(self, url: str, headers: dict[str, str]) -> httpx.Response | None:
+    async def send(self, url: str, headers: dict[str, str]) -> httpx2.Response | None:
         """The open response (the caller closes it), or None when only the client can send this request."""
         client = self._client
         if client.cookies:
             # A registry that set cookies may want them back: the client's own path sends them.
             return None
-        target = httpx.URL(url)
+        target = httpx2.URL(url)
         authorization = self._auth.cached_header(target)
+        if authorization is None:
+            # The first request to a repository: the auth flow learns what it wants (and bounds its tries).
+            return None
         extensions = {"timeout": client.timeout.as_dict()}
         for _hop in range(client.max_redirects + 1):
-            request = httpx.Request("GET", target, headers=client.headers, extensions=extensions)
+            request = httpx2.Request("GET", target, headers=client.headers, extensions=extensions)
             request.headers.update(headers)
             if authorization is not None:
                 request.headers["Authorization"] = authorization
             response = await self._transport.handle_async_request(request)
             response.request = request
             if response.status_code == 401:
-                # A token to fetch or refresh: the auth flow's job.
+                # A token to refresh: the auth flow's job. That costs the one refused request on top of its tries.
                 await response.aclose()
                 return None
             if not response.has_redirect_location:
@@ -119,12 +79,12 @@ class BlobGets:
             await response.aclose()
             location = target.join(response.headers["Location"])
             if location.scheme not in ("http", "https"):
-                raise httpx.UnsupportedProtocol(f"redirected to a {location.scheme!r} URL", request=request)
+                raise httpx2.UnsupportedProtocol(f"redirected to a {location.scheme!r} URL", request=request)
             if (location.scheme, location.host, location.port) != (target.scheme, target.host, target.port):
                 # The registry's token is for the registry: a CDN never sees it.
                 authorization = None
             target = location
-        raise httpx.TooManyRedirects(f"more than {client.max_redirects} redirects", request=request)
+        raise httpx2.TooManyRedirects(f"more than {client.max_redirects} redirects", request=request)
 
 
 class RegistryClient:
@@ -137,7 +97,7 @@ class RegistryClient:
 
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        client: httpx2.AsyncClient,
         *,
         insecure: bool = False,
         attempts: int = 6,
@@ -145,8 +105,10 @@ class RegistryClient:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         jitter: Callable[[], float] = random.random,
         mirror: str | None = None,
+        stall_timeout: float = 10.0,
     ) -> None:
         self.client = client
+        self.stall_timeout = stall_timeout
         self.scheme = "http" if insecure else "https"
         self.mirror = mirror.rstrip("/") if mirror else None
         self.mirror_failure: str | None = None
@@ -159,7 +121,18 @@ class RegistryClient:
         self._blob_gets = BlobGets(client, transport, auth) if transport and isinstance(auth, RegistryAuth) else None
 
     def repository_url(self, reference: ModelReference) -> str:
-        return f"{self.scheme}://{reference.host}/v2/{reference.repository}"
+        return f"{reference.scheme or self.scheme}://{reference.host}/v2/{reference.repository}"
+
+    def awaited_token_service(self) -> str | None:
+        """The host of the token service a token request is waiting on now, if any."""
+        auth = self.client.auth
+        return auth.awaiting if isinstance(auth, RegistryAuth) else None
+
+    def stall_reason(self, silent: float) -> str:
+        """Why an attempt that received nothing for ``silent`` seconds is aborted, naming the token service when
+        a token request is what it waits for."""
+        service = self.awaited_token_service()
+        return f"stalled: no data for {silent:.1f}s" + (f" from the token service at {service}" if service else "")
 
     def _mirror_url(self, reference: ModelReference) -> str | None:
         return None if self.mirror is None or self.mirror_failure else f"{self.mirror}/v2/{reference.repository}"
@@ -168,49 +141,110 @@ class RegistryClient:
         if down:
             self.mirror_failure = reason
 
-    async def fetch_manifest(self, reference: ModelReference) -> Manifest:
-        """Fetch and validate the manifest, retrying 429, 5xx and network failures with backoff."""
+    async def fetch_manifest(
+        self, reference: ModelReference, *, on_retry: Callable[[int, str, float], None] | None = None
+    ) -> Manifest:
+        """Fetch and validate the manifest, retrying stalls, 429, 5xx, network and token service failures with
+        backoff; ``on_retry`` hears of each failure that will be retried (failures so far, reason, delay)."""
         mirror = self._mirror_url(reference)
         if mirror is not None:
             try:
-                async with self.client.stream(
-                    "GET", f"{mirror}/manifests/{reference.tag}", headers={"Accept": MANIFEST_MEDIA_TYPE}
-                ) as response:
-                    if response.status_code == 200:
-                        return await _read_manifest(response, reference)
-                    self._mirror_failed(f"HTTP {response.status_code}", down=response.status_code >= 500)
-            except httpx.RequestError as exc:
+                got = await self._unstalled(
+                    lambda seen: self._open_manifest(f"{mirror}/manifests/{reference.tag}", reference, seen)
+                )
+                if isinstance(got, Manifest):
+                    return got
+                self._mirror_failed(f"HTTP {got.status_code}", down=got.status_code >= 500)
+            except httpx2.RequestError as exc:
                 self._mirror_failed(describe_transport_error(exc), down=True)
+            except (_Stalled, TokenServiceError) as exc:
+                self._mirror_failed(str(exc), down=True)
             except InvalidManifest:
                 # A mirror that serves a bad manifest is no reason to fail: the origin may serve a good one.
                 self._mirror_failed("invalid manifest", down=False)
         url = f"{self.repository_url(reference)}/manifests/{reference.tag}"
         reason = ""
+        unreachable = False
+        stalls = 0
+        limited: httpx2.Request | None = None
         for attempt in range(1, self.attempts + 1):
             wait: float | None = None
+            limited = None
             try:
-                async with self.client.stream("GET", url, headers={"Accept": MANIFEST_MEDIA_TYPE}) as response:
-                    if response.status_code == 200:
-                        return await _read_manifest(response, reference)
-                    _raise_for_manifest_status(response, reference)
-                    reason = f"HTTP {response.status_code}"
-                    wait = retry_after(response)
-            except httpx.RequestError as exc:
+                got = await self._unstalled(lambda seen: self._open_manifest(url, reference, seen))
+                if isinstance(got, Manifest):
+                    return got
+                _raise_for_manifest_status(got, reference)
+                reason = f"HTTP {got.status_code}"
+                wait = retry_after(got)
+                if got.status_code == 429:
+                    limited = got.request
+            except httpx2.RequestError as exc:
                 reason = describe_transport_error(exc)
-            except _DigestMismatch as exc:
-                # Bytes changed in transit (a proxy, a flaky link): the next attempt may get them whole.
+                if is_tls_mistake(exc):
+                    raise RegistryError(f"cannot fetch the manifest of {reference.name}: {reason}") from exc
+                unreachable = isinstance(exc, httpx2.ConnectError | httpx2.ConnectTimeout)
+            except (_DigestMismatch, _Stalled, TokenServiceError) as exc:
+                # A token service down for now, or bytes changed in transit (a proxy, a flaky link): the next
+                # attempt may do better.
                 reason = str(exc)
+                stalls += isinstance(exc, _Stalled)
+            if stalls >= MAX_MANIFEST_STALLS:
+                break
             if attempt < self.attempts:
-                await self._sleep(max(wait or 0.0, self.backoff.delay(attempt, self._jitter())))
+                delay = max(wait or 0.0, self.backoff.delay(attempt, self._jitter()))
+                if on_retry is not None:
+                    on_retry(attempt, reason, delay)
+                await self._sleep(delay)
+        if limited is not None and is_hugging_face(reference.host):
+            sent = "Authorization" in limited.headers
+            raise RegistryError(rate_limited_message(reference.name, attempt, token_sent=sent))
+        hint = "; check the network connection, or set HTTPS_PROXY if you are behind a proxy" if unreachable else ""
         raise RegistryError(
-            f"cannot fetch the manifest of {reference.short} from {reference.host}: {reason} "
-            f"(tried {self.attempts} times)"
+            f"cannot fetch the manifest of {reference.name} from {reference.host}: {reason} "
+            f"(tried {attempt} times){hint}"
         )
+
+    async def _open_manifest(
+        self, url: str, reference: ModelReference, seen: Callable[[], None]
+    ) -> Manifest | httpx2.Response:
+        """One manifest request: the manifest, or the response (body unread) when the status is not 200."""
+        async with self.client.stream("GET", url, headers={"Accept": MANIFEST_MEDIA_TYPE}) as response:
+            seen()
+            if response.status_code == 200:
+                return await _read_manifest(response, reference, seen)
+            return response
+
+    async def _unstalled(self, request: Callable[[Callable[[], None]], Coroutine[Any, Any, T]]) -> T:
+        """Run ``request``, aborted with :class:`_Stalled` once nothing has arrived for ``stall_timeout``; it
+        calls the function it is given whenever something does."""
+        loop = asyncio.get_running_loop()
+        last = loop.time()
+
+        def seen() -> None:
+            nonlocal last
+            last = loop.time()
+
+        task = asyncio.ensure_future(request(seen))
+        try:
+            while not task.done():
+                silent = loop.time() - last
+                if silent >= self.stall_timeout:
+                    # Asked before the task is cancelled: the cancel ends the token request.
+                    raise _Stalled(self.stall_reason(silent))
+                await asyncio.wait({task}, timeout=self.stall_timeout - silent)
+            return task.result()
+        finally:
+            task.cancel()
+            # Collected even when it already ended, so that an error it ended with is never reported as lost.
+            await asyncio.wait({task})
+            if not task.cancelled():
+                task.exception()
 
     @asynccontextmanager
     async def stream_blob(
         self, reference: ModelReference, digest: str, *, offset: int = 0, end: int | None = None
-    ) -> AsyncIterator[httpx.Response]:
+    ) -> AsyncIterator[httpx2.Response]:
         """Open a blob's bytes from ``offset`` (up to ``end``, exclusive, if given); the caller judges the status
         and reads the raw body."""
         # Blobs are hashed as stored: ask for no content coding, and the engine reads the raw bytes.
@@ -226,7 +260,7 @@ class RegistryClient:
             stack = AsyncExitStack()
             try:
                 response = await stack.enter_async_context(self._get(f"{mirror}/blobs/{digest}", headers))
-            except httpx.RequestError as exc:
+            except httpx2.RequestError as exc:
                 self._mirror_failed(describe_transport_error(exc), down=True)
             else:
                 if response.status_code in (200, 206):
@@ -239,7 +273,7 @@ class RegistryClient:
             yield response
 
     @asynccontextmanager
-    async def _get(self, url: str, headers: dict[str, str]) -> AsyncIterator[httpx.Response]:
+    async def _get(self, url: str, headers: dict[str, str]) -> AsyncIterator[httpx2.Response]:
         response = None if self._blob_gets is None else await self._blob_gets.send(url, headers)
         if response is None:
             async with self.client.stream("GET", url, headers=headers) as response:
@@ -251,40 +285,51 @@ class RegistryClient:
             await response.aclose()
 
 
-def _raise_for_manifest_status(response: httpx.Response, reference: ModelReference) -> None:
+def auth_hint(response: httpx2.Response) -> str:
+    """What to do about a 401 or 403, judged by what the refused request carried."""
+    sent = response.request.headers.get("Authorization", "").split(" ", 1)[0].lower()
+    if sent == "basic":
+        return "the credentials were refused: check them"
+    if sent == "bearer":
+        return "the token it issued does not grant access: the model may be private, or the credentials wrong"
+    return f"it wants credentials: set {USERNAME_VARIABLE} and {PASSWORD_VARIABLE}, or use docker login"
+
+
+def _raise_for_manifest_status(response: httpx2.Response, reference: ModelReference) -> None:
     """Raise the final error a manifest status means; return when the status is worth retrying."""
     status = response.status_code
     if status == 404:
-        raise ModelNotFound(reference.short)
+        raise ModelNotFound(reference.name)
     if status in (401, 403):
         sent = response.request.headers.get("Authorization", "").split(" ", 1)[0].lower()
-        if sent == "basic":
-            hint = "the credentials were refused: check them"
-        elif sent == "bearer":
-            hint = "the token it issued does not grant access: the model may be private, or the credentials wrong"
-        else:
-            hint = f"it wants credentials: set {USERNAME_VARIABLE} and {PASSWORD_VARIABLE}, or use docker login"
+        if is_hugging_face(reference.host):
+            raise AuthenticationError(refused_message(reference, status, token_sent=bool(sent)))
         raise AuthenticationError(
-            f"the registry {reference.host} refused access to {reference.short} (HTTP {status}): {hint}"
+            f"the registry {reference.host} refused access to {reference.name} (HTTP {status}): {auth_hint(response)}"
         )
     if status == 412:
-        raise ClientTooOld(reference.short)
+        raise ClientTooOld(reference.name)
     if status not in RETRYABLE_STATUS:
-        raise RegistryError(f"the registry {reference.host} answered HTTP {status} for {reference.short}")
+        raise RegistryError(f"the registry {reference.host} answered HTTP {status} for {reference.name}")
 
 
-async def _read_manifest(response: httpx.Response, reference: ModelReference) -> Manifest:
+async def _read_manifest(response: httpx2.Response, reference: ModelReference, seen: Callable[[], None]) -> Manifest:
     body = bytearray()
     async for chunk in response.aiter_bytes():
+        seen()
         body += chunk
         if len(body) > MAX_MANIFEST_BYTES:
-            raise InvalidManifest(reference.short, f"it is larger than {MAX_MANIFEST_BYTES} bytes")
+            raise InvalidManifest(reference.name, f"it is larger than {MAX_MANIFEST_BYTES} bytes")
     raw = bytes(body)
     announced = response.headers.get("Docker-Content-Digest", "")
     if announced.startswith("sha256:") and announced != "sha256:" + hashlib.sha256(raw).hexdigest():
         raise _DigestMismatch(f"the manifest's bytes do not match its Docker-Content-Digest {announced}")
-    return parse_manifest(raw, model=reference.short)
+    return parse_manifest(raw, model=reference.name)
 
 
 class _DigestMismatch(Exception):
     """The manifest arrived, but not as the registry says it sent it."""
+
+
+class _Stalled(Exception):
+    """A manifest request (or its token request) received nothing for the stall timeout."""

@@ -6,11 +6,14 @@ import email.utils
 import time
 from dataclasses import dataclass
 
-import httpx
+import httpx2
 
 # A server may ask for hours; past this we would rather fail with a clear message than look hung.
 MAX_RETRY_AFTER = 60.0
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+# The request extension that marks a token request (its value: the token service's host), so that a failure of
+# one names the token service rather than the registry.
+TOKEN_SERVICE = "ollama_pull.token_service"
 
 
 @dataclass(frozen=True)
@@ -24,7 +27,7 @@ class Backoff:
         return float(min(self.base * 2 ** max(failures - 1, 0), self.cap)) * (0.5 + jitter)
 
 
-def retry_after(response: httpx.Response, *, now: float | None = None) -> float | None:
+def retry_after(response: httpx2.Response, *, now: float | None = None) -> float | None:
     """Seconds to wait as the response's ``Retry-After`` says (delta-seconds or HTTP date), if it says."""
     value = response.headers.get("Retry-After", "").strip()
     if not value:
@@ -40,19 +43,47 @@ def retry_after(response: httpx.Response, *, now: float | None = None) -> float 
     return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
-def describe_transport_error(exc: httpx.RequestError) -> str:
-    """A short reason for a network failure, without URLs or headers (which may carry credentials)."""
+# What OpenSSL says when a TLS setting is wrong rather than the network, and what to do about it: trying again
+# cannot help.
+_TLS_MISTAKES = (
+    (
+        "CERTIFICATE_VERIFY_FAILED",
+        "the server's TLS certificate is not trusted",
+        "pass --ca-cert FILE or set SSL_CERT_FILE",
+    ),
+    # The other end answered the TLS handshake in plain HTTP.
+    ("WRONG_VERSION_NUMBER", "the server does not speak TLS", "for a plain-HTTP registry pass --insecure"),
+    ("record layer failure", "the server does not speak TLS", "for a plain-HTTP registry pass --insecure"),
+)
+
+
+def describe_transport_error(exc: httpx2.RequestError) -> str:
+    """A short reason for a network failure, without URLs or headers (which may carry credentials); it names the
+    token service when the request that failed was a token request."""
     kind = {
-        httpx.ConnectError: "connection failed",
-        httpx.ConnectTimeout: "connection timed out",
-        httpx.ReadTimeout: "read timed out",
-        httpx.RemoteProtocolError: "connection closed early",
-        httpx.ReadError: "connection reset",
-        httpx.WriteError: "connection reset while sending",
-        httpx.TooManyRedirects: "too many redirects",
-        httpx.UnsupportedProtocol: "redirected to an unsupported URL scheme",
+        httpx2.ConnectError: "connection failed",
+        httpx2.ConnectTimeout: "connection timed out",
+        httpx2.ReadTimeout: "read timed out",
+        httpx2.RemoteProtocolError: "connection closed early",
+        httpx2.ReadError: "connection reset",
+        httpx2.WriteError: "connection reset while sending",
+        httpx2.TooManyRedirects: "too many redirects",
+        httpx2.UnsupportedProtocol: "redirected to an unsupported URL scheme",
     }.get(type(exc), "network error")
     detail = str(exc).splitlines()[0] if str(exc) else ""
-    if "CERTIFICATE_VERIFY_FAILED" in detail:
-        return f"the server's TLS certificate is not trusted ({detail}): pass --ca-cert FILE or set SSL_CERT_FILE"
-    return f"{kind} ({detail})" if detail and detail != kind else kind
+    reason = f"{kind} ({detail})" if detail and detail != kind else kind
+    for marker, what, fix in _TLS_MISTAKES:
+        if marker in detail:
+            reason = f"{what} ({detail}): {fix}"
+            break
+    try:
+        service = exc.request.extensions.get(TOKEN_SERVICE)
+    except RuntimeError:
+        # An error raised before any request was made has none.
+        service = None
+    return f"the token service at {service}: {reason}" if service else reason
+
+
+def is_tls_mistake(exc: httpx2.RequestError) -> bool:
+    """Whether the failure is a TLS setting to fix (see :data:`_TLS_MISTAKES`), which no retry can get past."""
+    return any(marker in str(exc) for marker, _, _ in _TLS_MISTAKES)

@@ -20,7 +20,7 @@ import hashlib
 import os
 import shutil
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -38,9 +38,15 @@ _IOV_MAX = 512
 
 
 def default_models_dir() -> Path:
-    """``$OLLAMA_MODELS`` (trimmed, as Ollama does), else ``~/.ollama/models``."""
-    configured = os.environ.get("OLLAMA_MODELS", "").strip()
+    """``$OLLAMA_MODELS``, else ``~/.ollama/models``; read as Ollama reads it (envconfig.Var): surrounding white
+    space, then surrounding quotes, stripped, so ``OLLAMA_MODELS="'/data/models'"`` from a unit file works."""
+    configured = os.environ.get("OLLAMA_MODELS", "").strip().strip("\"'")
     return Path(configured).expanduser() if configured else Path.home() / ".ollama" / "models"
+
+
+def open_store(models_dir: str | Path | None = None) -> Store:
+    """The store at ``models_dir``, else the default one."""
+    return Store(Path(models_dir) if models_dir is not None else default_models_dir())
 
 
 @contextlib.contextmanager
@@ -119,13 +125,16 @@ class Store:
             raise StorageError(f"cannot read the manifest {path}: {exc.strerror}") from exc
         return parse_manifest(raw, model=reference.short)
 
-    def check_blob(self, layer: Layer) -> str | None:
-        """Re-hash a stored blob: why it is bad, or None when its bytes are the digest's."""
+    def check_blob(self, layer: Layer, *, stop: threading.Event | None = None) -> str | None:
+        """Re-hash a stored blob: why it is bad, or None when its bytes are the digest's. Setting ``stop`` ends the
+        hashing early (it runs in a thread, which a Ctrl-C cannot cancel), with the reason "stopped"."""
         path = self.blob_path(layer.digest)
         digest = hashlib.sha256()
         try:
             with open(path, "rb") as handle:
-                size = _hash_file(handle, digest)
+                size = _hash_file(handle, digest, stop=stop)
+                if stop is not None and stop.is_set():
+                    return "stopped"
         except FileNotFoundError:
             return "missing"
         except OSError as exc:
@@ -140,9 +149,12 @@ class Store:
         with storage_errors(f"create the models directory {self.blobs_dir}"):
             self.blobs_dir.mkdir(parents=True, exist_ok=True)
 
-    def blob_lock(self, digest: str) -> contextlib.AbstractAsyncContextManager[None]:
-        """The store-wide lock of one blob, held while it downloads."""
-        return _flock(self._locks_dir / (_blob_name(digest) + ".lock"), exclusive=True)
+    def blob_lock(
+        self, digest: str, *, on_wait: Callable[[], None] | None = None
+    ) -> contextlib.AbstractAsyncContextManager[None]:
+        """The store-wide lock of one blob, held while it downloads; ``on_wait`` is called once if another process
+        holds it, before waiting for it."""
+        return _flock(self._locks_dir / (_blob_name(digest) + ".lock"), exclusive=True, on_wait=on_wait)
 
     def store_lock(self, *, exclusive: bool) -> contextlib.AbstractAsyncContextManager[None]:
         """Pulls share this lock for their whole run; pruning takes it alone, so it never removes a blob that a
@@ -297,17 +309,19 @@ def _blob_name(digest: str) -> str:
     return digest.replace(":", "-", 1)
 
 
-def _hash_file(handle: BinaryIO, digest: hashlib._Hash) -> int:
-    """Feed the rest of an open file to ``digest``; return how many bytes that was."""
+def _hash_file(handle: BinaryIO, digest: hashlib._Hash, *, stop: threading.Event | None = None) -> int:
+    """Feed the rest of an open file to ``digest`` (until ``stop`` is set); return how many bytes that was."""
     length = 0
-    while chunk := handle.read(READ_SIZE):
+    while (stop is None or not stop.is_set()) and (chunk := handle.read(READ_SIZE)):
         digest.update(chunk)
         length += len(chunk)
     return length
 
 
 @contextlib.asynccontextmanager
-async def _flock(path: Path, *, exclusive: bool, poll: float = 0.05) -> AsyncIterator[None]:
+async def _flock(
+    path: Path, *, exclusive: bool, poll: float = 0.05, on_wait: Callable[[], None] | None = None
+) -> AsyncIterator[None]:
     """An flock on ``path``, waited for without blocking the event loop (and so cancellable)."""
     operation = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
     with storage_errors(f"create the lock file {path}"):
@@ -317,6 +331,9 @@ async def _flock(path: Path, *, exclusive: bool, poll: float = 0.05) -> AsyncIte
         fd, locked = await _open_and_lock(path, operation)
     try:
         while not locked:
+            if on_wait is not None:
+                on_wait()
+                on_wait = None
             await asyncio.sleep(poll)
             locked = _try_lock(fd, operation)
         yield

@@ -22,6 +22,11 @@ def isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Pat
         "OLLAMA_PULL_PASSWORD",
         "DOCKER_CONFIG",
         "SSL_CERT_FILE",
+        "HF_TOKEN",
+        "HF_TOKEN_PATH",
+        "HF_HOME",
+        "XDG_CACHE_HOME",
+        "SSL_CERT_DIR",
     ):
         monkeypatch.delenv(name, raising=False)
     return models
@@ -29,5 +34,5 @@ def isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Pat
 
 @pytest.fixture
 def anyio_backend() -> str:
-    """Async tests run on asyncio through anyio's pytest plugin, which httpx already brings."""
+    """Async tests run on asyncio through anyio's pytest plugin, which httpx2 already brings."""
     return "asyncio"

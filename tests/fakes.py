@@ -15,8 +15,9 @@ from ollama_pull.engine import Downloader, DownloadSettings
 from ollama_pull.events import BlobRetry, Event
 from ollama_pull.fault_registry import build_manifest
 from ollama_pull.manifest import TENSOR_MEDIA_TYPE, Layer, Manifest, parse_manifest
+from ollama_pull.network import make_client
 from ollama_pull.reference import parse_reference
-from ollama_pull.registry import RegistryClient, make_client
+from ollama_pull.registry import RegistryClient
 from ollama_pull.retry import Backoff
 from ollama_pull.store import Store
 
@@ -91,9 +92,11 @@ class ChunkStream(httpx.AsyncByteStream):
             yield self.data[start : start + self.chunk]
 
 
-def registry_for(router: respx.MockRouter, *, attempts: int = 6) -> RegistryClient:
-    client = make_client(transport=httpx.MockTransport(router.async_handler))
-    return RegistryClient(client, attempts=attempts, backoff=Backoff(base=0.0, cap=0.0), sleep=no_sleep)
+def registry_for(router: respx.MockRouter, *, attempts: int = 6, stall_timeout: float = 10.0) -> RegistryClient:
+    client = make_client()
+    return RegistryClient(
+        client, attempts=attempts, backoff=Backoff(base=0.0, cap=0.0), sleep=no_sleep, stall_timeout=stall_timeout
+    )
 
 
 async def no_sleep(_seconds: float) -> None:

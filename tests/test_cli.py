@@ -48,20 +48,42 @@ def test_version() -> None:
     assert result.output.strip() == f"ollama-pull {__version__}"
 
 
-def test_help_explains_exit_codes_and_examples() -> None:
+def test_help_lists_the_commands_exit_codes_and_examples() -> None:
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
     for text in (
-        "--models-dir",
-        "--concurrency",
-        "--stall-timeout",
-        "--retries",
-        "--json",
-        "--quiet",
+        "pull ",
+        "list ",
+        "verify ",
+        "prune ",
+        "rm ",
+        "ollama-pull MODEL... is short for ollama-pull pull MODEL...",
+        "ollama-pull library/list",
         "Exit codes: 0 ok, 1 failed, 2 usage, 3 not found",
+        "143 terminated (SIGTERM)",
         "ollama-pull library/flux2-klein",
     ):
         assert text in result.output
+
+
+@pytest.mark.parametrize(
+    ("command", "options"),
+    [
+        ("pull", ["--models-dir", "--concurrency", "--stall-timeout", "--retries", "--dry-run", "--prune", "--json"]),
+        ("list", ["--models-dir", "--json", "--quiet"]),
+        ("verify", ["--all", "--file", "--models-dir", "--json", "--quiet"]),
+        ("prune", ["--dry-run", "--models-dir", "--json", "--quiet"]),
+        ("rm", ["--dry-run", "--models-dir", "--json", "--quiet"]),
+    ],
+)
+def test_each_command_explains_its_own_options(command: str, options: list[str]) -> None:
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0
+    for option in options:
+        assert option in result.output
+    # The 0.1 mode flags are hidden aliases: they work, but help no longer offers them.
+    assert "--list" not in result.output
+    assert "--verify" not in result.output
 
 
 @pytest.mark.parametrize("args", [["-j", "0", "m"], ["--retries", "0", "m"], ["--stall-timeout", "0", "m"], []])
@@ -178,17 +200,17 @@ def test_rich_renderer_shows_overall_and_a_few_blob_bars() -> None:
     assert "  tensor/08.st" in descriptions
     assert descriptions[-1] == "  +3 more"
     renderer(PullFinished("m:latest", DIGEST, "/x", 1300, 1200, 12, 1, 1.0))
-    assert [task.description for task in progress.tasks] == ["[bold]m:latest"]
+    assert [task.description for task in progress.tasks] == ["[bold]m:latest[/bold]"]
     output = console.file.getvalue()  # type: ignore[attr-defined]
     # The summary comes after the last frame of the bars.
     assert "pulled m:latest" in output.rstrip().splitlines()[-1]
 
 
 def test_version_and_help_do_not_load_the_download_stack() -> None:
-    # --version answers in a tenth of a second because httpx, asyncio and cryptography are not imported for it.
+    # --version answers in a tenth of a second because httpx2, asyncio and cryptography are not imported for it.
     probe = (
         "import sys, ollama_pull.cli; "
-        "print(sorted(m for m in ('httpx', 'cryptography', 'ollama_pull.engine') if m in sys.modules))"
+        "print(sorted(m for m in ('httpx2', 'cryptography', 'ollama_pull.engine') if m in sys.modules))"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"

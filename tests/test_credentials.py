@@ -13,7 +13,8 @@ import respx
 from ollama_pull.auth import RegistryAuth
 from ollama_pull.credentials import Credentials, find_credentials
 from ollama_pull.errors import AuthenticationError
-from ollama_pull.registry import RegistryClient, make_client
+from ollama_pull.network import make_client
+from ollama_pull.registry import RegistryClient
 from ollama_pull.retry import Backoff
 
 from .fakes import BASE, REF, make_model, no_sleep
@@ -58,7 +59,7 @@ def test_a_password_is_not_in_the_repr() -> None:
 
 
 def registry_with(router: respx.MockRouter, credentials: Credentials | None) -> RegistryClient:
-    client = make_client(transport=httpx.MockTransport(router.async_handler))
+    client = make_client()
     client.auth = RegistryAuth(lambda host: credentials if host == "registry.test" else None)
     return RegistryClient(client, attempts=1, backoff=Backoff(0, 0), sleep=no_sleep)
 
@@ -74,7 +75,7 @@ async def test_a_basic_challenge_is_answered_once_and_remembered() -> None:
             return httpx.Response(200, content=model.manifest.raw)
         return httpx.Response(401, headers={"WWW-Authenticate": 'Basic realm="registry"'})
 
-    with respx.mock(using="httpx") as router:
+    with respx.mock(using="httpcore2") as router:
         router.get(f"{BASE}/manifests/tag").mock(side_effect=manifest)
         registry = registry_with(router, Credentials("u", "p"))
         async with registry.client:
@@ -84,7 +85,7 @@ async def test_a_basic_challenge_is_answered_once_and_remembered() -> None:
 
 
 async def test_wrong_basic_credentials_are_an_auth_error_without_the_password() -> None:
-    with respx.mock(using="httpx") as router:
+    with respx.mock(using="httpcore2") as router:
         route = router.get(f"{BASE}/manifests/tag").respond(401, headers={"WWW-Authenticate": 'Basic realm="r"'})
         registry = registry_with(router, Credentials("u", "wrong-password"))
         async with registry.client:
@@ -96,7 +97,7 @@ async def test_wrong_basic_credentials_are_an_auth_error_without_the_password() 
 
 async def test_credentials_go_to_the_token_service() -> None:
     model = make_model(10)
-    with respx.mock(using="httpx") as router:
+    with respx.mock(using="httpcore2") as router:
         token = router.get("https://auth.test/token").respond(200, json={"token": "t"})
 
         def manifest(request: httpx.Request) -> httpx.Response:

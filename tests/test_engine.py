@@ -6,9 +6,11 @@ import asyncio
 import dataclasses
 import gc
 import gzip
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import httpcore2
 import httpx
 import pytest
 import respx
@@ -16,8 +18,9 @@ import respx
 from ollama_pull.engine import Downloader
 from ollama_pull.errors import AuthenticationError, BlobError, IntegrityError
 from ollama_pull.events import BlobProgress
+from ollama_pull.manifest import Layer
 from ollama_pull.progress import Tally
-from ollama_pull.store import Store
+from ollama_pull.store import BlobFile, Store
 
 from .fakes import (
     BASE,
@@ -75,7 +78,7 @@ async def test_downloads_every_blob_verified_within_the_concurrency_limit(store:
             finally:
                 in_flight -= 1
 
-    with respx.mock(using="httpx") as router:
+    with respx.mock(using="httpcore2") as router:
         serve(router, model, lambda _r, data: httpx.Response(200, stream=Counting(data, chunk=4096)))
         events = await download(router, model, store, settings=dataclasses.replace(FAST, concurrency=3))
     assert_store_holds(store, model)
@@ -93,7 +96,7 @@ async def test_corrupted_bytes_are_discarded_and_the_blob_retried(store: Store) 
             data = data[:100] + bytes([data[100] ^ 0xFF]) + data[101:]
         return httpx.Response(200, stream=ChunkStream(data))
 
-    with respx.mock(using="httpx") as router:
+    with respx.mock(using="httpcore2") as router:
         serve(router, model, handler)
         events = await download(router, model, store)
     assert_store_holds(store, model)
@@ -108,7 +111,7 @@ async def test_a_blob_that_never_verifies_fails_with_an_integrity_error(store: S
     def handler(_request: httpx.Request, data: bytes) -> httpx.Response:
         return httpx.Response(200, stream=ChunkStream(data[:-1] + b"\0" if len(data) == bad.size else data))
 
-    with respx.mock(using="httpx") as router:
+    with respx.mock(using="httpcore2") as router:
         serve(router, model, handler)
         with pytest.raises(IntegrityError) as caught:
             await download(router, model, store, settings=dataclasses.replace(FAST, attempts=4))
@@ -127,9 +130,9 @@ async def test_a_blob_that_never_verifies_fails_with_an_integrity_error(store: S
         # Each row: the first answer for the blob, and the reason the retry event must give.
         (httpx.Response(503, headers={"Retry-After": "0"}), "HTTP 503"),
         (httpx.Response(404), "HTTP 404"),
-        (httpx.ReadError("reset by peer"), "connection reset"),
-        (httpx.RemoteProtocolError("peer closed connection"), "connection closed early"),
-        (httpx.ConnectError("refused"), "connection failed"),
+        (httpcore2.ReadError("reset by peer"), "connection reset"),
+        (httpcore2.RemoteProtocolError("peer closed connection"), "connection closed early"),
+        (httpcore2.ConnectError("refused"), "connection failed"),
         (httpx.Response(200, stream=ChunkStream(b"x" * 50_000)), "more than the manifest's 40000 bytes"),
         (httpx.Response(200, stream=ChunkStream(b"x" * 1000)), "the body ended after 1000 of 40000 bytes"),
         (httpx.Response(200, headers={"Content-Encoding": "gzip"}, stream=ChunkStream(gzip.compress(b"x"))), "gzip"),
@@ -138,7 +141,7 @@ async def test_a_blob_that_never_verifies_fails_with_an_integrity_error(store: S
 async def test_failures_are_retried_with_their_reason(store: Store, failure: object, reason: str) -> None:
     model = make_model(40_000)
     target = model.layers[1]
-    with respx.mock(using="httpx") as router:
+    with respx.mock(using="httpcore2") as router:
         serve(router, model, ok)
         router.get(f"{BASE}/blobs/{target.digest}").mock(
             side_effect=[failure, httpx.Response(200, stream=ChunkStream(model.blobs[target.digest]))]
@@ -157,7 +160,7 @@ async def test_retry_after_is_honoured(store: Store) -> None:
         slept.append(seconds)
 
     target = model.layers[1]
-    with respx.mock(using="httpx") as router:
+    with respx.mock(using="httpcore2") as router:
         serve(router, model, ok)
         router.get(f"{BASE}/blobs/{target.digest}").mock(
             side_effect=[
@@ -175,10 +178,29 @@ async def test_retry_after_is_honoured(store: Store) -> None:
 async def test_a_rejected_token_is_final_not_retried(store: Store) -> None:
     model = make_model(1000)
     # The first 403 cancels the other blob, whose route may then never be called.
-    with respx.mock(using="httpx", assert_all_called=False) as router:
+    with respx.mock(using="httpcore2", assert_all_called=False) as router:
         serve(router, model, lambda _r, _d: httpx.Response(403))
         with pytest.raises(AuthenticationError, match="HTTP 403"):
             await download(router, model, store)
+
+
+async def test_a_token_service_that_stalls_during_a_blob_counts_against_its_attempts(store: Store) -> None:
+    model = make_model(1000)
+    challenge = 'Bearer realm="https://auth.test/token",service="registry.test"'
+    with respx.mock(using="httpcore2", assert_all_called=False) as router:
+        serve(router, model, lambda _r, _d: httpx.Response(401, headers={"WWW-Authenticate": challenge}))
+
+        async def token(_request: httpx.Request) -> httpx.Response:
+            await asyncio.Event().wait()
+            raise AssertionError("never answered")
+
+        router.get("https://auth.test/token").mock(side_effect=token)
+        settings = dataclasses.replace(FAST, attempts=2, concurrency=1)
+        with pytest.raises(BlobError) as caught:
+            await download(router, model, store, settings=settings, clock=TickingClock())
+    # Two attempts, not the ten free stalls of a blob's own server.
+    assert caught.value.attempts == 2
+    assert "from the token service at auth.test" in caught.value.reason
 
 
 @pytest.mark.parametrize("lag", range(12))
@@ -202,7 +224,7 @@ async def test_blobs_failing_together_leave_no_unretrieved_error(store: Store, l
             await asyncio.sleep(0)
         return httpx.Response(403)
 
-    with respx.mock(using="httpx", assert_all_called=False) as router:
+    with respx.mock(using="httpcore2", assert_all_called=False) as router:
         for digest in model.blobs:
             router.get(f"{BASE}/blobs/{digest}").mock(side_effect=refuse_first if digest == first else refuse_second)
         with pytest.raises(AuthenticationError):
@@ -215,7 +237,7 @@ async def test_stalls_are_retried_without_using_up_attempts(store: Store) -> Non
     model = make_model(40_000)
     target = model.layers[1]
     stalls = [httpx.Response(200, stream=ChunkStream(model.blobs[target.digest], stall_after=n % 2)) for n in range(8)]
-    with respx.mock(using="httpx") as router:
+    with respx.mock(using="httpcore2") as router:
         serve(router, model, ok)
         router.get(f"{BASE}/blobs/{target.digest}").mock(
             side_effect=[*stalls, httpx.Response(200, stream=ChunkStream(model.blobs[target.digest]))]
@@ -225,12 +247,12 @@ async def test_stalls_are_retried_without_using_up_attempts(store: Store) -> Non
     assert_store_holds(store, model)
     # Eight stalls, before the first byte and after one chunk, with only two attempts allowed: stalls are free.
     assert len(retries(events)) == 8
-    assert all(retry.reason.startswith("stalled: no data for 10s") for retry in retries(events))
+    assert all(retry.reason.startswith("stalled: no data for 10.0s") for retry in retries(events))
 
 
 async def test_a_server_that_always_stalls_cannot_hang_the_pull(store: Store) -> None:
     model = make_model(40_000)
-    with respx.mock(using="httpx") as router:
+    with respx.mock(using="httpcore2") as router:
         serve(router, model, lambda _r, data: httpx.Response(200, stream=ChunkStream(data, stall_after=0)))
         with pytest.raises(BlobError, match="stalled 4 times"):
             await download(router, model, store, settings=dataclasses.replace(FAST, max_stalls=3), clock=TickingClock())
@@ -248,7 +270,7 @@ async def test_slow_attempts_are_aborted_and_only_the_third_counts(store: Store)
             return httpx.Response(200, stream=ChunkStream(data, chunk=1024, clock=clock, seconds_per_chunk=1.0))
         return httpx.Response(200, stream=ChunkStream(data, chunk=50_000, clock=clock, seconds_per_chunk=0.01))
 
-    with respx.mock(using="httpx") as router:
+    with respx.mock(using="httpcore2") as router:
         serve(router, model, handler)
         settings = dataclasses.replace(FAST, concurrency=1, attempts=2)
         with pytest.raises(BlobError) as caught:
@@ -268,7 +290,7 @@ async def test_slow_detection_waits_for_five_samples(store: Store) -> None:
         per_chunk = 1.0 if len(data) == 20_000 else 0.01
         return httpx.Response(200, stream=ChunkStream(data, chunk=1024, clock=clock, seconds_per_chunk=per_chunk))
 
-    with respx.mock(using="httpx") as router:
+    with respx.mock(using="httpcore2") as router:
         serve(router, model, handler)
         events = await download(router, model, store, settings=dataclasses.replace(FAST, concurrency=1), clock=clock)
     assert retries(events) == []
@@ -279,7 +301,7 @@ async def test_progress_never_goes_backwards_when_an_attempt_fails(store: Store)
     model = make_model(100_000)
     target = model.layers[1]
     data = model.blobs[target.digest]
-    with respx.mock(using="httpx") as router:
+    with respx.mock(using="httpcore2") as router:
         serve(router, model, ok)
         router.get(f"{BASE}/blobs/{target.digest}").mock(
             side_effect=[
@@ -305,15 +327,20 @@ async def test_progress_never_goes_backwards_when_an_attempt_fails(store: Store)
 @pytest.mark.parametrize(
     ("answer", "expected_requests"),
     [
-        # The server resumes as asked: the second request asks for the rest and gets it.
+        # The server resumes as asked: the second request asks for exactly the missing bytes and gets them.
         ("206", ["", "bytes=30000-"]),
         # The server ignores Range and sends everything: start over from zero, still verified.
         ("200", ["", "bytes=30000-"]),
         # The server resumes at the wrong offset: refuse it, throw the prefix away, start over.
         ("wrong", ["", "bytes=30000-", ""]),
+        # The resumed bytes do not make the digest: the prefix may be what is wrong, so start over.
+        ("corrupt", ["", "bytes=30000-", ""]),
     ],
 )
-async def test_large_blobs_resume_with_range(store: Store, answer: str, expected_requests: list[str]) -> None:
+async def test_a_failed_attempt_resumes_with_range_whatever_the_blob_size(
+    store: Store, answer: str, expected_requests: list[str]
+) -> None:
+    # 100 kB, far below resume_min_size: that threshold is about keeping partial files across runs only.
     model = make_model(100_000)
     target = model.layers[1]
     data = model.blobs[target.digest]
@@ -326,22 +353,25 @@ async def test_large_blobs_resume_with_range(store: Store, answer: str, expected
             return httpx.Response(200, stream=ChunkStream(data[:30_000], chunk=10_000))
         if not header or answer == "200":
             return httpx.Response(200, stream=ChunkStream(data))
-        start = 30_000 if answer == "206" else 20_000
+        start = 20_000 if answer == "wrong" else 30_000
+        body = data[start:] if answer != "corrupt" else b"\0" * (len(data) - start)
         headers = {"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"}
-        return httpx.Response(206, headers=headers, stream=ChunkStream(data[start:]))
+        return httpx.Response(206, headers=headers, stream=ChunkStream(body))
 
-    with respx.mock(using="httpx") as router:
+    with respx.mock(using="httpcore2") as router:
         serve(router, model, ok)
         router.get(f"{BASE}/blobs/{target.digest}").mock(side_effect=handler)
-        await download(router, model, store, settings=dataclasses.replace(FAST, resume_min_size=50_000))
+        events = await download(router, model, store)
     assert ranges == expected_requests
     assert_store_holds(store, model)
+    progress = [e.completed for e in events if isinstance(e, BlobProgress) and e.digest == target.digest]
+    assert progress == sorted(progress)
 
 
 async def test_cancellation_leaves_no_task_and_no_unverified_blob(store: Store) -> None:
     model = make_model(40_000, 200_000)
     small, large = model.layers[1], model.layers[2]
-    with respx.mock(using="httpx") as router:
+    with respx.mock(using="httpcore2") as router:
         serve(router, model, lambda _r, data: httpx.Response(200, stream=ChunkStream(data, chunk=8192, stall_after=2)))
         store.prepare()
         tasks_before = asyncio.all_tasks()
@@ -361,3 +391,38 @@ async def test_cancellation_leaves_no_task_and_no_unverified_blob(store: Store) 
     # A small blob's partial file is removed; a large one's is kept for the next run to resume.
     assert not store.partial_path(small.digest).exists()
     assert store.partial_path(large.digest).stat().st_size == 16384
+
+
+async def test_a_download_cancelled_while_its_file_opens_leaves_no_partial_file(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The file is opened in a worker thread, which a cancel does not stop: the thread creates the partial file
+    # after the task that asked for it is gone. Seen on a loaded CI machine when another blob failed the pull.
+    model = make_model(1000)
+    opening = threading.Event()
+    go_on = threading.Event()
+    open_blob = Store.open_blob
+
+    opened = threading.Event()
+
+    def slow_open(self: Store, layer: Layer, *, resume: bool) -> BlobFile:
+        opening.set()
+        go_on.wait(10)
+        try:
+            return open_blob(self, layer, resume=resume)
+        finally:
+            opened.set()
+
+    monkeypatch.setattr(Store, "open_blob", slow_open)
+    with respx.mock(using="httpcore2", assert_all_called=False) as router:
+        serve(router, model, ok)
+        task = asyncio.ensure_future(download(router, model, store))
+        while not opening.is_set():
+            await asyncio.sleep(0.001)
+        task.cancel()
+        await asyncio.sleep(0.01)
+        go_on.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert opened.wait(10)
+    assert [path.name for path in store.blobs_dir.iterdir()] == []

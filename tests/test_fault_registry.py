@@ -489,6 +489,22 @@ def test_a_failing_token_endpoint_issues_nothing() -> None:
         assert len(registry.tokens_issued) == 1
 
 
+def test_token_requests_are_counted_stalled_and_refused_ones_included() -> None:
+    with FaultRegistry(require_auth=True) as registry:
+        registry.inject("token", Fault("stall_before", seconds=0.1))
+        registry.inject("token", Fault("status", status=403))
+        with pytest.raises(http.client.RemoteDisconnected):
+            request(registry, "/token?service=fault-registry")
+        assert request(registry, "/token?service=fault-registry")[0].status == 403
+        assert request(registry, "/token?service=fault-registry")[0].status == 200
+        request(registry, "/v2/")
+        assert [(r.fault, r.status) for r in registry.token_requests] == [
+            ("stall_before", 0),
+            ("status", 403),
+            (None, 200),
+        ]
+
+
 def test_blobs_redirect_to_a_cdn_that_logs_what_arrived() -> None:
     with FaultRegistry(require_auth=True, redirect_blobs=True) as registry:
         model = registry.add_synthetic_model("library/demo", blobs=1, blob_size=5000)

@@ -1,4 +1,4 @@
-"""The network layer: httpcore on asyncio's transports, against real sockets on 127.0.0.1."""
+"""The network layer: our transport over httpcore2 on asyncio's transports, against real sockets on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -11,13 +11,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import httpcore
-import httpx
+import httpcore2
+import httpx2
 import pytest
 
 from ollama_pull import network
-from ollama_pull.network import AsyncioBackend, AsyncioTransport, ShardedTransport
-from ollama_pull.registry import _direct_transport, make_client
+from ollama_pull.network import AsyncioBackend, ShardedTransport, _direct_transport, make_client
 
 pytestmark = pytest.mark.anyio
 
@@ -35,57 +34,121 @@ async def serving(handler: Handler) -> AsyncIterator[int]:
         await server.wait_closed()
 
 
-async def test_a_pull_client_talks_through_the_asyncio_backend(monkeypatch: pytest.MonkeyPatch) -> None:
-    connects: list[tuple[str, int]] = []
+@pytest.fixture
+def connects(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Every connection the asyncio backend opens, as (host, port)."""
+    opened: list[tuple[str, int]] = []
     connect = AsyncioBackend.connect_tcp
 
-    async def counting(self: AsyncioBackend, host: str, port: int, **kwargs: object) -> httpcore.AsyncNetworkStream:
-        connects.append((host, port))
+    async def counting(self: AsyncioBackend, host: str, port: int, **kwargs: object) -> httpcore2.AsyncNetworkStream:
+        opened.append((host, port))
         return await connect(self, host, port, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(AsyncioBackend, "connect_tcp", counting)
-    body = bytes(range(256)) * 4096
+    return opened
+
+
+def answering(body: bytes, *, arrived: Callable[[], Awaitable[None]] | None = None) -> Handler:
+    """A keep-alive HTTP/1.1 server's connection handler: ``body`` for every request, after ``arrived()``."""
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while await reader.readuntil(b"\r\n\r\n"):
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-            await writer.drain()
+        try:
+            while await reader.readuntil(b"\r\n\r\n"):
+                if arrived is not None:
+                    await arrived()
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+                await writer.drain()
+        except asyncio.IncompleteReadError:
+            pass
 
-    async with serving(answer) as port, make_client(insecure=True, concurrency=4) as client:
+    return answer
+
+
+async def test_a_pull_client_talks_through_the_asyncio_backend(connects: list[tuple[str, int]]) -> None:
+    body = bytes(range(256)) * 4096
+    async with serving(answering(body)) as port, make_client(insecure=True, concurrency=4) as client:
         for _ in range(3):
             response = await client.get(f"http://127.0.0.1:{port}/blob")
             assert response.content == body
-    # httpx keeps the pool in a private attribute; were that to change, no request would come through here.
     assert connects == [("127.0.0.1", port)]
 
 
 def test_direct_connections_are_spread_over_small_pools(monkeypatch: pytest.MonkeyPatch) -> None:
     transport = _direct_transport(68, True)
     assert isinstance(transport, ShardedTransport)
-    assert len(transport._shards) == 9
-    assert all(isinstance(shard, AsyncioTransport) for shard in transport._shards)
-    pools = [shard._pool for shard in transport._shards]
-    assert {pool._max_connections for pool in pools} == {8}
-    assert all(isinstance(pool._network_backend, AsyncioBackend) for pool in pools)
-    # With a proxy configured, httpx must build the transports itself to honour it and NO_PROXY.
+    assert len(transport.pools) == 9
+    # With a proxy configured, httpx2 must build the transports itself to honour it and NO_PROXY.
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:1")
     assert _direct_transport(68, True) is None
 
 
-async def test_sharded_transport_takes_the_pools_in_turn() -> None:
+async def test_one_hosts_requests_in_turn_reuse_one_connection_across_shards(connects: list[tuple[str, int]]) -> None:
     transport = ShardedTransport(24, verify=True)
-    seen: list[int] = []
-    for index, shard in enumerate(transport._shards):
+    assert len(transport.pools) == 3
+    async with serving(answering(b"ok")) as port, httpx2.AsyncClient(transport=transport) as client:
+        for _ in range(6):
+            assert (await client.get(f"http://127.0.0.1:{port}/")).content == b"ok"
+    # Taking the pools in turn would open one connection in each.
+    assert connects == [("127.0.0.1", port)]
 
-        async def answer(request: httpx.Request, index: int = index) -> httpx.Response:
-            seen.append(index)
-            return httpx.Response(200)
 
-        shard.handle_async_request = answer  # type: ignore[method-assign]
-    for _ in range(6):
-        await transport.handle_async_request(httpx.Request("GET", "https://registry.test/"))
-    assert seen == [0, 1, 2, 0, 1, 2]
-    await transport.aclose()
+async def test_a_burst_spreads_over_the_shards_and_the_next_one_reuses_its_connections(
+    connects: list[tuple[str, int]],
+) -> None:
+    # Two pools of 8: 16 requests at once are all answered only if each pool takes 8 of them, since the server
+    # answers none before all 16 have arrived.
+    transport = ShardedTransport(16, verify=True)
+    assert len(transport.pools) == 2
+    arrived = 0
+    everyone = asyncio.Event()
+
+    async def barrier() -> None:
+        nonlocal arrived
+        arrived += 1
+        if arrived % 16 == 0:
+            everyone.set()
+        await everyone.wait()
+
+    async with serving(answering(b"ok", arrived=barrier)) as port, httpx2.AsyncClient(transport=transport) as client:
+        for wave in range(2):
+            everyone.clear()
+            async with asyncio.timeout(10):
+                responses = await asyncio.gather(*(client.get(f"http://127.0.0.1:{port}/") for _ in range(16)))
+            assert [response.content for response in responses] == [b"ok"] * 16, wave
+            assert [len(pool.connections) for pool in transport.pools] == [8, 8]
+    assert len(connects) == 16
+
+
+@pytest.mark.parametrize(
+    ("server", "timeout", "error"),
+    [
+        # Each row: how the server behaves, the client's timeout, and the httpx2 exception the client must see.
+        ("refuses", 5.0, httpx2.ConnectError),
+        ("silent", 0.05, httpx2.ReadTimeout),
+        ("closes mid-body", 5.0, httpx2.RemoteProtocolError),
+    ],
+)
+async def test_httpcore2_failures_reach_the_client_as_httpx2_exceptions(
+    server: str, timeout: float, error: type[httpx2.TransportError]
+) -> None:
+    async def behave(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        if server == "closes mid-body":
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort")
+            await writer.drain()
+            writer.close()
+        else:
+            await reader.read()
+
+    async with serving(behave) as port, httpx2.AsyncClient(transport=ShardedTransport(8, verify=True)) as client:
+        if server == "refuses":
+            # A port nobody listens on: a server's, once it has closed.
+            async with serving(behave) as port:
+                pass
+        with pytest.raises(error) as raised:
+            await client.get(f"http://127.0.0.1:{port}/", timeout=timeout)
+    # Translated once, at the transport, from httpcore2's exception of the same name.
+    assert type(raised.value.__cause__) is getattr(httpcore2, error.__name__)
 
 
 async def test_bytes_received_before_a_reset_are_read_before_the_error() -> None:
@@ -99,14 +162,14 @@ async def test_bytes_received_before_a_reset_are_read_before_the_error() -> None
 
     received: list[bytes] = []
 
-    async def read_all(stream: httpcore.AsyncNetworkStream) -> None:
+    async def read_all(stream: httpcore2.AsyncNetworkStream) -> None:
         while chunk := await stream.read(65536, timeout=5):
             received.append(chunk)
 
     async with serving(reset) as port:
         stream = await AsyncioBackend().connect_tcp("127.0.0.1", port, timeout=5)
         await asyncio.sleep(0.2)
-        with pytest.raises(httpcore.ReadError, match="reset"):
+        with pytest.raises(httpcore2.ReadError, match="reset"):
             await read_all(stream)
         await stream.aclose()
     assert b"".join(received) == b"first bytes"
@@ -126,7 +189,7 @@ async def test_a_clean_close_reads_as_the_end_and_makes_the_connection_readable(
         assert stream.get_extra_info("is_readable") is True
         assert stream.get_extra_info("server_addr") == ("127.0.0.1", port)
         await stream.aclose()
-        with pytest.raises(httpcore.WriteError):
+        with pytest.raises(httpcore2.WriteError):
             await stream.write(b"GET / HTTP/1.1\r\n\r\n", timeout=5)
 
 
@@ -137,7 +200,7 @@ async def test_a_silent_server_times_the_read_out() -> None:
     async with serving(silent) as port:
         stream = await AsyncioBackend().connect_tcp("127.0.0.1", port, timeout=5)
         assert stream.get_extra_info("is_readable") is False
-        with pytest.raises(httpcore.ReadTimeout):
+        with pytest.raises(httpcore2.ReadTimeout):
             await stream.read(65536, timeout=0.01)
         await stream.aclose()
 
@@ -168,7 +231,7 @@ async def test_a_slow_reader_stops_the_socket_instead_of_buffering_everything() 
 async def test_a_refused_connection_is_a_connect_error() -> None:
     async with serving(lambda reader, writer: asyncio.sleep(0)) as port:
         pass
-    with pytest.raises(httpcore.ConnectError):
+    with pytest.raises(httpcore2.ConnectError):
         await AsyncioBackend().connect_tcp("127.0.0.1", port, timeout=5)
 
 

@@ -88,7 +88,7 @@ def big_model() -> Model:
 async def test_a_large_blob_comes_in_ranged_chunks_and_is_verified_whole(store: Store) -> None:
     model = big_model()
     server = RangedServer(model)
-    with respx.mock(using="httpx") as router:
+    with respx.mock(using="httpcore2") as router:
         server.mount(router)
         events = await download(router, model, store, settings=PARTED)
     assert_store_holds(store, model)
@@ -104,7 +104,7 @@ async def test_a_large_blob_comes_in_ranged_chunks_and_is_verified_whole(store: 
 async def test_extra_streams_share_the_pulls_connection_budget(store: Store) -> None:
     model = big_model()
     server = RangedServer(model)
-    with respx.mock(using="httpx") as router:
+    with respx.mock(using="httpcore2") as router:
         server.mount(router)
         await download(router, model, store, settings=dataclasses.replace(PARTED, concurrency=2))
     assert_store_holds(store, model)
@@ -114,7 +114,7 @@ async def test_extra_streams_share_the_pulls_connection_budget(store: Store) -> 
 async def test_one_connection_is_enough_for_a_chunked_blob(store: Store) -> None:
     model = big_model()
     server = RangedServer(model)
-    with respx.mock(using="httpx") as router:
+    with respx.mock(using="httpcore2") as router:
         server.mount(router)
         await asyncio.wait_for(download(router, model, store, settings=dataclasses.replace(PARTED, concurrency=1)), 10)
     assert_store_holds(store, model)
@@ -124,7 +124,7 @@ async def test_one_connection_is_enough_for_a_chunked_blob(store: Store) -> None
 async def test_small_blobs_stay_whole(store: Store) -> None:
     model = make_model(3 * CHUNK, 2 * CHUNK)
     server = RangedServer(model)
-    with respx.mock(using="httpx") as router:
+    with respx.mock(using="httpcore2") as router:
         server.mount(router)
         await download(router, model, store, settings=PARTED)
     assert_store_holds(store, model)
@@ -140,7 +140,7 @@ async def test_a_failed_chunk_is_retried_from_where_it_stopped(store: Store) -> 
         return partial(request, start, end, piece[:keep] if keep is not None else piece)
 
     server = RangedServer(model, truncating)
-    with respx.mock(using="httpx") as router:
+    with respx.mock(using="httpcore2") as router:
         server.mount(router)
         events = await download(router, model, store, settings=PARTED)
     assert_store_holds(store, model)
@@ -156,7 +156,7 @@ async def test_a_server_that_ignores_ranges_gets_one_stream(store: Store) -> Non
         return httpx.Response(200, stream=ChunkStream(model.blobs[model.layers[1].digest], chunk=4 * KIB))
 
     server = RangedServer(model, whole)
-    with respx.mock(using="httpx") as router:
+    with respx.mock(using="httpcore2") as router:
         server.mount(router)
         events = await download(router, model, store, settings=PARTED)
     assert_store_holds(store, model)
@@ -177,7 +177,7 @@ async def test_a_corrupt_chunk_fails_the_whole_blob_and_it_starts_over(store: St
         return partial(request, start, end, piece)
 
     server = RangedServer(model, flipping)
-    with respx.mock(using="httpx") as router:
+    with respx.mock(using="httpcore2") as router:
         server.mount(router)
         events = await download(router, model, store, settings=PARTED)
     assert_store_holds(store, model)
@@ -193,7 +193,7 @@ async def test_a_blob_whose_chunks_never_verify_fails_with_nothing_left(store: S
         return partial(request, start, end, bytes([piece[0] ^ 1]) + piece[1:] if start == 0 else piece)
 
     server = RangedServer(model, flipping)
-    with respx.mock(using="httpx", assert_all_called=False) as router:
+    with respx.mock(using="httpcore2", assert_all_called=False) as router:
         server.mount(router)
         with pytest.raises(IntegrityError, match="digest mismatch"):
             await download(router, model, store, settings=dataclasses.replace(PARTED, attempts=2))
@@ -221,7 +221,7 @@ async def test_an_interrupted_blob_resumes_only_its_missing_chunks(store: Store)
         return partial(request, start, end, piece)
 
     first = RangedServer(model, stalling_late)
-    with respx.mock(using="httpx", assert_all_called=False) as router:
+    with respx.mock(using="httpcore2", assert_all_called=False) as router:
         first.mount(router)
         pull = asyncio.create_task(download(router, model, store, settings=PARTED))
         await stop.wait()
@@ -236,7 +236,7 @@ async def test_an_interrupted_blob_resumes_only_its_missing_chunks(store: Store)
     assert had >= 6 * CHUNK
 
     second = RangedServer(model)
-    with respx.mock(using="httpx", assert_all_called=False) as router:
+    with respx.mock(using="httpcore2", assert_all_called=False) as router:
         second.mount(router)
         await download(router, model, store, settings=PARTED)
     assert_store_holds(store, model)
@@ -251,7 +251,7 @@ async def test_a_single_stream_partial_is_resumed_as_a_prefix(store: Store) -> N
     prefix = 3 * CHUNK + 100
     store.partial_path(layer.digest).write_bytes(model.blobs[layer.digest][:prefix])
     server = RangedServer(model)
-    with respx.mock(using="httpx") as router:
+    with respx.mock(using="httpcore2") as router:
         server.mount(router)
         await download(router, model, store, settings=PARTED)
     assert_store_holds(store, model)
@@ -309,7 +309,7 @@ async def test_landed_bytes_are_written_back_during_the_download(store: Store, m
 
     monkeypatch.setattr(parts, "_datasync", datasync)
     model = big_model()
-    with respx.mock(using="httpx") as router:
+    with respx.mock(using="httpcore2") as router:
         RangedServer(model).mount(router)
         await download(router, model, store, settings=PARTED)
     assert_store_holds(store, model)

@@ -11,9 +11,9 @@ import respx
 
 from ollama_pull import pull
 from ollama_pull.errors import BlobError, InvalidManifest
-from ollama_pull.events import BlobStarted, Event, ManifestResolved, PullFinished
+from ollama_pull.events import BlobStarted, Event, ManifestResolved, PullFinished, Resolving, WritingManifest
+from ollama_pull.network import make_client
 from ollama_pull.progress import Tally
-from ollama_pull.registry import make_client
 from ollama_pull.store import Store
 
 from .fakes import BASE, FAST, REF, ChunkStream, Model, make_model
@@ -30,7 +30,7 @@ def routes(router: respx.MockRouter, model: Model) -> None:
 
 
 async def run(router: respx.MockRouter, models: Path, events: list[Event] | None = None) -> object:
-    async with make_client(transport=httpx.MockTransport(router.async_handler)) as client:
+    async with make_client() as client:
         sink = events if events is not None else []
         return await pull(REF, models_dir=models, settings=FAST, client=client, on_event=sink.append)
 
@@ -38,7 +38,7 @@ async def run(router: respx.MockRouter, models: Path, events: list[Event] | None
 async def test_pull_writes_blobs_then_the_exact_manifest(tmp_path: Path) -> None:
     model = make_model(1000, 2000, 3000)
     events: list[Event] = []
-    with respx.mock(using="httpx", assert_all_called=False) as router:
+    with respx.mock(using="httpcore2", assert_all_called=False) as router:
         routes(router, model)
         result = await run(router, tmp_path, events)
     store = Store(tmp_path)
@@ -47,7 +47,9 @@ async def test_pull_writes_blobs_then_the_exact_manifest(tmp_path: Path) -> None
     for digest, data in model.blobs.items():
         assert store.blob_path(digest).read_bytes() == data
     assert sorted(p.name for p in store.blobs_dir.iterdir()) == sorted(d.replace(":", "-") for d in model.blobs)
-    assert isinstance(events[0], ManifestResolved)
+    assert isinstance(events[0], Resolving)
+    assert isinstance(events[1], ManifestResolved)
+    assert isinstance(events[-2], WritingManifest)
     assert isinstance(events[-1], PullFinished)
     assert events[-1].downloaded_blobs == 4
     assert events[-1].digest == model.manifest.digest
@@ -61,11 +63,11 @@ async def test_present_blobs_are_skipped_and_counted_as_done(tmp_path: Path) -> 
     present = model.layers[2]
     store.blob_path(present.digest).write_bytes(model.blobs[present.digest])
     events: list[Event] = []
-    with respx.mock(using="httpx", assert_all_called=False) as router:
+    with respx.mock(using="httpcore2", assert_all_called=False) as router:
         routes(router, model)
         await run(router, tmp_path, events)
         assert router.get(f"{BASE}/blobs/{present.digest}").call_count == 0
-    resolved = events[0]
+    resolved = events[1]
     assert isinstance(resolved, ManifestResolved)
     assert (resolved.present_blobs, resolved.present_bytes) == (1, 2000)
     tally = Tally()
@@ -80,14 +82,14 @@ async def test_a_blob_with_the_wrong_size_on_disk_is_downloaded_again(tmp_path: 
     store.prepare()
     layer = model.layers[1]
     store.blob_path(layer.digest).write_bytes(b"short")
-    with respx.mock(using="httpx", assert_all_called=False) as router:
+    with respx.mock(using="httpcore2", assert_all_called=False) as router:
         routes(router, model)
         await run(router, tmp_path)
     assert store.blob_path(layer.digest).read_bytes() == model.blobs[layer.digest]
 
 
 async def test_an_invalid_manifest_writes_nothing(tmp_path: Path) -> None:
-    with respx.mock(using="httpx", assert_all_called=False) as router:
+    with respx.mock(using="httpcore2", assert_all_called=False) as router:
         router.get(f"{BASE}/manifests/tag").respond(200, json={"schemaVersion": 2, "config": {}, "layers": []})
         with pytest.raises(InvalidManifest):
             await run(router, tmp_path / "models")
@@ -97,11 +99,11 @@ async def test_an_invalid_manifest_writes_nothing(tmp_path: Path) -> None:
 async def test_a_failed_blob_leaves_no_manifest_and_no_unverified_blob(tmp_path: Path) -> None:
     model = make_model(1000, 2000)
     bad = model.layers[2]
-    with respx.mock(using="httpx", assert_all_called=False) as router:
+    with respx.mock(using="httpcore2", assert_all_called=False) as router:
         routes(router, model)
         router.get(f"{BASE}/blobs/{bad.digest}").respond(500)
         with pytest.raises(BlobError, match="HTTP 500"):
-            async with make_client(transport=httpx.MockTransport(router.async_handler)) as client:
+            async with make_client() as client:
                 await pull(REF, models_dir=tmp_path, settings=dataclasses.replace(FAST, attempts=2), client=client)
     assert not (tmp_path / "manifests").exists()
     store = Store(tmp_path)

@@ -28,6 +28,23 @@ def test_valid_references(text: str, expected: tuple[str, str, str, str]) -> Non
 
 
 @pytest.mark.parametrize(
+    ("text", "scheme"), [("http://127.0.0.1:5000/ns/model:v2", "http"), ("https://example.com/ns/model:v2", "https")]
+)
+def test_a_scheme_says_how_to_reach_the_registry_and_is_cut_from_the_name(text: str, scheme: str) -> None:
+    # As Ollama's ParseNameBare: the model is stored under host/namespace/model, without the scheme.
+    reference = parse_reference(text)
+    assert reference.scheme == scheme
+    assert str(reference) == text.split("://", 1)[1]
+    assert reference.short == text.split("://", 1)[1]
+    assert reference.name == reference.short
+
+
+def test_messages_keep_the_namespace() -> None:
+    assert parse_reference("library/flux2-klein").name == "library/flux2-klein:latest"
+    assert parse_reference("flux2-klein").short == "flux2-klein:latest"
+
+
+@pytest.mark.parametrize(
     ("text", "reason"),
     [
         ("", "empty"),
@@ -41,13 +58,18 @@ def test_valid_references(text: str, expected: tuple[str, str, str, str]) -> Non
         ("-model", "the model"),
         ("a/b/c/d", "too many"),
         ("host/a/b/c:tag", "too many"),
-        ("model:a:b", "the model 'model:a'"),
+        # Each message names the part that is wrong, and only that part.
+        ("model:a:b", "two tags (':a' and ':b')"),
+        ("x:y:z", "two tags (':y' and ':z')"),
+        ("localhost:5000/demo", "'localhost:5000' is a registry host without a namespace"),
+        ("ftp://host/ns/model", "the scheme 'ftp' is not http or https"),
+        ("http://host/model", "name the registry in full: http://host/namespace/model"),
         ("model:", "tag is empty"),
         (":tag", "model is empty"),
         ("ns/", "model is empty"),
         ("/model", "namespace is empty"),
         ("host//model", "namespace is empty"),
-        ("name.space/model", "the namespace"),
+        ("name.space/model", "'name.space' is a registry host without a namespace"),
         ("ns/mo:del/x", "the namespace 'mo:del'"),
         ("model@sha256:" + "0" * 64, "digest"),
         ("model:t/x", "the namespace 'model:t'"),

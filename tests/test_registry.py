@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
+import httpcore2
 import httpx
+import httpx2
 import pytest
 import respx
 
 from ollama_pull import __version__
-from ollama_pull.auth import BearerChallenge, parse_challenge
+from ollama_pull.auth import MAX_AUTH_TRIES, BearerChallenge, RegistryAuth, _cache_key, parse_challenge
 from ollama_pull.errors import AuthenticationError, ClientTooOld, InvalidManifest, ModelNotFound, RegistryError
 from ollama_pull.manifest import MAX_MANIFEST_BYTES
 
@@ -40,7 +43,7 @@ def test_parse_challenge(header: str, expected: BearerChallenge | None) -> None:
 
 async def test_manifest_request_headers_and_exact_bytes() -> None:
     model = make_model(10)
-    with respx.mock(using="httpx") as router:
+    with respx.mock(using="httpcore2") as router:
         # registry.ollama.ai once served manifests as text/plain: the body counts, not the Content-Type.
         route = router.get(f"{BASE}/manifests/tag").respond(
             200, content=model.manifest.raw, headers={"Content-Type": "text/plain"}
@@ -66,7 +69,7 @@ async def test_manifest_request_headers_and_exact_bytes() -> None:
     ],
 )
 async def test_final_manifest_statuses(status: int, error: type[Exception], message: str) -> None:
-    with respx.mock(using="httpx") as router:
+    with respx.mock(using="httpcore2") as router:
         route = router.get(f"{BASE}/manifests/tag").respond(status)
         registry = registry_for(router)
         async with registry.client:
@@ -82,12 +85,12 @@ async def test_429_and_5xx_are_retried_honouring_retry_after() -> None:
     async def sleep(seconds: float) -> None:
         slept.append(seconds)
 
-    with respx.mock(using="httpx") as router:
+    with respx.mock(using="httpcore2") as router:
         route = router.get(f"{BASE}/manifests/tag").mock(
             side_effect=[
                 httpx.Response(429, headers={"Retry-After": "3"}),
                 httpx.Response(503),
-                httpx.ConnectError("refused"),
+                httpcore2.ConnectError("refused"),
                 httpx.Response(200, content=model.manifest.raw),
             ]
         )
@@ -101,7 +104,7 @@ async def test_429_and_5xx_are_retried_honouring_retry_after() -> None:
 
 
 async def test_retries_are_bounded() -> None:
-    with respx.mock(using="httpx") as router:
+    with respx.mock(using="httpcore2") as router:
         route = router.get(f"{BASE}/manifests/tag").respond(503)
         registry = registry_for(router, attempts=3)
         async with registry.client:
@@ -118,7 +121,7 @@ async def test_retries_are_bounded() -> None:
     ],
 )
 async def test_bad_manifests_are_refused(body: bytes, headers: dict[str, str], reason: str) -> None:
-    with respx.mock(using="httpx") as router:
+    with respx.mock(using="httpcore2") as router:
         router.get(f"{BASE}/manifests/tag").respond(200, content=body, headers=headers)
         registry = registry_for(router)
         async with registry.client:
@@ -128,7 +131,7 @@ async def test_bad_manifests_are_refused(body: bytes, headers: dict[str, str], r
 
 async def test_a_manifest_that_does_not_match_its_announced_digest_is_fetched_again() -> None:
     model = make_model(10)
-    with respx.mock(using="httpx") as router:
+    with respx.mock(using="httpcore2") as router:
         route = router.get(f"{BASE}/manifests/tag").mock(
             side_effect=[
                 httpx.Response(
@@ -148,7 +151,7 @@ async def test_a_manifest_that_does_not_match_its_announced_digest_is_fetched_ag
 
 
 async def test_a_manifest_that_never_matches_its_digest_fails_after_the_retries() -> None:
-    with respx.mock(using="httpx") as router:
+    with respx.mock(using="httpcore2") as router:
         router.get(f"{BASE}/manifests/tag").respond(
             200, content=b"{}", headers={"Docker-Content-Digest": "sha256:" + "0" * 64}
         )
@@ -160,7 +163,7 @@ async def test_a_manifest_that_never_matches_its_digest_fails_after_the_retries(
 
 async def test_token_challenge_is_answered_and_the_token_reused() -> None:
     model = make_model(10)
-    with respx.mock(using="httpx") as router:
+    with respx.mock(using="httpcore2") as router:
         token = router.get("https://auth.test/token").respond(200, json={"access_token": "secret-token"})
 
         sent: list[str | None] = []
@@ -189,7 +192,7 @@ async def test_token_challenge_is_answered_and_the_token_reused() -> None:
 
 async def test_an_expired_token_is_refreshed_once_for_all_concurrent_requests() -> None:
     issued = iter(["first", "second", "third"])
-    with respx.mock(using="httpx") as router:
+    with respx.mock(using="httpcore2") as router:
         token = router.get("https://auth.test/token").mock(
             side_effect=lambda _r: httpx.Response(200, json={"token": next(issued)})
         )
@@ -216,8 +219,67 @@ async def test_an_expired_token_is_refreshed_once_for_all_concurrent_requests() 
     assert token.call_count == 2
 
 
+async def test_a_token_used_up_before_a_waiting_request_sends_it_is_refreshed_again() -> None:
+    # Tokens good for three uses, twenty downloads at once: most wait for a refresh whose token their siblings use
+    # up before they send it, which is no reason to give up.
+    uses: dict[str, int] = {}
+    with respx.mock(using="httpcore2") as router:
+
+        def grant(_request: httpx.Request) -> httpx.Response:
+            name = f"token-{len(uses)}"
+            uses[name] = 3
+            return httpx.Response(200, json={"token": name})
+
+        token = router.get("https://auth.test/token").mock(side_effect=grant)
+
+        def blob(request: httpx.Request) -> httpx.Response:
+            name = request.headers.get("Authorization", "").removeprefix("Bearer ")
+            if uses.get(name, 0) <= 0:
+                return unauthorized()
+            uses[name] -= 1
+            return httpx.Response(200, content=b"ok")
+
+        router.get(url__startswith=f"{BASE}/blobs/").mock(side_effect=blob)
+        registry = registry_for(router)
+
+        async def fetch(n: int) -> int:
+            async with registry.stream_blob(REF, f"sha256:{n:064x}") as response:
+                return response.status_code
+
+        async with registry.client:
+            statuses = await asyncio.gather(*(fetch(n) for n in range(20)))
+    assert statuses == [200] * 20
+    # Every token used up before the next was asked for: the refreshes were merged.
+    assert token.call_count == 7
+    assert all(left == 0 for left in list(uses.values())[:-1])
+
+
+async def test_a_request_is_sent_at_most_ten_times_the_last_with_a_token_of_its_own() -> None:
+    with respx.mock(using="httpcore2") as router:
+        token = router.get("https://auth.test/token").respond(200, json={"token": "own"})
+        registry = registry_for(router)
+        auth = registry.client.auth
+        assert isinstance(auth, RegistryAuth)
+        sent: list[str] = []
+
+        def blob(request: httpx.Request) -> httpx.Response:
+            sent.append(request.headers.get("Authorization", ""))
+            # Whatever we send is refused, and each time a sibling download has just refreshed the token (played
+            # here by writing the auth's cache, which only the flow itself does otherwise).
+            auth._headers[_cache_key(request.url)] = f"Bearer sibling-{len(sent)}"
+            return unauthorized()
+
+        router.get(url__startswith=f"{BASE}/blobs/").mock(side_effect=blob)
+        async with registry.client, registry.stream_blob(REF, "sha256:" + "0" * 64) as response:
+            assert response.status_code == 401
+    assert len(sent) == MAX_AUTH_TRIES
+    assert sent[1:-1] == [f"Bearer sibling-{n}" for n in range(1, MAX_AUTH_TRIES - 1)]
+    assert sent[-1] == "Bearer own"
+    assert token.call_count == 1
+
+
 async def test_a_token_that_is_refused_again_is_an_auth_error() -> None:
-    with respx.mock(using="httpx") as router:
+    with respx.mock(using="httpcore2") as router:
         router.get("https://auth.test/token").respond(200, json={"token": "never-good"})
         router.get(f"{BASE}/manifests/tag").mock(return_value=unauthorized())
         registry = registry_for(router)
@@ -231,13 +293,14 @@ async def test_a_token_that_is_refused_again_is_an_auth_error() -> None:
     ("answer", "error", "message"),
     [
         (httpx.Response(403), AuthenticationError, "token service at auth.test refused access"),
-        (httpx.Response(500), RegistryError, "answered HTTP 500"),
+        (httpx.Response(500), RegistryError, "the token service at auth.test answered HTTP 500 \\(tried 6 times\\)"),
+        (httpx.Response(404), RegistryError, "the token service at auth.test answered HTTP 404$"),
         (httpx.Response(200, content=b"<html>"), RegistryError, "not JSON"),
         (httpx.Response(200, json={"nothing": 1}), RegistryError, "without a token"),
     ],
 )
 async def test_token_service_failures(answer: httpx.Response, error: type[Exception], message: str) -> None:
-    with respx.mock(using="httpx") as router:
+    with respx.mock(using="httpcore2") as router:
         router.get("https://auth.test/token").mock(return_value=answer)
         router.get(f"{BASE}/manifests/tag").mock(return_value=unauthorized())
         registry = registry_for(router)
@@ -248,7 +311,7 @@ async def test_token_service_failures(answer: httpx.Response, error: type[Except
 
 async def test_blob_redirect_to_another_host_drops_the_registry_token() -> None:
     digest = "sha256:" + "0" * 64
-    with respx.mock(using="httpx") as router:
+    with respx.mock(using="httpcore2") as router:
         router.get("https://auth.test/token").respond(200, json={"token": "registry-token"})
 
         def blob(request: httpx.Request) -> httpx.Response:
@@ -267,25 +330,124 @@ async def test_blob_redirect_to_another_host_drops_the_registry_token() -> None:
     assert request.headers["Accept-Encoding"] == "identity"
 
 
+async def test_a_token_service_down_for_a_moment_is_retried_like_the_manifest() -> None:
+    model = make_model(10)
+    with respx.mock(using="httpcore2") as router:
+        token = router.get("https://auth.test/token").mock(
+            side_effect=[
+                httpx.Response(503),
+                httpcore2.ConnectError("refused"),
+                httpx.Response(200, json={"token": "t"}),
+            ]
+        )
+        router.get(f"{BASE}/manifests/tag").mock(
+            side_effect=lambda r: (
+                httpx.Response(200, content=model.manifest.raw)
+                if r.headers.get("Authorization") == "Bearer t"
+                else unauthorized()
+            )
+        )
+        registry = registry_for(router)
+        async with registry.client:
+            assert (await registry.fetch_manifest(REF)).raw == model.manifest.raw
+    assert token.call_count == 3
+    # The client's timeouts, not none at all: a token request is bounded like any other.
+    assert token.calls.last.request.extensions["timeout"] == httpx.Timeout(30.0, read=60.0, pool=None).as_dict()
+
+
+@pytest.mark.parametrize("stalls", [1, 10])
+async def test_a_token_service_that_stalls_is_cut_off_and_named(stalls: int) -> None:
+    model = make_model(10)
+    left = {"stalls": stalls, "asked": 0}
+    with respx.mock(using="httpcore2", assert_all_called=False) as router:
+
+        async def token(_request: httpx.Request) -> httpx.Response:
+            # Counted here: respx records a call only once it is answered.
+            left["asked"] += 1
+            if left["stalls"]:
+                left["stalls"] -= 1
+                await asyncio.Event().wait()
+            return httpx.Response(200, json={"token": "t"})
+
+        router.get("https://auth.test/token").mock(side_effect=token)
+        router.get(f"{BASE}/manifests/tag").mock(
+            side_effect=lambda r: (
+                httpx.Response(200, content=model.manifest.raw)
+                if r.headers.get("Authorization") == "Bearer t"
+                else unauthorized()
+            )
+        )
+        # Six tries allowed, as by default: a service that stays silent is given up on after three stalls.
+        registry = registry_for(router, attempts=6, stall_timeout=0.05)
+        async with registry.client:
+            if stalls == 1:
+                assert (await registry.fetch_manifest(REF)).raw == model.manifest.raw
+                assert left["asked"] == 2
+                return
+            with pytest.raises(RegistryError) as caught:
+                await registry.fetch_manifest(REF)
+    assert str(caught.value) == (
+        f"cannot fetch the manifest of {REF.short} from {REF.host}: "
+        "stalled: no data for 0.1s from the token service at auth.test (tried 3 times)"
+    )
+    assert left["asked"] == 3
+
+
+async def test_a_manifest_body_that_stalls_is_cut_off() -> None:
+    model = make_model(10)
+
+    class Trickle(httpx.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            yield model.manifest.raw[:10]
+            await asyncio.Event().wait()
+
+    with respx.mock(using="httpcore2") as router:
+        route = router.get(f"{BASE}/manifests/tag").mock(
+            side_effect=[httpx.Response(200, stream=Trickle()), httpx.Response(200, content=model.manifest.raw)]
+        )
+        registry = registry_for(router, stall_timeout=0.05)
+        async with registry.client:
+            assert (await registry.fetch_manifest(REF)).raw == model.manifest.raw
+    assert route.call_count == 2
+
+
+async def test_a_mirror_that_stalls_is_left_for_the_origin() -> None:
+    model = make_model(10)
+
+    async def hang(_request: httpx.Request) -> httpx.Response:
+        await asyncio.Event().wait()
+        raise AssertionError("never answered")
+
+    with respx.mock(using="httpcore2", assert_all_called=False) as router:
+        router.get("https://mirror.test/v2/ns/model/manifests/tag").mock(side_effect=hang)
+        origin = router.get(f"{BASE}/manifests/tag").respond(200, content=model.manifest.raw)
+        registry = registry_for(router, stall_timeout=0.05)
+        registry.mirror = "https://mirror.test"
+        async with registry.client:
+            assert (await registry.fetch_manifest(REF)).raw == model.manifest.raw
+    assert origin.call_count == 1
+    assert registry.mirror_failure == "stalled: no data for 0.1s"
+
+
 class CountingSends:
     """Counts the requests that go through the client's own policy (``AsyncClient.send``)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.urls: list[str] = []
-        original = httpx.AsyncClient.send
+        original = httpx2.AsyncClient.send
 
-        async def send(client: httpx.AsyncClient, request: httpx.Request, **options: object) -> httpx.Response:
+        async def send(client: httpx2.AsyncClient, request: httpx2.Request, **options: object) -> httpx2.Response:
             self.urls.append(str(request.url))
             return await original(client, request, **options)  # type: ignore[arg-type]
 
-        monkeypatch.setattr(httpx.AsyncClient, "send", send)
+        monkeypatch.setattr(httpx2.AsyncClient, "send", send)
 
 
 async def test_blob_gets_skip_the_client_policy_and_reuse_the_cached_token(monkeypatch: pytest.MonkeyPatch) -> None:
     model = make_model(10)
     digest = model.layers[0].digest
     sends = CountingSends(monkeypatch)
-    with respx.mock(using="httpx") as router:
+    with respx.mock(using="httpcore2") as router:
         router.get("https://auth.test/token").respond(200, json={"token": "registry-token"})
 
         def manifest(request: httpx.Request) -> httpx.Response:
@@ -311,7 +473,7 @@ async def test_blob_gets_skip_the_client_policy_and_reuse_the_cached_token(monke
 
 async def test_blob_gets_follow_redirects_and_keep_the_token_on_the_registry_host_only() -> None:
     digest = "sha256:" + "0" * 64
-    with respx.mock(using="httpx") as router:
+    with respx.mock(using="httpcore2") as router:
         router.get("https://auth.test/token").respond(200, json={"token": "registry-token"})
         router.get(f"{BASE}/manifests/tag").mock(side_effect=[unauthorized(), httpx.Response(200, json={})])
         router.get(f"{BASE}/blobs/{digest}").respond(307, headers={"Location": "/v2/ns/model/moved"})
@@ -332,28 +494,35 @@ async def test_blob_gets_follow_redirects_and_keep_the_token_on_the_registry_hos
 @pytest.mark.parametrize(
     ("location", "error"),
     [
-        ("https://registry.test/v2/ns/model/blobs/sha256:" + "0" * 64, httpx.TooManyRedirects),
-        ("ftp://cdn.test/blob", httpx.UnsupportedProtocol),
+        ("https://registry.test/v2/ns/model/blobs/sha256:" + "0" * 64, httpx2.TooManyRedirects),
+        ("ftp://cdn.test/blob", httpx2.UnsupportedProtocol),
     ],
 )
 async def test_blob_gets_refuse_endless_and_non_http_redirects(location: str, error: type[Exception]) -> None:
     digest = "sha256:" + "0" * 64
-    with respx.mock(using="httpx") as router:
+    with respx.mock(using="httpcore2") as router:
         route = router.get(f"{BASE}/blobs/{digest}").respond(302, headers={"Location": location})
         registry = registry_for(router)
+        auth = registry.client.auth
+        assert isinstance(auth, RegistryAuth)
+        # A token the auth flow got earlier (written here as only the flow writes it otherwise): blob GETs go direct.
+        auth._headers[_cache_key(httpx2.URL(f"{BASE}/blobs/{digest}"))] = "Bearer cached"
         async with registry.client:
             with pytest.raises(error):
                 async with registry.stream_blob(REF, digest):
                     pass
-    assert route.call_count == (registry.client.max_redirects + 1 if error is httpx.TooManyRedirects else 1)
+    assert route.call_count == (registry.client.max_redirects + 1 if error is httpx2.TooManyRedirects else 1)
 
 
 async def test_a_client_holding_cookies_sends_blob_gets_itself(monkeypatch: pytest.MonkeyPatch) -> None:
     digest = "sha256:" + "0" * 64
     sends = CountingSends(monkeypatch)
-    with respx.mock(using="httpx") as router:
+    with respx.mock(using="httpcore2") as router:
         blob = router.get(f"{BASE}/blobs/{digest}").respond(200, content=b"bytes")
         registry = registry_for(router)
+        auth = registry.client.auth
+        assert isinstance(auth, RegistryAuth)
+        auth._headers[_cache_key(httpx2.URL(f"{BASE}/blobs/{digest}"))] = "Bearer cached"
         registry.client.cookies.set("session", "abc", domain="registry.test")
         async with registry.client, registry.stream_blob(REF, digest) as response:
             assert await response.aread() == b"bytes"

@@ -15,7 +15,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from ollama_pull.auth import RegistryAuth
 from ollama_pull.errors import AuthenticationError
-from ollama_pull.registry import RegistryClient, make_client
+from ollama_pull.network import make_client
+from ollama_pull.registry import RegistryClient
 from ollama_pull.retry import Backoff
 from ollama_pull.signing import OllamaKey, signed_token_url
 
@@ -82,7 +83,7 @@ def test_a_key_that_is_not_an_ed25519_openssh_key_is_a_clear_error(tmp_path: Pat
 
 
 def registry_with_key(router: respx.MockRouter, key_path: Path) -> RegistryClient:
-    client = make_client(transport=httpx.MockTransport(router.async_handler))
+    client = make_client()
     client.auth = RegistryAuth(lambda _host: None, key_path=key_path)
     return RegistryClient(client, attempts=1, backoff=Backoff(0, 0), sleep=no_sleep)
 
@@ -101,7 +102,7 @@ def challenged_manifest(router: respx.MockRouter, realm: str, raw: bytes) -> Non
 async def test_a_challenge_from_the_registrys_own_host_is_signed(tmp_path: Path) -> None:
     path, public = write_key(tmp_path)
     model = make_model(10)
-    with respx.mock(using="httpx") as router:
+    with respx.mock(using="httpcore2") as router:
         challenged_manifest(router, "https://registry.test/token", model.manifest.raw)
 
         def token(request: httpx.Request) -> httpx.Response:
@@ -123,7 +124,7 @@ async def test_a_challenge_from_the_registrys_own_host_is_signed(tmp_path: Path)
 async def test_a_realm_on_another_host_never_gets_the_signature(tmp_path: Path) -> None:
     path, _ = write_key(tmp_path)
     model = make_model(10)
-    with respx.mock(using="httpx") as router:
+    with respx.mock(using="httpcore2") as router:
         challenged_manifest(router, "https://elsewhere.test/token", model.manifest.raw)
         route = router.get("https://elsewhere.test/token").respond(200, json={"token": "signed-token"})
         registry = registry_with_key(router, path)
@@ -136,7 +137,7 @@ async def test_a_realm_on_another_host_never_gets_the_signature(tmp_path: Path) 
 
 async def test_without_a_key_the_token_request_is_anonymous(tmp_path: Path) -> None:
     model = make_model(10)
-    with respx.mock(using="httpx") as router:
+    with respx.mock(using="httpcore2") as router:
         challenged_manifest(router, "https://registry.test/token", model.manifest.raw)
         route = router.get("https://registry.test/token").respond(200, json={"token": "signed-token"})
         registry = registry_with_key(router, tmp_path / "no-key")

@@ -30,7 +30,7 @@ from types import TracebackType
 from typing import IO, Any
 from urllib.parse import urljoin
 
-import httpx
+import httpx2
 
 from ollama_pull.fault_registry import build_manifest
 
@@ -250,7 +250,7 @@ class DistributionRegistry:
     def _wait_until_ready(self) -> None:
         assert self._process is not None
         deadline = time.monotonic() + START_DEADLINE
-        with httpx.Client(trust_env=False, timeout=1.0) as client:
+        with httpx2.Client(trust_env=False, timeout=1.0) as client:
             while time.monotonic() < deadline:
                 if self._process.poll() is not None:
                     raise RegistryStartError(
@@ -259,7 +259,7 @@ class DistributionRegistry:
                 try:
                     if client.get(f"{self.url}/v2/").status_code in (200, 401):
                         return
-                except httpx.TransportError:
+                except httpx2.TransportError:
                     pass
                 time.sleep(0.05)
         raise RegistryStartError(
@@ -317,7 +317,7 @@ def push_model(
     """
     blobs = {sha256_digest(config): config} | {sha256_digest(layer.data): layer.data for layer in layers}
     manifest = manifest_bytes(config, layers)
-    with httpx.Client(base_url=base_url, auth=auth, trust_env=False, timeout=30.0) as client:
+    with httpx2.Client(base_url=base_url, auth=auth, trust_env=False, timeout=30.0) as client:
         for digest, data in blobs.items():
             started = client.post(f"/v2/{name}/blobs/uploads/")
             if started.status_code != 202:

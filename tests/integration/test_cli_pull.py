@@ -21,6 +21,7 @@ from .conftest import (
     start_cli,
     wait_for,
 )
+from .test_hostile_servers import report
 
 pytestmark = pytest.mark.integration
 
@@ -121,6 +122,8 @@ def test_a_rerun_skips_what_is_present(registry: FaultRegistry, models: Path) ->
     assert run.events[0]["present_blobs"] == 7
     assert run.events[-1]["downloaded_blobs"] == 0
     assert_store_holds(models, registry, model)
+    plain = run_cli(models, "--insecure", reference(registry, model))
+    assert plain.stderr.splitlines()[-1] == f"{reference(registry, model)} is already up to date: 380.0 KiB, 7 blobs"
 
 
 def test_token_auth_with_expiring_tokens_never_shows_a_token(models: Path) -> None:
@@ -215,19 +218,22 @@ def test_a_manifest_digest_cannot_escape_the_store(registry: FaultRegistry, mode
     assert not (models.parent / "etc").exists()
 
 
-def test_ctrl_c_stops_at_once_with_130_and_the_rerun_completes(registry: FaultRegistry, models: Path) -> None:
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_stops_at_once_and_the_rerun_completes(
+    registry: FaultRegistry, models: Path, signum: signal.Signals, code: int
+) -> None:
     model = tensor_model(registry, blobs=4, size=512 * 1024)
     registry.inject("blobs", Fault("slow", rate=64 * 1024, times=4))
     process = start_cli(models, "--insecure", reference(registry, model), capture=True)
     try:
         wait_for(lambda: any(p.stat().st_size > 0 for p in partial_files(models)), process=process)
         started = time.monotonic()
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         _, stderr = process.communicate(timeout=10)
         stopped = time.monotonic() - started
     finally:
         process.kill()
-    assert process.returncode == 130
+    assert process.returncode == code
     assert stopped < 1.0
     assert "Traceback" not in stderr
     assert "interrupted" in stderr
@@ -264,6 +270,30 @@ def test_a_large_blob_resumes_across_runs(registry: FaultRegistry, models: Path)
     [resumed] = registry.blob_requests(big)
     assert resumed.range == f"bytes={kept}-"
     assert resumed.bytes_sent == len(model.blobs[big]) - kept
+
+
+@pytest.mark.parametrize("kind", ["truncate", "stall_during"])
+def test_an_attempt_cut_short_continues_where_it_stopped(
+    request: pytest.FixtureRequest, registry: FaultRegistry, models: Path, kind: str
+) -> None:
+    # 3 MiB, far below the 64 MiB that partial files need to be kept across runs: within a run every blob resumes.
+    size = 3 * 1024 * 1024
+    model = registry.add_model("library/demo", layers=[("application/vnd.ollama.image.tensor", os.urandom(size), None)])
+    blob = model.layer_digests[0]
+    registry.inject(blob, Fault(kind, at=0.5))
+    run = run_cli(models, *FAST, "--json", reference(registry, model))
+    assert run.returncode == 0, run.stderr
+    assert_store_holds(models, registry, model)
+    first, second = registry.blob_requests(blob)
+    assert (first.range, first.fault, first.bytes_sent) == (None, kind, size // 2)
+    # One ranged request for exactly the bytes the first one did not deliver: nothing crossed the network twice.
+    assert (second.range, second.status, second.bytes_sent) == (f"bytes={size // 2}-", 206, size - size // 2)
+    refetched = first.bytes_sent + second.bytes_sent - size
+    assert refetched == 0
+    [retry] = [event for event in run.events if event["event"] == "retry"]
+    report(
+        request.config, f"{kind} once on a 3 MiB blob: 2 requests, {refetched} bytes fetched twice ({retry['reason']})"
+    )
 
 
 def test_two_models_in_one_call(registry: FaultRegistry, models: Path) -> None:

@@ -40,12 +40,17 @@ def test_prune_alone_and_with_nothing_to_do(registry: FaultRegistry, models: Pat
     assert run_cli(models, "--insecure", "-q", reference(registry, model)).returncode == 0
     stray = models / "blobs" / ("sha256-" + "e" * 64)
     stray.write_bytes(b"left over from a deleted model")
-    first = run_cli(models, "--prune")
+    first = run_cli(models, "prune")
     assert first.returncode == 0, first.stderr
-    assert "pruned 1 unreferenced blobs, 30 B freed" in first.stderr
+    assert first.stdout == "pruned 1 blob no model uses, 30 B freed\n"
     assert not stray.exists()
+    # The 0.1 spelling still works for a release, with one line that says what replaces it.
     again = run_cli(models, "--prune")
-    assert "pruned 0 unreferenced blobs" in again.stderr
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == "pruned 0 blobs no model uses, 0 B freed\n"
+    assert again.stderr == (
+        "warning: --prune without models is deprecated and goes away in the next release: use ollama-pull prune\n"
+    )
     assert_store_holds(models, registry, model)
 
 
@@ -78,7 +83,7 @@ def test_list_shows_models_sizes_and_missing_blobs(registry: FaultRegistry, mode
         f"{registry.host}/library/one:latest",
         f"{registry.host}/team/two:v2",
     ]
-    assert lines[1].endswith("1 blobs missing")
+    assert lines[1].endswith("1 blob missing")
     assert "\x1b" not in plain.stdout
 
     records = [json.loads(line) for line in run_cli(models, "--list", "--json").stdout.splitlines()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ollama_pull.fault_registry import Fault, FaultRegistry
+from ollama_pull.fault_registry import TENSOR_MEDIA_TYPE, Fault, FaultRegistry
 
 from .conftest import cli_command, cli_env, reference
 
@@ -32,13 +33,16 @@ class Terminal:
         done = subprocess.run(["tmux", "-L", self.socket, *args], capture_output=True, text=True, timeout=10)
         return done.stdout
 
-    def run(self, command: list[str], env: dict[str, str]) -> None:
+    def run(self, command: list[str], env: dict[str, str], *, width: int = 120, height: int = 40) -> None:
         exports = " ".join(f"{key}={shlex.quote(value)}" for key, value in env.items())
         shell = f"env -i {exports} {shlex.join(command)}; echo EXIT=$?; sleep 600"
-        self.tmux("new-session", "-d", "-x", "120", "-y", "40", "-s", "pull", shell)
+        self.tmux("new-session", "-d", "-x", str(width), "-y", str(height), "-s", "pull", shell)
 
-    def screen(self, *, escapes: bool = False) -> str:
-        return self.tmux("capture-pane", "-p", *(["-e"] if escapes else []), "-t", "pull")
+    def screen(self, *, escapes: bool = False, joined: bool = False) -> str:
+        """The visible screen; ``joined`` glues each wrapped line back together, so a row that wrapped shows as one
+        line longer than the terminal is wide."""
+        options = [*(["-e"] if escapes else []), *(["-J"] if joined else [])]
+        return self.tmux("capture-pane", "-p", *options, "-t", "pull")
 
     def wait_for(self, condition: Callable[[str], bool], timeout: float = 30.0) -> str:
         deadline = time.monotonic() + timeout
@@ -90,7 +94,7 @@ def test_bars_mid_pull_and_the_summary_at_the_end(registry: FaultRegistry, model
     end = terminal.wait_for(lambda screen: "EXIT=" in screen)
     assert "EXIT=0" in end
     assert f"pulled {registry.host}/library/demo:latest" in end
-    assert "13 blobs downloaded, 0 already present" in end
+    assert "13 blobs new, 0 present" in end
     assert "text_encoder/layer-" not in end  # finished blob bars are gone
     assert "Traceback" not in end
 
@@ -118,3 +122,28 @@ def test_errors_are_red_one_liners_and_no_color_is_honoured(
         assert "\x1b[38;" not in error_line
     finally:
         plain.close()
+
+
+@pytest.mark.parametrize(("width", "height"), [(80, 24), (60, 24)])
+def test_no_row_wraps_or_overflows_at_80_or_60_columns(
+    registry: FaultRegistry, models: Path, terminal: Terminal, width: int, height: int
+) -> None:
+    long = "text_encoder/model.layers.{:02d}.self_attn.q_proj.weight-of-a-rather-long-checkpoint.safetensors"
+    layers = [(TENSOR_MEDIA_TYPE, os.urandom(200 * 1024), long.format(n)) for n in range(12)]
+    model = registry.add_model("some-team/a-model-with-a-long-name", "q4_K_M-2026-12", layers=layers)
+    registry.inject("blobs", Fault("slow", rate=128 * 1024, times=12))
+    terminal.run(cli_command("--insecure", "-j", "12", reference(registry, model)), terminal_env(models), width=width)
+    terminal.tmux("resize-window", "-t", "pull", "-x", str(width), "-y", str(height))
+
+    def rows_fit(screen: str) -> bool:
+        return all(len(line) <= width for line in screen.splitlines())
+
+    mid = terminal.wait_for(lambda screen: "━" in screen and "  text_enc" in screen)
+    assert rows_fit(terminal.screen(joined=True)), terminal.screen(joined=True)
+    assert "…" in mid  # the long labels are cut, not wrapped
+    assert "MiB" in mid or "KiB" in mid
+    end = terminal.wait_for(lambda screen: "EXIT=" in screen)
+    assert "EXIT=0" in end
+    assert rows_fit(terminal.screen(joined=True)), terminal.screen(joined=True)
+    assert "pulled " in end
+    assert "13 blobs new, 0 present" in end

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import platform
 import ssl
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx2
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -16,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from ollama_pull.fault_registry import FaultRegistry
+from ollama_pull.network import make_client
 
 from .conftest import Run, assert_store_holds, cli_command, cli_env, reference
 
@@ -121,3 +124,22 @@ def test_ssl_cert_file_trusts_the_ca(https_registry: tuple[FaultRegistry, Path],
     run = pull(models, reference(registry, model), SSL_CERT_FILE=str(ca_path))
     assert run.returncode == 0, run.stderr
     assert_store_holds(models, registry, model)
+
+
+@pytest.mark.anyio
+@pytest.mark.skipif(platform.system() != "Linux", reason="macOS and Windows trust their stores through truststore")
+async def test_a_ca_in_the_systems_store_is_trusted_without_flags(
+    https_registry: tuple[FaultRegistry, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Installing a CA into this machine's store is not a test's to do; OpenSSL's default paths, where
+    # update-ca-certificates writes, are what Python reports, so the test makes them point at its CA.
+    registry, ca_path = https_registry
+    async with make_client() as client:
+        with pytest.raises(httpx2.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            await client.get(f"{registry.url}/v2/")
+    paths = ssl.get_default_verify_paths()
+    system_store = paths._replace(openssl_cafile=str(ca_path), openssl_capath=str(tmp_path / "no-such-directory"))
+    monkeypatch.setattr(ssl, "get_default_verify_paths", lambda: system_store)
+    async with make_client() as client:
+        response = await client.get(f"{registry.url}/v2/")
+    assert response.status_code in (200, 401)
