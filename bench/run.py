@@ -738,6 +738,8 @@ class Bench:
 
     def fresh_dir(self, label: str) -> Path:
         self.counter += 1
+        # ollama-pull refuses a --models-dir whose parent is missing (a mistyped path): the parent is made here.
+        (self.scratch / "out").mkdir(exist_ok=True)
         return self.scratch / "out" / f"{self.counter:04d}-{label}"
 
     def workload(self, name: str, model: Model, tools: list[Tool], *, limited: bool = False) -> WorkloadResult:
