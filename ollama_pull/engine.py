@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx2
 
@@ -29,11 +29,10 @@ from .ratelimit import RateLimiter
 from .reference import ModelReference
 from .registry import RegistryClient
 from .retry import Backoff, describe_transport_error, retry_after
-from .store import BlobFile, Store
+from .store import BlobFile, Store, opened_in_thread
 from .units import format_rate
 
 Clock = Callable[[], float]
-F = TypeVar("F")
 Sleep = Callable[[float], Awaitable[None]]
 
 KIB = 1024
@@ -268,7 +267,7 @@ class Downloader:
         continues with Range; the partial file outlives the run only for a blob large enough to be worth it."""
         layer = state.layer
         resumable = layer.size >= self.settings.resume_min_size
-        blob = await _open_file(
+        blob = await opened_in_thread(
             lambda: self.store.open_blob(layer, resume=resumable), lambda opened: opened.close(keep=resumable)
         )
         self._announce(state, model, blob.offset)
@@ -299,7 +298,7 @@ class Downloader:
         """The blob in chunks over several streams, hashed front to back as the chunks land."""
         layer = state.layer
         started = self._clock()
-        blob = await _open_file(
+        blob = await opened_in_thread(
             lambda: PartedBlob(self.store, layer, chunk_size=self.settings.chunk_size),
             lambda opened: opened.close(keep=opened.received > 0),
         )
@@ -595,19 +594,6 @@ def _accept(response: httpx2.Response, digest: str, start: int) -> None:
         first = response.headers.get("Content-Range", "").removeprefix("bytes ").split("-", 1)[0]
         if first != str(start):
             raise _AttemptFailed(f"the server resumed at the wrong offset ({first or '?'}, not {start})", restart=True)
-
-
-async def _open_file(open_file: Callable[[], F], close: Callable[[F], None]) -> F:
-    """Open a partial file in a worker thread. Cancelled meanwhile, the thread opens (and may create) the file all
-    the same: wait for it and close it as a failed attempt would, so that no partial file is left behind."""
-    opening = asyncio.ensure_future(asyncio.to_thread(open_file))
-    try:
-        return await asyncio.shield(opening)
-    except asyncio.CancelledError:
-        await asyncio.wait({opening})
-        if not opening.cancelled() and opening.exception() is None:
-            close(opening.result())
-        raise
 
 
 def _first_error(failures: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -22,12 +22,14 @@ import shutil
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 from .errors import InvalidReference, NotInStore, StorageError
 from .manifest import DIGEST_PATTERN, Layer, Manifest, parse_manifest
 from .reference import ModelReference, parse_reference
 from .units import format_size
+
+F = TypeVar("F")
 
 PARTIAL_SUFFIX = "-partial"
 LOCKS_DIR = Path(".ollama-pull") / "locks"
@@ -328,7 +330,7 @@ async def _flock(
         # Creating the file and taking the lock were a sixth of the event loop's time on 4,096 small blobs (the
         # filesystem's inode and journal work, and the GIL to win back after each call): a worker thread does
         # both, beside the downloads.
-        fd, locked = await _open_and_lock(path, operation)
+        fd, locked = await opened_in_thread(lambda: _open_lock(path, operation), lambda got: os.close(got[0]))
     try:
         while not locked:
             if on_wait is not None:
@@ -341,19 +343,17 @@ async def _flock(
         os.close(fd)
 
 
-async def _open_and_lock(path: Path, operation: int) -> tuple[int, bool]:
-    opening = asyncio.get_running_loop().run_in_executor(None, _open_lock, path, operation)
+async def opened_in_thread(open_file: Callable[[], F], undo: Callable[[F], None]) -> F:
+    """Open (or create) a file in a worker thread. Cancelled meanwhile, the thread opens it all the same: wait for
+    it and ``undo`` what it did, so that a cancelled pull leaves neither a descriptor nor a file behind."""
+    opening = asyncio.ensure_future(asyncio.to_thread(open_file))
     try:
         return await asyncio.shield(opening)
     except asyncio.CancelledError:
-        # The thread opens the file anyway: close it then, so that a cancelled pull leaks no descriptor.
-        opening.add_done_callback(_close_opened)
+        await asyncio.wait({opening})
+        if not opening.cancelled() and opening.exception() is None:
+            undo(opening.result())
         raise
-
-
-def _close_opened(opening: asyncio.Future[tuple[int, bool]]) -> None:
-    if not opening.cancelled() and opening.exception() is None:
-        os.close(opening.result()[0])
 
 
 def _open_lock(path: Path, operation: int) -> tuple[int, bool]:
