@@ -32,15 +32,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# Run as a script (python bench/run.py), so its own directory is on sys.path and its modules import by name.
+from common import GIB, KIB, MIB, BenchError, StoreMismatch, log
+
 REPO = Path(__file__).resolve().parent.parent
 BENCH_DIR = REPO / "bench"
 VENV_BIN = REPO / ".venv" / "bin"
 OLLAMA_PULL = VENV_BIN / "ollama-pull"
 VENV_PYTHON = VENV_BIN / "python"
 
-KIB = 1024
-MIB = 1024 * KIB
-GIB = 1024 * MIB
 HOST = "127.0.0.1"
 NAMESPACE = "bench"
 TAG = "latest"
@@ -120,19 +120,6 @@ QUICK = Profile(
     short_runs=3,
     resume_runs=1,
 )
-
-
-class BenchError(Exception):
-    """The benchmark itself cannot go on (a tool is missing, nginx does not start)."""
-
-
-class StoreMismatch(BenchError):
-    """ollama-pull said it succeeded but its store is not byte for byte what the registry serves."""
-
-
-def log(message: str) -> None:
-    # Progress goes to stderr so that stdout carries only the results.
-    print(message, file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------- tools on the host
