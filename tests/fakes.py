@@ -13,13 +13,14 @@ import respx
 
 from ollama_pull.engine import Downloader, DownloadSettings
 from ollama_pull.events import BlobRetry, Event
-from ollama_pull.fault_registry import build_manifest
 from ollama_pull.manifest import TENSOR_MEDIA_TYPE, Layer, Manifest, parse_manifest
 from ollama_pull.network import make_client
 from ollama_pull.reference import parse_reference
 from ollama_pull.registry import RegistryClient
 from ollama_pull.retry import Backoff
 from ollama_pull.store import Store
+
+from .fault_registry import build_manifest
 
 REF = parse_reference("registry.test/ns/model:tag")
 BASE = "https://registry.test/v2/ns/model"

@@ -25,12 +25,12 @@ from ollama_pull.events import (
     ImportFinished,
     ImportPlanned,
 )
-from ollama_pull.fault_registry import build_manifest
 from ollama_pull.manifest import MAX_MANIFEST_BYTES
 from ollama_pull.reference import parse_reference
 from ollama_pull.store import Store
 
 from .fakes import Model, make_model
+from .fault_registry import build_manifest
 
 pytestmark = pytest.mark.anyio
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import gzip
 import hashlib
 import http.client
@@ -18,11 +20,16 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import closing
+from pathlib import Path
 
 import pytest
 
-from ollama_pull import fault_registry
-from ollama_pull.fault_registry import FAULT_KINDS, Fault, FaultRegistry, ModelFixture
+from ollama_pull import pull
+from ollama_pull.events import BlobRetry, Event
+
+from . import fault_registry
+from .fakes import FAST
+from .fault_registry import FAULT_KINDS, Fault, FaultRegistry, ModelFixture
 
 MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
 BLOB = bytes(range(256)) * 64  # 16 KiB, every byte position distinguishable enough to spot a flip
@@ -545,15 +552,27 @@ def test_stop_ends_a_long_stall_at_once(model: ModelFixture, registry: FaultRegi
         assert read_until_closed(sock) == b""
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
-def test_entry_point_serves_until_interrupted(stop_signal: signal.Signals) -> None:
-    command = [sys.executable, "-m", "ollama_pull.fault_registry", "--port", "0", "--blobs", "2", "--blob-size", "4096"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextlib.contextmanager
+def entry_point(*options: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """``python -m tests.fault_registry`` run from the repository's root, as the README runs it, and its first line."""
+    command = [sys.executable, "-m", "tests.fault_registry", "--port", "0", *options]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None
         ready, _, _ = select.select([process.stdout], [], [], 15)
         assert ready, "no output from the entry point"
-        line = process.stdout.readline()
+        yield process, process.stdout.readline()
+    finally:
+        process.kill()
+        process.communicate()
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_entry_point_serves_until_interrupted(stop_signal: signal.Signals) -> None:
+    with entry_point("--blobs", "2", "--blob-size", "4096") as (process, line):
         match = re.fullmatch(
             r"serving library/demo:latest at http://(127\.0\.0\.1:\d+)"
             r"  -> try: ollama-pull --insecure \1/library/demo\n",
@@ -565,7 +584,66 @@ def test_entry_point_serves_until_interrupted(stop_signal: signal.Signals) -> No
         assert len(manifest["layers"]) == 2
         process.send_signal(stop_signal)
         _, stderr = process.communicate(timeout=10)
-    finally:
-        process.kill()
     assert process.returncode == 0
     assert stderr == ""
+
+
+# --- faults from the command line ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "target", "fault"),
+    [
+        ("reset", "blobs", Fault("reset")),  # blobs, once: the defaults
+        ("reset:3", "blobs", Fault("reset", times=3)),
+        ("stall_during:2:seconds=5:at=0.25", "blobs", Fault("stall_during", times=2, seconds=5.0, at=0.25)),
+        ("slow:rate=1000", "blobs", Fault("slow", rate=1000)),
+        ("blobs:corrupt:times=2", "blobs", Fault("corrupt", times=2)),  # times by name too
+        ("manifest:status:status=429:retry_after=1", "manifest", Fault("status", status=429, retry_after="1")),
+        ("token:status:status=500", "token", Fault("status", status=500)),
+        ("long_body:extra=10", "blobs", Fault("long_body", extra=10)),
+    ],
+)
+def test_a_fault_spec_names_its_target_kind_times_and_fields(spec: str, target: str, fault: Fault) -> None:
+    assert fault_registry.parse_fault(spec) == (target, fault)
+
+
+def test_a_fault_spec_can_set_every_field_of_a_fault() -> None:
+    assert set(fault_registry._FAULT_FIELDS) == {field.name for field in dataclasses.fields(Fault)} - {"kind"}
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("bogus", "unknown fault kind 'bogus'; expected one of stall_before,"),
+        ("manifest", "'manifest' names no fault kind"),
+        ("reset:0", "times must be at least 1"),
+        ("reset:speed=3", "'speed=3' in 'reset:speed=3': expected FIELD=VALUE with FIELD one of times, at,"),
+        ("reset:at", "'at' in 'reset:at': expected FIELD=VALUE"),
+        ("slow:rate=fast", "'rate=fast' in 'slow:rate=fast': rate must be a whole number"),
+        ("truncate:at=2", "at must be a fraction between 0 and 1"),
+    ],
+)
+def test_a_bad_fault_spec_is_a_usage_error_that_says_what_is_wrong(
+    spec: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        fault_registry.main(["--fault", spec])
+    assert exited.value.code == 2
+    assert f"error: argument --fault: {message}" in capsys.readouterr().err
+
+
+def test_a_fault_from_the_command_line_makes_a_pull_retry(tmp_path: Path) -> None:
+    events: list[Event] = []
+    with entry_point("--blobs", "1", "--blob-size", "65536", "--fault", "reset:at=0.5") as (process, line):
+        match = re.search(r"ollama-pull --insecure (\S+)", line)
+        assert match, line
+        assert process.stdout is not None
+        assert process.stdout.readline() == f"fault on blobs: {Fault('reset', at=0.5)}\n"
+        result = asyncio.run(pull(match[1], insecure=True, models_dir=tmp_path, settings=FAST, on_event=events.append))
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=10)
+    assert process.returncode == 0
+    [retry] = [event for event in events if isinstance(event, BlobRetry)]
+    assert (retry.attempt, retry.reason.startswith("connection reset")) == (1, True), retry
+    assert result.downloaded_blobs == 2  # the layer and the config, one of them at the second try

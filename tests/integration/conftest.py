@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from ollama_pull.fault_registry import Fault, FaultRegistry, ModelFixture
+from tests.fault_registry import Fault, FaultRegistry, ModelFixture
 
 pytestmark = pytest.mark.integration
 

@@ -32,7 +32,7 @@ from urllib.parse import urljoin
 
 import httpx2
 
-from ollama_pull.fault_registry import build_manifest
+from tests.fault_registry import build_manifest
 
 __all__ = [
     "MANIFEST_MEDIA_TYPE",

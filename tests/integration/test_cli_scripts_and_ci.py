@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ollama_pull.cli import app
-from ollama_pull.fault_registry import Fault, FaultRegistry
+from tests.fault_registry import Fault, FaultRegistry
 
 from .conftest import assert_store_holds, reference, run_cli
 

@@ -16,7 +16,7 @@ import pytest
 
 from ollama_pull import pull
 from ollama_pull.errors import RegistryError
-from ollama_pull.fault_registry import TENSOR_MEDIA_TYPE, Fault, FaultRegistry, ModelFixture
+from tests.fault_registry import TENSOR_MEDIA_TYPE, Fault, FaultRegistry, ModelFixture
 
 from .conftest import (
     assert_nothing_unverified,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ollama_pull.fault_registry import Fault, FaultRegistry
+from tests.fault_registry import Fault, FaultRegistry
 
 from .conftest import assert_store_holds, reference, start_cli
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from ollama_pull.fault_registry import Fault, FaultRegistry, ModelFixture
+from tests.fault_registry import Fault, FaultRegistry, ModelFixture
 
 from .conftest import assert_store_holds, cli_command, cli_env, reference, run_cli
 

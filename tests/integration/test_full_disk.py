@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ollama_pull.fault_registry import Fault, FaultRegistry
+from tests.fault_registry import Fault, FaultRegistry
 
 from .conftest import (
     assert_nothing_unverified,

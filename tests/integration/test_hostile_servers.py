@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ollama_pull.fault_registry import Fault, FaultRegistry, ModelFixture
+from tests.fault_registry import Fault, FaultRegistry, ModelFixture
 
 from .conftest import Run, assert_store_holds, interrupted_large_pull, reference, run_cli
 

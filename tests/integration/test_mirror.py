@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ollama_pull.fault_registry import FaultRegistry
+from tests.fault_registry import FaultRegistry
 
 from .conftest import assert_store_holds, reference, run_cli
 from .distribution import DistributionRegistry, free_port

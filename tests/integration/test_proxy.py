@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ollama_pull.fault_registry import FaultRegistry
+from tests.fault_registry import FaultRegistry
 
 from .conftest import Run, assert_store_holds, cli_command, cli_env, reference
 

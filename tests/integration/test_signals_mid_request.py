@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ollama_pull.fault_registry import Fault, FaultRegistry
+from tests.fault_registry import Fault, FaultRegistry
 
 from .conftest import partial_files, reference, start_cli, wait_for
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ollama_pull.fault_registry import TENSOR_MEDIA_TYPE, Fault, FaultRegistry
+from tests.fault_registry import TENSOR_MEDIA_TYPE, Fault, FaultRegistry
 
 from .conftest import cli_command, cli_env, reference
 

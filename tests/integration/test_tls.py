@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from ollama_pull.fault_registry import FaultRegistry
 from ollama_pull.network import make_client
+from tests.fault_registry import FaultRegistry
 
 from .conftest import Run, assert_store_holds, cli_command, cli_env, reference
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ollama_pull.fault_registry import Fault, FaultRegistry
+from tests.fault_registry import Fault, FaultRegistry
 
 from .conftest import assert_store_holds, reference, run_cli
 from .test_hostile_servers import assert_one_line_error, report

@@ -8,7 +8,8 @@ Integration tests run it in a background thread and point the real CLI at it::
         ...  # run ollama-pull against f"{registry.host}/library/demo"
         assert len(registry.blob_requests(model.layer_digests[2])) == 2
 
-By hand, ``python -m ollama_pull.fault_registry`` serves a synthetic model until Ctrl-C.
+By hand, ``python -m tests.fault_registry`` (from the repository's root) serves a synthetic model until Ctrl-C;
+``--fault`` makes it misbehave (``--help`` lists the kinds), to watch the client retry.
 
 Faults are consumed only by GET requests that would otherwise succeed (200 or 206), never by HEAD, by an auth
 challenge, a 404 or a 416: a test that injects one fault then knows exactly which request took it.
@@ -37,7 +38,7 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType, TracebackType
@@ -52,6 +53,7 @@ __all__ = [
     "RequestRecord",
     "build_manifest",
     "main",
+    "parse_fault",
 ]
 
 FAULT_KINDS = (
@@ -1030,13 +1032,60 @@ class FaultRegistry:
             self._cdn_log.clear()
 
 
+FAULT_TARGETS = ("blobs", "manifest", "token")
+# What a --fault spec may set: each field of Fault but its kind, read from text as (reader, what it must be).
+_FAULT_FIELDS: dict[str, tuple[Callable[[str], object], str]] = {
+    "times": (int, "a whole number"),
+    "at": (float, "a fraction"),
+    "seconds": (float, "a number"),
+    "rate": (int, "a whole number"),
+    "status": (int, "an HTTP status code"),
+    "retry_after": (str, "text"),
+    "extra": (int, "a whole number"),
+}
+
+
+def parse_fault(spec: str) -> tuple[str, Fault]:
+    """``[TARGET:]KIND[:TIMES][:FIELD=VALUE]...`` as the target and the :class:`Fault` to inject there.
+
+    ``TARGET`` is ``blobs`` (the default: every blob GET), ``manifest`` or ``token``; ``FIELD`` is any field of
+    :class:`Fault`, e.g. ``stall_during:2:seconds=5:at=0.5`` or ``manifest:status:status=429:retry_after=1``.
+    """
+    words = spec.split(":")
+    target = words.pop(0) if words[0] in FAULT_TARGETS else "blobs"
+    if not words or not words[0]:
+        raise ValueError(f"{spec!r} names no fault kind; expected one of {', '.join(FAULT_KINDS)}")
+    kind = words.pop(0)
+    values: dict[str, Any] = {}
+    if words and words[0].isdigit():
+        values["times"] = int(words.pop(0))
+    for word in words:
+        name, equals, text = word.partition("=")
+        if not equals or name not in _FAULT_FIELDS:
+            raise ValueError(f"{word!r} in {spec!r}: expected FIELD=VALUE with FIELD one of {', '.join(_FAULT_FIELDS)}")
+        read, expected = _FAULT_FIELDS[name]
+        try:
+            values[name] = read(text)
+        except ValueError:
+            raise ValueError(f"{word!r} in {spec!r}: {name} must be {expected}") from None
+    return target, Fault(kind, **values)
+
+
+def _fault_argument(spec: str) -> tuple[str, Fault]:
+    try:
+        return parse_fault(spec)
+    except ValueError as error:
+        # argparse shows an ArgumentTypeError's own message; a ValueError only as "invalid value".
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m ollama_pull.fault_registry",
+        prog="python -m tests.fault_registry",
         description="Serve a synthetic model like an OCI distribution v2 registry, for trying ollama-pull by hand.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
@@ -1049,6 +1098,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--require-auth", action="store_true", help="demand Bearer tokens from /token")
     parser.add_argument("--token-uses", type=int, default=None, help="requests a token is good for")
     parser.add_argument("--redirect-blobs", action="store_true", help="redirect blob GETs to a second (CDN) port")
+    parser.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        type=_fault_argument,
+        metavar="SPEC",
+        help=(
+            "[TARGET:]KIND[:TIMES][:FIELD=VALUE]...: misbehave on the next TIMES (default 1) GETs of TARGET "
+            "(blobs, the default; manifest; token), in the order given; repeatable. "
+            f"KIND (the Fault class says what each does): {', '.join(FAULT_KINDS)}. "
+            f"FIELD: {', '.join(_FAULT_FIELDS)}. "
+            "E.g. --fault reset:2 --fault slow:rate=100000 --fault manifest:status:status=429:retry_after=1"
+        ),
+    )
     args = parser.parse_args(argv)
 
     if threading.current_thread() is threading.main_thread():
@@ -1063,6 +1126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         registry.add_synthetic_model(args.name, args.tag, blobs=args.blobs, blob_size=args.blob_size, seed=args.seed)
+        for target, fault in args.fault:
+            registry.inject(target, fault)
         registry.start()
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -1073,6 +1138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         reference = f"{registry.host}/{args.name}" + ("" if args.tag == "latest" else f":{args.tag}")
         line = f"serving {args.name}:{args.tag} at {registry.url}  -> try: ollama-pull --insecure {reference}"
         print(line, flush=True)
+        for target, fault in args.fault:
+            print(f"fault on {target}: {fault}", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
