@@ -48,8 +48,9 @@ from .events import (
     ignore_event,
 )
 from .manifest import DIGEST_PATTERN, MAX_MANIFEST_BYTES, Layer, Manifest, parse_manifest
+from .partial import BlobFile
 from .reference import ModelReference, parse_reference
-from .store import READ_SIZE, BlobFile, Store, open_store, storage_errors
+from .store import READ_SIZE, Store, open_store, storage_errors
 from .worker import Channel, run_blocking
 
 LAYOUT_FILE = "oci-layout"

@@ -24,12 +24,12 @@ import httpx2
 from .errors import AuthenticationError, BlobError, IntegrityError, OllamaPullError, TokenServiceError
 from .events import BlobFinished, BlobProgress, BlobRetry, BlobStarted, BlobWaiting, EventCallback, ignore_event
 from .manifest import Layer
-from .parts import Chunk, PartedBlob
+from .partial import BlobFile, Chunk, PartedBlob
 from .ratelimit import RateLimiter
 from .reference import ModelReference
 from .registry import RegistryClient
 from .retry import Backoff, describe_transport_error, retry_after
-from .store import BlobFile, Store, opened_in_thread
+from .store import Store, opened_in_thread
 from .units import format_rate
 
 Clock = Callable[[], float]

@@ -2,7 +2,8 @@
 
 Only a verified blob ever carries a ``sha256-<hex>`` name. Bytes in flight live in ``sha256-<hex>-partial``
 (with ``sha256-<hex>-partial.json`` beside it when the blob comes in chunks), names Ollama never takes for a blob,
-and a manifest appears only once all its blobs are in place.
+and a manifest appears only once all its blobs are in place. The files themselves, how bytes are written into
+them and checked, are :mod:`ollama_pull.partial`'s; the store says where they live.
 
 Processes that share a store take an exclusive ``flock`` on ``.ollama-pull/locks/sha256-<hex>.lock`` while they
 download a blob, outside ``blobs/`` where Ollama expects only blobs. The kernel drops the lock when its process
@@ -22,7 +23,7 @@ import shutil
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
 from .errors import InvalidReference, NotInStore, StorageError
 from .manifest import DIGEST_PATTERN, Layer, Manifest, parse_manifest
@@ -31,12 +32,13 @@ from .units import format_size
 
 F = TypeVar("F")
 
+if TYPE_CHECKING:
+    from .partial import BlobFile
+
 PARTIAL_SUFFIX = "-partial"
 LOCKS_DIR = Path(".ollama-pull") / "locks"
 # How much of a file is read at a time to hash it: big enough that the hash runs at full speed, small in memory.
 READ_SIZE = 1024 * 1024
-# Linux takes at most 1024 buffers in one writev; more than this many small pieces are joined first.
-_IOV_MAX = 512
 
 
 def default_models_dir() -> Path:
@@ -134,7 +136,7 @@ class Store:
         digest = hashlib.sha256()
         try:
             with open(path, "rb") as handle:
-                size = _hash_file(handle, digest, stop=stop)
+                size = hash_file(handle, digest, stop=stop)
                 if stop is not None and stop.is_set():
                     return "stopped"
         except FileNotFoundError:
@@ -189,6 +191,10 @@ class Store:
                 yield digest, path
 
     def open_blob(self, layer: Layer, *, resume: bool) -> BlobFile:
+        """The partial file of a blob that comes in one stream (:class:`ollama_pull.partial.BlobFile`)."""
+        # Imported here: the partial files are built on the store's paths and helpers.
+        from .partial import BlobFile
+
         return BlobFile(self, layer, resume=resume)
 
     def write_manifest(self, reference: ModelReference, raw: bytes) -> Path:
@@ -215,93 +221,6 @@ class Store:
         return path
 
 
-class BlobFile:
-    """The partial file of one blob, hashed as it is written and renamed into place only once verified."""
-
-    def __init__(self, store: Store, layer: Layer, *, resume: bool) -> None:
-        self.layer = layer
-        self.path = store.partial_path(layer.digest)
-        self.final_path = store.blob_path(layer.digest)
-        self._hash = hashlib.sha256()
-        self.offset = 0
-        # Held while a worker thread writes, so that the file is never closed or truncated under it.
-        self._lock = threading.Lock()
-        with storage_errors(f"open {self.path}"):
-            # Chunk progress describes a sparse file; what this writes is a contiguous prefix.
-            store.parts_state_path(layer.digest).unlink(missing_ok=True)
-            self._file: BinaryIO = open(self.path, "ab+" if resume else "wb+")  # noqa: SIM115 - closed in close()
-            if resume:
-                self._rehash_prefix()
-
-    def _rehash_prefix(self) -> None:
-        self._file.seek(0)
-        length = _hash_file(self._file, self._hash)
-        if length > self.layer.size:
-            self.restart()
-        else:
-            self.offset = length
-
-    def restart(self) -> None:
-        """Forget what was written: the server could not resume, or the bytes were wrong."""
-        with self._lock, storage_errors(f"truncate {self.path}"):
-            self._file.seek(0)
-            self._file.truncate()
-        self._hash = hashlib.sha256()
-        self.offset = 0
-
-    def write_all(self, pieces: list[bytes]) -> None:
-        """Write and hash the next bytes. Runs in a worker thread; hashlib and writes release the GIL."""
-        with self._lock:
-            if self._file.closed:
-                return
-            with storage_errors(f"write {self.path}"):
-                write_pieces(self._file.fileno(), pieces)
-            for piece in pieces:
-                self._hash.update(piece)
-                self.offset += len(piece)
-
-    def mismatch(self) -> str | None:
-        """Why the bytes written are not the blob, or None when they are."""
-        if self.offset != self.layer.size:
-            return f"got {self.offset} bytes, expected {self.layer.size}"
-        actual = "sha256:" + self._hash.hexdigest()
-        if actual != self.layer.digest:
-            return f"digest mismatch: got {actual}"
-        return None
-
-    def commit(self) -> None:
-        """Make the verified bytes durable, then give them the blob's name."""
-        with storage_errors(f"finish {self.final_path}"):
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            os.replace(self.path, self.final_path)
-
-    def close(self, *, keep: bool) -> None:
-        """Close the file; keep it for a later resume, or remove it."""
-        with self._lock:
-            self._file.close()
-        if not keep:
-            self.path.unlink(missing_ok=True)
-
-
-def write_pieces(fd: int, pieces: list[bytes], position: int | None = None) -> int:
-    """Write every byte of ``pieces`` in one system call where the kernel allows (at ``position``, if given);
-    returns how many bytes that was."""
-    if len(pieces) > _IOV_MAX:
-        pieces = [b"".join(pieces)]
-    total = sum(len(piece) for piece in pieces)
-    written = os.writev(fd, pieces) if position is None else os.pwritev(fd, pieces, position)
-    if written < total:
-        # Cut short (by a signal, say): the rest piece by piece.
-        rest = memoryview(b"".join(pieces))[written:]
-        while rest:
-            step = os.write(fd, rest) if position is None else os.pwrite(fd, rest, position + written)
-            rest = rest[step:]
-            written += step
-    return written
-
-
 def _blob_name(digest: str) -> str:
     """``sha256-<hex>``: checked against the digest pattern, which admits hex only, so a name built from it
     cannot leave the directory it is joined to (the paths of a pull are built a dozen times per blob)."""
@@ -311,7 +230,7 @@ def _blob_name(digest: str) -> str:
     return digest.replace(":", "-", 1)
 
 
-def _hash_file(handle: BinaryIO, digest: hashlib._Hash, *, stop: threading.Event | None = None) -> int:
+def hash_file(handle: BinaryIO, digest: hashlib._Hash, *, stop: threading.Event | None = None) -> int:
     """Feed the rest of an open file to ``digest`` (until ``stop`` is set); return how many bytes that was."""
     length = 0
     while (stop is None or not stop.is_set()) and (chunk := handle.read(READ_SIZE)):

@@ -19,8 +19,9 @@ from ollama_pull.engine import Downloader
 from ollama_pull.errors import AuthenticationError, BlobError, IntegrityError
 from ollama_pull.events import BlobProgress
 from ollama_pull.manifest import Layer
+from ollama_pull.partial import BlobFile
 from ollama_pull.progress import Tally
-from ollama_pull.store import BlobFile, Store
+from ollama_pull.store import Store
 
 from .fakes import (
     BASE,

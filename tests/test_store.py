@@ -1,20 +1,14 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from pathlib import Path
 
 import pytest
 
 from ollama_pull.errors import StorageError
-from ollama_pull.manifest import Layer
 from ollama_pull.reference import parse_reference
 from ollama_pull.store import Store, default_models_dir
-
-
-def layer_for(data: bytes) -> Layer:
-    return Layer("application/vnd.ollama.image.tensor", "sha256:" + hashlib.sha256(data).hexdigest(), len(data))
 
 
 def test_default_models_dir_follows_ollama(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -39,51 +33,6 @@ def test_paths_match_ollamas_layout(tmp_path: Path) -> None:
 def test_a_digest_cannot_escape_the_store(tmp_path: Path, digest: str) -> None:
     with pytest.raises(ValueError, match="not a sha256 digest"):
         Store(tmp_path).blob_path(digest)
-
-
-def test_blob_is_renamed_into_place_only_when_verified(tmp_path: Path) -> None:
-    store = Store(tmp_path)
-    store.prepare()
-    data = b"hello blob"
-    layer = layer_for(data)
-    blob = store.open_blob(layer, resume=False)
-    blob.write_all([data[:5] + b"X" + data[6:]])
-    assert blob.mismatch() is not None
-    assert "digest mismatch" in (blob.mismatch() or "")
-    blob.restart()
-    blob.write_all([data[:4]])
-    assert blob.mismatch() == f"got 4 bytes, expected {len(data)}"
-    blob.write_all([data[4:]])
-    assert blob.mismatch() is None
-    assert not store.has_blob(layer)
-    blob.commit()
-    assert store.blob_path(layer.digest).read_bytes() == data
-    assert not store.partial_path(layer.digest).exists()
-    assert store.has_blob(layer)
-
-
-def test_resume_rehashes_the_kept_prefix(tmp_path: Path) -> None:
-    store = Store(tmp_path)
-    store.prepare()
-    data = os.urandom(3000)
-    layer = layer_for(data)
-    first = store.open_blob(layer, resume=True)
-    first.write_all([data[:1234]])
-    first.close(keep=True)
-    second = store.open_blob(layer, resume=True)
-    assert second.offset == 1234
-    second.write_all([data[1234:]])
-    assert second.mismatch() is None
-    second.close(keep=False)
-    assert not store.partial_path(layer.digest).exists()
-
-
-def test_a_partial_longer_than_the_blob_is_started_over(tmp_path: Path) -> None:
-    store = Store(tmp_path)
-    store.prepare()
-    layer = layer_for(b"abc")
-    store.partial_path(layer.digest).write_bytes(b"abcdef")
-    assert store.open_blob(layer, resume=True).offset == 0
 
 
 def test_manifest_write_is_atomic_and_exact(tmp_path: Path) -> None:

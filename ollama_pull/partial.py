@@ -1,8 +1,14 @@
-"""A large blob fetched as byte ranges over several connections at once, into one sparse partial file.
+"""The partial files of blobs in flight: the bytes of a blob before they are verified and get its name.
 
-The blob is cut into chunks that the engine's streams take in order, so the bytes land roughly front to back and
-the SHA-256 of the contiguous prefix follows close behind them in a worker thread: when the last chunk lands only
-the last few chunks are left to hash. Progress is saved beside the partial file as JSON
+A blob comes either in one stream into a :class:`BlobFile`, a contiguous prefix hashed as it is written, or, when
+it is large, in chunks over several connections at once into a :class:`PartedBlob`, one sparse file. Both are what
+:class:`PartialFile` says: checked with ``mismatch()``, started over with ``restart()``, renamed into place with
+``commit()`` and otherwise closed, kept for a resume or removed. Where they live is the store's business
+(:mod:`ollama_pull.store`).
+
+A parted blob is cut into chunks that the engine's streams take in order, so the bytes land roughly front to back
+and the SHA-256 of the contiguous prefix follows close behind them in a worker thread: when the last chunk lands
+only the last few chunks are left to hash. Progress is saved beside the partial file as JSON
 (``sha256-<hex>-partial.json``) every time another slice of the blob has landed, so a pull killed half way resumes
 within a slice of where it stood. The saved state is a hint, not a promise: the whole blob is hashed before it gets
 its name, so state that claims bytes the disk lost (after a power cut, say) costs a download, never a wrong blob.
@@ -18,15 +24,110 @@ import json
 import os
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from .errors import StorageError
 from .manifest import Layer
-from .store import READ_SIZE, Store, storage_errors, write_pieces
+from .store import READ_SIZE, Store, hash_file, storage_errors
 
 # Save progress each time this fraction of the blob has landed: what a kill -9 can cost, at most.
 _SAVE_FRACTION = 0.01
 # Data only, without the metadata fsync adds; macOS has no fdatasync.
 _datasync = getattr(os, "fdatasync", os.fsync)
+# Linux takes at most 1024 buffers in one writev; more than this many small pieces are joined first.
+_IOV_MAX = 512
+
+
+class PartialFile(Protocol):
+    """What the engine does with the partial file of a blob, whichever kind it is."""
+
+    layer: Layer
+
+    def mismatch(self) -> str | None:
+        """Why the bytes are not the blob, or None when they are."""
+        ...
+
+    def restart(self) -> None:
+        """Forget every byte written."""
+        ...
+
+    def commit(self) -> None:
+        """Make the verified bytes durable, then give them the blob's name."""
+        ...
+
+    def close(self, *, keep: bool) -> None:
+        """Close the file; keep it for a later resume, or remove it."""
+        ...
+
+
+class BlobFile:
+    """The partial file of one blob, hashed as it is written and renamed into place only once verified."""
+
+    def __init__(self, store: Store, layer: Layer, *, resume: bool) -> None:
+        self.layer = layer
+        self.path = store.partial_path(layer.digest)
+        self.final_path = store.blob_path(layer.digest)
+        self._hash = hashlib.sha256()
+        self.offset = 0
+        # Held while a worker thread writes, so that the file is never closed or truncated under it.
+        self._lock = threading.Lock()
+        with storage_errors(f"open {self.path}"):
+            # Chunk progress describes a sparse file; what this writes is a contiguous prefix.
+            store.parts_state_path(layer.digest).unlink(missing_ok=True)
+            self._file: BinaryIO = open(self.path, "ab+" if resume else "wb+")  # noqa: SIM115 - closed in close()
+            if resume:
+                self._rehash_prefix()
+
+    def _rehash_prefix(self) -> None:
+        self._file.seek(0)
+        length = hash_file(self._file, self._hash)
+        if length > self.layer.size:
+            self.restart()
+        else:
+            self.offset = length
+
+    def restart(self) -> None:
+        """Forget what was written: the server could not resume, or the bytes were wrong."""
+        with self._lock, storage_errors(f"truncate {self.path}"):
+            self._file.seek(0)
+            self._file.truncate()
+        self._hash = hashlib.sha256()
+        self.offset = 0
+
+    def write_all(self, pieces: list[bytes]) -> None:
+        """Write and hash the next bytes. Runs in a worker thread; hashlib and writes release the GIL."""
+        with self._lock:
+            if self._file.closed:
+                return
+            with storage_errors(f"write {self.path}"):
+                write_pieces(self._file.fileno(), pieces)
+            for piece in pieces:
+                self._hash.update(piece)
+                self.offset += len(piece)
+
+    def mismatch(self) -> str | None:
+        """Why the bytes written are not the blob, or None when they are."""
+        if self.offset != self.layer.size:
+            return f"got {self.offset} bytes, expected {self.layer.size}"
+        actual = "sha256:" + self._hash.hexdigest()
+        if actual != self.layer.digest:
+            return f"digest mismatch: got {actual}"
+        return None
+
+    def commit(self) -> None:
+        """Make the verified bytes durable, then give them the blob's name."""
+        with storage_errors(f"finish {self.final_path}"):
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.replace(self.path, self.final_path)
+
+    def close(self, *, keep: bool) -> None:
+        """Close the file; keep it for a later resume, or remove it."""
+        with self._lock:
+            self._file.close()
+        if not keep:
+            self.path.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -227,3 +328,25 @@ class PartedBlob:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
+
+
+if TYPE_CHECKING:
+    # Both kinds keep to the interface: mypy checks it here.
+    _KINDS: tuple[type[PartialFile], ...] = (BlobFile, PartedBlob)
+
+
+def write_pieces(fd: int, pieces: list[bytes], position: int | None = None) -> int:
+    """Write every byte of ``pieces`` in one system call where the kernel allows (at ``position``, if given);
+    returns how many bytes that was."""
+    if len(pieces) > _IOV_MAX:
+        pieces = [b"".join(pieces)]
+    total = sum(len(piece) for piece in pieces)
+    written = os.writev(fd, pieces) if position is None else os.pwritev(fd, pieces, position)
+    if written < total:
+        # Cut short (by a signal, say): the rest piece by piece.
+        rest = memoryview(b"".join(pieces))[written:]
+        while rest:
+            step = os.write(fd, rest) if position is None else os.pwrite(fd, rest, position + written)
+            rest = rest[step:]
+            written += step
+    return written

@@ -1,10 +1,12 @@
-"""Large blobs in chunks: parallel Range requests into one sparse file, hashed whole, resumable across runs."""
+"""The partial files of blobs: one stream into a hashed prefix; large blobs in chunks, parallel Range requests into
+one sparse file, hashed whole, resumable across runs."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import errno
+import hashlib
 import json
 import os
 import re
@@ -15,10 +17,11 @@ import httpx
 import pytest
 import respx
 
-from ollama_pull import engine, parts
+from ollama_pull import engine
 from ollama_pull.errors import IntegrityError, StorageError
 from ollama_pull.events import BlobProgress, BlobStarted
-from ollama_pull.parts import PartedBlob, plan_chunks
+from ollama_pull.manifest import Layer
+from ollama_pull.partial import BlobFile, PartedBlob, PartialFile, plan_chunks
 from ollama_pull.store import Store
 
 from .fakes import BASE, FAST, ChunkStream, Model, assert_store_holds, download, make_model, retries
@@ -29,6 +32,89 @@ KIB = 1024
 CHUNK = 16 * KIB
 PARTED = dataclasses.replace(FAST, split_min_size=64 * KIB, chunk_size=CHUNK, streams_per_blob=4)
 RANGE = re.compile(r"^bytes=(\d+)-(\d+)$")
+
+
+def layer_for(data: bytes) -> Layer:
+    return Layer("application/vnd.ollama.image.tensor", "sha256:" + hashlib.sha256(data).hexdigest(), len(data))
+
+
+def test_blob_is_renamed_into_place_only_when_verified(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.prepare()
+    data = b"hello blob"
+    layer = layer_for(data)
+    blob = store.open_blob(layer, resume=False)
+    blob.write_all([data[:5] + b"X" + data[6:]])
+    assert blob.mismatch() is not None
+    assert "digest mismatch" in (blob.mismatch() or "")
+    blob.restart()
+    blob.write_all([data[:4]])
+    assert blob.mismatch() == f"got 4 bytes, expected {len(data)}"
+    blob.write_all([data[4:]])
+    assert blob.mismatch() is None
+    assert not store.has_blob(layer)
+    blob.commit()
+    assert store.blob_path(layer.digest).read_bytes() == data
+    assert not store.partial_path(layer.digest).exists()
+    assert store.has_blob(layer)
+
+
+def test_resume_rehashes_the_kept_prefix(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.prepare()
+    data = os.urandom(3000)
+    layer = layer_for(data)
+    first = store.open_blob(layer, resume=True)
+    first.write_all([data[:1234]])
+    first.close(keep=True)
+    second = store.open_blob(layer, resume=True)
+    assert second.offset == 1234
+    second.write_all([data[1234:]])
+    assert second.mismatch() is None
+    second.close(keep=False)
+    assert not store.partial_path(layer.digest).exists()
+
+
+def test_a_partial_longer_than_the_blob_is_started_over(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.prepare()
+    layer = layer_for(b"abc")
+    store.partial_path(layer.digest).write_bytes(b"abcdef")
+    assert store.open_blob(layer, resume=True).offset == 0
+
+
+@pytest.mark.parametrize("kind", [BlobFile, PartedBlob])
+def test_either_kind_of_partial_file_is_checked_restarted_committed_or_removed_alike(
+    tmp_path: Path, kind: type[PartialFile]
+) -> None:
+    store = Store(tmp_path)
+    store.prepare()
+    data = os.urandom(3 * CHUNK + 5)
+    layer = layer_for(data)
+
+    def opened() -> PartialFile:
+        return store.open_blob(layer, resume=False) if kind is BlobFile else PartedBlob(store, layer, chunk_size=CHUNK)
+
+    def filled(blob: PartialFile) -> PartialFile:
+        if isinstance(blob, BlobFile):
+            blob.write_all([data])
+        elif isinstance(blob, PartedBlob):
+            for chunk in blob.chunks:
+                blob.write(chunk, [data[chunk.start : chunk.end]])
+            blob.hash_landed()
+        return blob
+
+    blob = filled(opened())
+    assert blob.mismatch() is None
+    blob.restart()
+    assert blob.mismatch() is not None
+    blob.close(keep=False)
+    assert list(store.blobs_dir.iterdir()) == []
+    blob = filled(opened())
+    blob.commit()
+    assert list(store.blobs_dir.iterdir()) == [store.blob_path(layer.digest)]
+    assert store.blob_path(layer.digest).read_bytes() == data
+
 
 # A piece of a ranged answer: (request, first byte, end exclusive, the bytes) -> the response to send.
 Answer = Callable[[httpx.Request, int, int, bytes], httpx.Response]
@@ -307,7 +393,7 @@ async def test_landed_bytes_are_written_back_during_the_download(store: Store, m
         flushed.append(fd)
         os.fsync(fd)
 
-    monkeypatch.setattr(parts, "_datasync", datasync)
+    monkeypatch.setattr("ollama_pull.partial._datasync", datasync)
     model = big_model()
     with respx.mock(using="httpcore2") as router:
         RangedServer(model).mount(router)
@@ -326,7 +412,7 @@ def test_a_write_back_error_fails_the_blob_and_a_closed_blob_has_none(
     def failing(_fd: int) -> None:
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(parts, "_datasync", failing)
+    monkeypatch.setattr("ollama_pull.partial._datasync", failing)
     try:
         with pytest.raises(StorageError, match="Input/output error"):
             blob.flush()
