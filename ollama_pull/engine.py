@@ -16,7 +16,6 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
 import httpx2
@@ -28,7 +27,7 @@ from .partial import BlobFile, Chunk, PartedBlob
 from .ratelimit import RateLimiter
 from .reference import ModelReference
 from .registry import RegistryClient
-from .retry import Backoff, describe_transport_error, retry_after
+from .retry import Backoff, FailureKind, RetryBudget, describe_transport_error, retry_after
 from .store import Store, opened_in_thread
 from .units import format_rate
 
@@ -86,19 +85,13 @@ class DownloadStats:
     downloaded_bytes: int
 
 
-class _Kind(Enum):
-    FAILURE = "failure"
-    STALL = "stall"
-    SLOW = "slow"
-
-
 class _AttemptFailed(Exception):
     """Why one attempt ended without a verified blob; the engine decides whether to try again."""
 
     def __init__(
         self,
         reason: str,
-        kind: _Kind = _Kind.FAILURE,
+        kind: FailureKind = FailureKind.FAILURE,
         *,
         integrity: bool = False,
         restart: bool = False,
@@ -140,22 +133,12 @@ class _Watch:
 
 
 @dataclass
-class _Tries:
-    """How one download (a whole blob, or a chunk of a large one) has failed so far."""
-
-    counted: int = 0
-    stalls: int = 0
-    slows: int = 0
-    failures: list[str] = field(default_factory=list)
-
-
-@dataclass
 class _BlobState:
     layer: Layer
+    # Failures of the blob as a whole; a chunk's own failures are counted by its fetch.
+    tries: RetryBudget
     announced: bool = False
     reported: int = 0
-    # Failures of the blob as a whole; a chunk's own failures are counted by its fetch.
-    tries: _Tries = field(default_factory=_Tries)
 
 
 @dataclass
@@ -229,7 +212,7 @@ class Downloader:
                 # Another process sharing the store downloaded it while we waited for its lock.
                 self._emit(BlobFinished(model, layer.digest, layer.size, 0.0))
                 return
-            state = _BlobState(layer)
+            state = _BlobState(layer, self._retry_budget())
             seconds: float | None = None
             if layer.size >= self.settings.split_min_size:
                 try:
@@ -257,7 +240,9 @@ class Downloader:
             state.reported = completed
             self._emit(BlobProgress(model, state.layer.digest, completed, state.layer.size))
 
-    async def _retry(self, digest: str, tries: _Tries, failed: _AttemptFailed, model: str, where: str = "") -> None:
+    async def _retry(
+        self, digest: str, tries: RetryBudget, failed: _AttemptFailed, model: str, where: str = ""
+    ) -> None:
         delay = self._judge(digest, tries, failed)
         self._emit(BlobRetry(model, digest, len(tries.failures), where + failed.reason, delay))
         await self._sleep(delay)
@@ -386,7 +371,7 @@ class Downloader:
                 run.slots.release()
 
     async def _fetch_chunk(self, run: _ChunkRun, chunk: Chunk) -> None:
-        tries = _Tries()
+        tries = self._retry_budget()
         where = f"bytes {chunk.start}-{chunk.end - 1}: "
         while True:
             try:
@@ -399,24 +384,22 @@ class Downloader:
             run.landed.set()
             return
 
-    def _judge(self, digest: str, tries: _Tries, failed: _AttemptFailed) -> float:
-        """Count the failure by its kind's rules; raise the blob's final error when it has no tries left."""
-        tries.failures.append(failed.reason)
-        if failed.kind is _Kind.STALL:
-            tries.stalls += 1
-            if tries.stalls > self.settings.max_stalls:
-                raise BlobError(digest, f"stalled {tries.stalls} times: {failed.reason}", len(tries.failures))
-        elif failed.kind is _Kind.SLOW:
-            tries.slows += 1
-            if tries.slows > self.settings.free_slow_aborts:
-                tries.counted += 1
-        else:
-            tries.counted += 1
-        if tries.counted >= self.settings.attempts:
+    def _retry_budget(self) -> RetryBudget:
+        settings = self.settings
+        return RetryBudget(
+            settings.attempts,
+            backoff=settings.backoff,
+            max_stalls=settings.max_stalls,
+            free_slows=settings.free_slow_aborts,
+        )
+
+    def _judge(self, digest: str, tries: RetryBudget, failed: _AttemptFailed) -> float:
+        """Count the failure by the budget's rules; raise the blob's final error when it has no tries left."""
+        final = tries.charge(failed.kind, failed.reason)
+        if final is not None:
             error = IntegrityError if failed.integrity else BlobError
-            raise error(digest, failed.reason, len(tries.failures))
-        backoff = self.settings.backoff.delay(len(tries.failures), self._jitter())
-        return max(backoff, failed.wait or 0.0)
+            raise error(digest, final, len(tries.failures))
+        return tries.delay(self._jitter(), wait=failed.wait)
 
     async def _watched(self, run: Callable[[_Watch], Coroutine[Any, Any, None]]) -> tuple[float, int]:
         """One try, watched for stalls and slowness; returns its duration and the bytes it received."""
@@ -446,7 +429,7 @@ class Downloader:
         if silent >= self.settings.stall_timeout:
             # A stalled token service counts against the attempts, as it does for the manifest: unlike a blob's
             # server, it has no bytes in flight that a free retry could continue.
-            kind = _Kind.STALL if self.registry.awaited_token_service() is None else _Kind.FAILURE
+            kind = FailureKind.STALL if self.registry.awaited_token_service() is None else FailureKind.FAILURE
             raise _AttemptFailed(self.registry.stall_reason(silent), kind)
         elapsed = now - watch.started
         median = self.speeds.median()
@@ -456,7 +439,7 @@ class Downloader:
                 raise _AttemptFailed(
                     f"slow: {format_rate(speed)} is below {self.settings.slow_fraction:.0%} of the median "
                     f"{format_rate(median)}",
-                    _Kind.SLOW,
+                    FailureKind.SLOW,
                 )
 
     async def _stream_whole(

@@ -25,14 +25,23 @@ from .huggingface import is_hugging_face, rate_limited_message, refused_message
 from .manifest import MANIFEST_MEDIA_TYPE, MAX_MANIFEST_BYTES, Manifest, parse_manifest
 from .network import PullClient
 from .reference import ModelReference
-from .retry import RETRYABLE_STATUS, Backoff, describe_transport_error, is_tls_mistake, retry_after
+from .retry import (
+    RETRYABLE_STATUS,
+    Backoff,
+    FailureKind,
+    RetryBudget,
+    describe_transport_error,
+    is_tls_mistake,
+    retry_after,
+)
 
 T = TypeVar("T")
 
 
 # A registry or token service that takes the request and then says nothing, again and again, is down for now:
-# three silent attempts are enough to say so, about half a minute with the default --stall-timeout.
-MAX_MANIFEST_STALLS = 3
+# three silent attempts are enough to say so, about half a minute with the default --stall-timeout. Two stalls
+# are retried; the third ends the fetch.
+MANIFEST_STALL_RETRIES = 2
 
 
 class BlobGets:
@@ -163,13 +172,13 @@ class RegistryClient:
                 # A mirror that serves a bad manifest is no reason to fail: the origin may serve a good one.
                 self._mirror_failed("invalid manifest", down=False)
         url = f"{self.repository_url(reference)}/manifests/{reference.tag}"
-        reason = ""
+        # Every failure counts, stalls too: a manifest has no bytes in flight that a free retry could continue.
+        budget = RetryBudget(self.attempts, backoff=self.backoff, max_stalls=MANIFEST_STALL_RETRIES, free_stalls=False)
         unreachable = False
-        stalls = 0
-        limited: httpx2.Request | None = None
-        for attempt in range(1, self.attempts + 1):
+        while True:
             wait: float | None = None
-            limited = None
+            limited: httpx2.Request | None = None
+            kind = FailureKind.FAILURE
             try:
                 got = await self._unstalled(lambda seen: self._open_manifest(url, reference, seen))
                 if isinstance(got, Manifest):
@@ -188,14 +197,15 @@ class RegistryClient:
                 # A token service down for now, or bytes changed in transit (a proxy, a flaky link): the next
                 # attempt may do better.
                 reason = str(exc)
-                stalls += isinstance(exc, _Stalled)
-            if stalls >= MAX_MANIFEST_STALLS:
+                if isinstance(exc, _Stalled):
+                    kind = FailureKind.STALL
+            if budget.charge(kind, reason) is not None:
                 break
-            if attempt < self.attempts:
-                delay = max(wait or 0.0, self.backoff.delay(attempt, self._jitter()))
-                if on_retry is not None:
-                    on_retry(attempt, reason, delay)
-                await self._sleep(delay)
+            delay = budget.delay(self._jitter(), wait=wait)
+            if on_retry is not None:
+                on_retry(len(budget.failures), reason, delay)
+            await self._sleep(delay)
+        attempt = len(budget.failures)
         if limited is not None and is_hugging_face(reference.host):
             sent = "Authorization" in limited.headers
             raise RegistryError(rate_limited_message(reference.name, attempt, token_sent=sent))

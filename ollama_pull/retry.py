@@ -1,10 +1,12 @@
-"""When to try again: backoff with jitter, and what a server's ``Retry-After`` asks for."""
+"""When to try again: the retry rules of blobs, chunks and manifests (:class:`RetryBudget`), backoff with jitter,
+and what a server's ``Retry-After`` asks for."""
 
 from __future__ import annotations
 
 import email.utils
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import Enum
 
 import httpx2
 
@@ -25,6 +27,69 @@ class Backoff:
 
     def delay(self, failures: int, jitter: float) -> float:
         return float(min(self.base * 2 ** max(failures - 1, 0), self.cap)) * (0.5 + jitter)
+
+
+class FailureKind(Enum):
+    """How an attempt failed, which decides how it is counted (see :class:`RetryBudget`)."""
+
+    FAILURE = "failure"
+    STALL = "stall"
+    SLOW = "slow"
+
+
+@dataclass
+class RetryBudget:
+    """The tries left to one download (a blob, a chunk of one, or a manifest), counted by how each failed.
+
+    =======  ============================================  =======================================
+    failure  counts against ``attempts``                   bounded by
+    =======  ============================================  =======================================
+    stall    not with ``free_stalls`` (a blob or a chunk:  ``max_stalls``: one stall more ends the
+             its bytes so far are kept); else yes (a       download, whatever ``attempts`` allows
+             manifest: it has no bytes in flight)
+    slow     from the ``free_slows + 1``-th slow abort on  ``attempts``, once they count
+    failure  yes: resets, truncation, digest mismatch,     ``attempts``
+             429, 5xx, network and token service errors
+    =======  ============================================  =======================================
+
+    A blob's attempt that stalls waiting on a token service is charged by the engine as a failure, not a stall:
+    like a manifest, it has no bytes in flight to keep.
+
+    Every failure, counted or not, is one more for the backoff: a retry waits ``backoff.delay(failures so far)``,
+    or what the server's ``Retry-After`` asks if that is longer. Pure and synchronous: the caller makes the
+    attempts, sleeps the delay and raises its own error when :meth:`charge` says the tries are used up.
+    """
+
+    attempts: int
+    backoff: Backoff = Backoff()
+    max_stalls: int = 10
+    free_stalls: bool = True
+    free_slows: int = 0
+    counted: int = 0
+    stalls: int = 0
+    slows: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    def charge(self, kind: FailureKind, reason: str) -> str | None:
+        """Count one failed attempt by its kind's rule: None while tries are left, else the reason to give up."""
+        self.failures.append(reason)
+        if kind is FailureKind.STALL:
+            self.stalls += 1
+            if self.stalls > self.max_stalls:
+                return f"stalled {self.stalls} times: {reason}"
+            if not self.free_stalls:
+                self.counted += 1
+        elif kind is FailureKind.SLOW:
+            self.slows += 1
+            if self.slows > self.free_slows:
+                self.counted += 1
+        else:
+            self.counted += 1
+        return reason if self.counted >= self.attempts else None
+
+    def delay(self, jitter: float, *, wait: float | None = None) -> float:
+        """Seconds before the next try: the backoff for the failures so far, or ``wait`` if longer."""
+        return max(self.backoff.delay(len(self.failures), jitter), wait or 0.0)
 
 
 def retry_after(response: httpx2.Response, *, now: float | None = None) -> float | None:
