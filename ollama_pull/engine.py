@@ -219,7 +219,7 @@ class Downloader:
                     seconds = await self._download_parted(reference, state, model, slots)
                 except _RangesIgnored:
                     reason = "the server ignores Range requests: downloading in one stream"
-                    self._emit(BlobRetry(model, layer.digest, len(state.tries.failures) + 1, reason, 0.0))
+                    self._emit(BlobRetry(model, layer.digest, state.tries.attempt, reason, 0.0))
             if seconds is None:
                 seconds = await self._download_whole(reference, state, model)
                 # A chunked blob's streams gave their own samples: its overall speed is not one connection's.
@@ -243,8 +243,9 @@ class Downloader:
     async def _retry(
         self, digest: str, tries: RetryBudget, failed: _AttemptFailed, model: str, where: str = ""
     ) -> None:
+        attempt = tries.attempt
         delay = self._judge(digest, tries, failed)
-        self._emit(BlobRetry(model, digest, len(tries.failures), where + failed.reason, delay))
+        self._emit(BlobRetry(model, digest, attempt, where + failed.reason, delay))
         await self._sleep(delay)
 
     async def _download_whole(self, reference: ModelReference, state: _BlobState, model: str) -> float:

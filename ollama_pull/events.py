@@ -22,7 +22,8 @@ class Resolving:
 
 @dataclass(frozen=True)
 class ManifestRetry:
-    """Fetching the manifest failed and will be tried again; ``attempt`` counts the failures so far."""
+    """Fetching the manifest failed and will be tried again; ``attempt`` is the attempt that failed (every failure
+    of a manifest counts against ``--retries``)."""
 
     kind: ClassVar[str] = "manifest_retry"
     model: str
@@ -77,6 +78,9 @@ class BlobProgress:
 
 @dataclass(frozen=True)
 class BlobRetry:
+    """An attempt at a blob (or a chunk of one) failed and will be tried again. ``attempt`` is the counted attempt
+    that failed, as ``--retries`` counts them: a stall or an early slow abort is retried as the same attempt."""
+
     kind: ClassVar[str] = "retry"
     model: str
     digest: str

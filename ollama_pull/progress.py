@@ -329,7 +329,7 @@ class PlainRenderer:
             self._print(self._out, plan_text(event, dry_run=True))
         elif isinstance(event, ManifestRetry):
             self._line(
-                f"retrying the manifest of {event.model} (failure {event.attempt}, in {event.delay:.1f}s): "
+                f"retrying the manifest of {event.model} (attempt {event.attempt}, in {event.delay:.1f}s): "
                 f"{event.reason}"
             )
         elif isinstance(event, PLANS):
@@ -342,7 +342,7 @@ class PlainRenderer:
             self._labels[event.digest] = event.label
         elif isinstance(event, BlobRetry):
             label = self._labels.get(event.digest, event.digest)
-            self._line(f"retrying {label} (failure {event.attempt}, in {event.delay:.1f}s): {event.reason}")
+            self._line(f"retrying {label} (attempt {event.attempt}, in {event.delay:.1f}s): {event.reason}")
         elif isinstance(event, BlobProgress) and self._clock() >= self._next_report:
             self._next_report = self._clock() + self._interval
             percent = 100 * self._tally.completed / self._tally.total if self._tally.total else 100.0
@@ -441,7 +441,7 @@ class RichRenderer:
         elif isinstance(event, Resolving) and not self._dry_run:
             self._start(event.model, "resolving")
         elif isinstance(event, ManifestRetry):
-            self._note(f"retrying the manifest of {event.model} (failure {event.attempt}): {event.reason}")
+            self._note(f"retrying the manifest of {event.model} (attempt {event.attempt}): {event.reason}")
             self._phase(f"retry in {event.delay:.1f}s")
         elif isinstance(event, PLANS):
             self._resolved(*plan_totals(event))

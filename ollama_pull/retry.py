@@ -70,6 +70,12 @@ class RetryBudget:
     slows: int = 0
     failures: list[str] = field(default_factory=list)
 
+    @property
+    def attempt(self) -> int:
+        """The counted attempt under way: 1 at first, one more after each failure that counts, so never more than
+        ``attempts``. A free failure (a blob's stall, an early slow abort) is retried as the same attempt."""
+        return self.counted + 1
+
     def charge(self, kind: FailureKind, reason: str) -> str | None:
         """Count one failed attempt by its kind's rule: None while tries are left, else the reason to give up."""
         self.failures.append(reason)

@@ -160,7 +160,7 @@ def test_plain_renderer_prints_greppable_lines_without_escape_codes() -> None:
     # Progress at most every 5 s: the events come 3 s apart, so every other progress event prints.
     assert lines[1:4] == [
         "m:latest: 50% (150 B of 300 B)",
-        "retrying tensor/a.st (failure 1, in 0.2s): connection reset",
+        "retrying tensor/a.st (attempt 1, in 0.2s): connection reset",
         "m:latest: 100% (300 B of 300 B)",
     ]
     assert lines[4].startswith("pulled m:latest: 300 B in 2.0s")

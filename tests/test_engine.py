@@ -251,6 +251,33 @@ async def test_stalls_are_retried_without_using_up_attempts(store: Store) -> Non
     assert all(retry.reason.startswith("stalled: no data for 10.0s") for retry in retries(events))
 
 
+async def test_a_retry_names_the_counted_attempt_that_failed_as_retries_counts_them(store: Store) -> None:
+    model = make_model(40_000)
+    target = model.layers[1]
+    data = model.blobs[target.digest]
+
+    def stall() -> httpx.Response:
+        return httpx.Response(200, stream=ChunkStream(data, stall_after=0))
+
+    answers = [stall(), httpx.Response(503), stall(), stall(), httpx.Response(503)]
+    answers.append(httpx.Response(200, stream=ChunkStream(data)))
+    with respx.mock(using="httpcore2") as router:
+        serve(router, model, ok)
+        router.get(f"{BASE}/blobs/{target.digest}").mock(side_effect=answers)
+        settings = dataclasses.replace(FAST, attempts=3)
+        events = await download(router, model, store, settings=settings, clock=TickingClock())
+    assert_store_holds(store, model)
+    # The stalls are free: each is retried as the attempt it interrupted; each 503 ends one. The third attempt,
+    # the last --retries 3 allows, succeeds.
+    assert [(retry.attempt, retry.reason.split(":")[0]) for retry in retries(events)] == [
+        (1, "stalled"),
+        (1, "HTTP 503"),
+        (2, "stalled"),
+        (2, "stalled"),
+        (2, "HTTP 503"),
+    ]
+
+
 async def test_a_server_that_always_stalls_cannot_hang_the_pull(store: Store) -> None:
     model = make_model(40_000)
     with respx.mock(using="httpcore2") as router:

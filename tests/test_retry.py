@@ -79,3 +79,14 @@ def test_a_retry_waits_for_the_backoff_or_the_servers_retry_after_if_longer(wait
     budget = RetryBudget(6, backoff=Backoff(base=1.0, cap=10.0))
     budget.charge(FAILURE, "HTTP 503")
     assert budget.delay(0.5, wait=wait) == delay
+
+
+def test_the_attempt_under_way_moves_on_only_when_a_failure_counts() -> None:
+    budget = RetryBudget(3, **BLOB)
+    under_way = [budget.attempt]
+    for kind in [STALL, SLOW, FAILURE, SLOW, STALL, SLOW]:
+        assert budget.charge(kind, "r") is None
+        under_way.append(budget.attempt)
+    # The third slow abort is the first that counts. The third attempt is the last that attempts=3 allows.
+    assert under_way == [1, 1, 1, 2, 2, 2, 3]
+    assert budget.charge(FAILURE, "r") == "r"

@@ -269,7 +269,7 @@ def test_an_unreachable_registry_names_the_model_shows_the_retries_and_the_fix(m
     run = run_cli(models, "--retries", "2", "127.0.0.1:9/library/flux2-klein")
     assert run.returncode == 1
     retry, error = run.stderr.strip().splitlines()
-    assert retry.startswith("retrying the manifest of 127.0.0.1:9/library/flux2-klein:latest (failure 1, in ")
+    assert retry.startswith("retrying the manifest of 127.0.0.1:9/library/flux2-klein:latest (attempt 1, in ")
     assert "connection failed" in retry
     assert error.startswith("error: cannot fetch the manifest of 127.0.0.1:9/library/flux2-klein:latest")
     assert error.endswith("check the network connection, or set HTTPS_PROXY if you are behind a proxy")
