@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -77,6 +78,16 @@ def wait_for(
 def partial_files(models: Path) -> list[Path]:
     blobs = models / "blobs"
     return [p for p in blobs.iterdir() if p.name.endswith("-partial")] if blobs.exists() else []
+
+
+def bytes_landed(models: Path) -> bool:
+    """Whether some partial file holds bytes. A blob that is not slowed (the config) finishes in moments: its
+    partial file can be renamed between the listing and the stat, which is no bytes landed."""
+    for path in partial_files(models):
+        with contextlib.suppress(FileNotFoundError):
+            if path.stat().st_size > 0:
+                return True
+    return False
 
 
 def interrupted_large_pull(registry: FaultRegistry, models: Path) -> tuple[ModelFixture, str, int]:

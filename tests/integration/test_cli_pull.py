@@ -14,6 +14,7 @@ from tests.fault_registry import Fault, FaultRegistry, ModelFixture
 from .conftest import (
     assert_nothing_unverified,
     assert_store_holds,
+    bytes_landed,
     interrupted_large_pull,
     partial_files,
     reference,
@@ -226,7 +227,7 @@ def test_ctrl_c_or_sigterm_stops_at_once_and_the_rerun_completes(
     registry.inject("blobs", Fault("slow", rate=64 * 1024, times=4))
     process = start_cli(models, "--insecure", reference(registry, model), capture=True)
     try:
-        wait_for(lambda: any(p.stat().st_size > 0 for p in partial_files(models)), process=process)
+        wait_for(lambda: bytes_landed(models), process=process)
         started = time.monotonic()
         process.send_signal(signum)
         _, stderr = process.communicate(timeout=10)
@@ -249,7 +250,7 @@ def test_kill_9_then_a_rerun_completes(registry: FaultRegistry, models: Path) ->
     registry.inject("blobs", Fault("slow", rate=128 * 1024, times=6))
     process = start_cli(models, "--insecure", reference(registry, model))
     try:
-        wait_for(lambda: any(p.stat().st_size > 0 for p in partial_files(models)), process=process)
+        wait_for(lambda: bytes_landed(models), process=process)
     finally:
         os.kill(process.pid, signal.SIGKILL)
         process.wait()

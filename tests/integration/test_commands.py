@@ -21,9 +21,9 @@ from tests.fault_registry import TENSOR_MEDIA_TYPE, Fault, FaultRegistry, ModelF
 from .conftest import (
     assert_nothing_unverified,
     assert_store_holds,
+    bytes_landed,
     cli_command,
     cli_env,
-    partial_files,
     reference,
     run_cli,
     start_cli,
@@ -208,7 +208,7 @@ def test_two_ctrl_c_in_quick_succession_give_one_line_and_no_asyncio_noise(
     registry.inject("blobs", Fault("slow", rate=64 * 1024, times=8))
     process = start_cli(models, "--insecure", reference(registry, model), capture=True)
     try:
-        wait_for(lambda: any(p.stat().st_size > 0 for p in partial_files(models)), process=process)
+        wait_for(lambda: bytes_landed(models), process=process)
         process.send_signal(signal.SIGINT)
         time.sleep(0.02)
         process.send_signal(signal.SIGINT)
