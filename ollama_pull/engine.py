@@ -20,14 +20,14 @@ from typing import Any
 
 import httpx2
 
-from .errors import AuthenticationError, BlobError, IntegrityError, OllamaPullError, TokenServiceError
+from .errors import BlobError, IntegrityError, OllamaPullError, TokenServiceError
 from .events import BlobFinished, BlobProgress, BlobRetry, BlobStarted, BlobWaiting, EventCallback, ignore_event
 from .manifest import Layer
 from .partial import BlobFile, Chunk, PartedBlob
 from .ratelimit import RateLimiter
 from .reference import ModelReference
-from .registry import RegistryClient
-from .retry import Backoff, FailureKind, RetryBudget, describe_transport_error, retry_after
+from .registry import RegistryClient, UnusableBlobResponse
+from .retry import Backoff, FailureKind, RetryBudget, describe_transport_error
 from .store import Store, opened_in_thread
 from .units import format_rate
 
@@ -449,7 +449,6 @@ class Downloader:
         layer = blob.layer
         try:
             async with self.registry.stream_blob(reference, layer.digest, offset=blob.offset) as response:
-                _accept(response, layer.digest, blob.offset)
                 if response.status_code == 200 and blob.offset:
                     # The server ignored our Range and sends the whole blob: start over rather than append to the
                     # prefix.
@@ -466,6 +465,8 @@ class Downloader:
             raise _AttemptFailed(describe_transport_error(exc)) from exc
         except TokenServiceError as exc:
             raise _AttemptFailed(str(exc)) from exc
+        except UnusableBlobResponse as exc:
+            raise _AttemptFailed(exc.reason, integrity=exc.integrity, restart=exc.restart, wait=exc.wait) from exc
         if blob.offset < layer.size:
             # Not corruption: the bytes so far may be good, and a resumable blob continues from them.
             raise _AttemptFailed(f"the body ended after {blob.offset} of {layer.size} bytes")
@@ -479,7 +480,6 @@ class Downloader:
         start = blob.position(chunk)
         try:
             async with self.registry.stream_blob(run.reference, digest, offset=start, end=chunk.end) as response:
-                _accept(response, digest, start)
                 if response.status_code != 206:
                     raise _RangesIgnored
                 await self._receive(
@@ -495,6 +495,8 @@ class Downloader:
             raise _AttemptFailed(describe_transport_error(exc)) from exc
         except TokenServiceError as exc:
             raise _AttemptFailed(str(exc)) from exc
+        except UnusableBlobResponse as exc:
+            raise _AttemptFailed(exc.reason, integrity=exc.integrity, restart=exc.restart, wait=exc.wait) from exc
         if blob.position(chunk) < chunk.end:
             got = blob.position(chunk) - start
             raise _AttemptFailed(f"the body ended after {got} of {chunk.end - start} bytes")
@@ -560,24 +562,6 @@ class Downloader:
             if batch and written:
                 # Bytes received before a failure or a cancel are as good as any: keep them for the resume.
                 write(batch)
-
-
-def _accept(response: httpx2.Response, digest: str, start: int) -> None:
-    """Judge a blob response's status and headers before any byte of it is written."""
-    status = response.status_code
-    if status in (401, 403):
-        raise AuthenticationError(f"the registry refused access to blob {digest} (HTTP {status})")
-    if status == 416:
-        raise _AttemptFailed("the server cannot resume this blob (HTTP 416)", restart=True)
-    if status not in (200, 206):
-        raise _AttemptFailed(f"HTTP {status}", wait=retry_after(response))
-    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
-        raise _AttemptFailed(f"the server compressed the blob (Content-Encoding: {encoding})", integrity=True)
-    if status == 206:
-        first = response.headers.get("Content-Range", "").removeprefix("bytes ").split("-", 1)[0]
-        if first != str(start):
-            raise _AttemptFailed(f"the server resumed at the wrong offset ({first or '?'}, not {start})", restart=True)
 
 
 def _first_error(failures: BaseExceptionGroup[BaseException]) -> BaseException:

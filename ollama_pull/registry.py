@@ -255,8 +255,8 @@ class RegistryClient:
     async def stream_blob(
         self, reference: ModelReference, digest: str, *, offset: int = 0, end: int | None = None
     ) -> AsyncIterator[httpx2.Response]:
-        """Open a blob's bytes from ``offset`` (up to ``end``, exclusive, if given); the caller judges the status
-        and reads the raw body."""
+        """Open a blob's bytes from ``offset`` (up to ``end``, exclusive, if given), judged before any byte is read
+        (see :class:`UnusableBlobResponse`); the caller reads the raw body, and tells a 200 from a 206."""
         # Blobs are hashed as stored: ask for no content coding, and the engine reads the raw bytes.
         headers = {"Accept-Encoding": "identity"}
         if end is not None:
@@ -275,11 +275,13 @@ class RegistryClient:
             else:
                 if response.status_code in (200, 206):
                     async with stack:
+                        _judge_blob_response(response, digest, offset)
                         yield response
                     return
                 await stack.aclose()
                 self._mirror_failed(f"HTTP {response.status_code}", down=response.status_code >= 500)
         async with self._get(f"{self.repository_url(reference)}/blobs/{digest}", headers) as response:
+            _judge_blob_response(response, digest, offset)
             yield response
 
     @asynccontextmanager
@@ -293,6 +295,43 @@ class RegistryClient:
             yield response
         finally:
             await response.aclose()
+
+
+class UnusableBlobResponse(Exception):
+    """A blob response whose bytes must not be written: the attempt failed, and says how to go on.
+
+    ``restart``: the bytes so far cannot be continued (start at 0); ``integrity``: what the server sends is not the
+    blob as stored; ``wait``: seconds the server asked for (``Retry-After``).
+    """
+
+    def __init__(
+        self, reason: str, *, restart: bool = False, integrity: bool = False, wait: float | None = None
+    ) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.restart = restart
+        self.integrity = integrity
+        self.wait = wait
+
+
+def _judge_blob_response(response: httpx2.Response, digest: str, start: int) -> None:
+    """Judge a blob response's status and headers before any byte of it is written."""
+    status = response.status_code
+    if status in (401, 403):
+        raise AuthenticationError(f"the registry refused access to blob {digest} (HTTP {status})")
+    if status == 416:
+        raise UnusableBlobResponse("the server cannot resume this blob (HTTP 416)", restart=True)
+    if status not in (200, 206):
+        raise UnusableBlobResponse(f"HTTP {status}", wait=retry_after(response))
+    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise UnusableBlobResponse(f"the server compressed the blob (Content-Encoding: {encoding})", integrity=True)
+    if status == 206:
+        first = response.headers.get("Content-Range", "").removeprefix("bytes ").split("-", 1)[0]
+        if first != str(start):
+            raise UnusableBlobResponse(
+                f"the server resumed at the wrong offset ({first or '?'}, not {start})", restart=True
+            )
 
 
 def auth_hint(response: httpx2.Response) -> str:

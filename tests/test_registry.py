@@ -15,6 +15,7 @@ from ollama_pull import __version__
 from ollama_pull.auth import MAX_AUTH_TRIES, BearerChallenge, RegistryAuth, _cache_key, parse_challenge
 from ollama_pull.errors import AuthenticationError, ClientTooOld, InvalidManifest, ModelNotFound, RegistryError
 from ollama_pull.manifest import MAX_MANIFEST_BYTES
+from ollama_pull.registry import UnusableBlobResponse
 
 from .fakes import BASE, REF, make_model, registry_for
 
@@ -270,8 +271,11 @@ async def test_a_request_is_sent_at_most_ten_times_the_last_with_a_token_of_its_
             return unauthorized()
 
         router.get(url__startswith=f"{BASE}/blobs/").mock(side_effect=blob)
-        async with registry.client, registry.stream_blob(REF, "sha256:" + "0" * 64) as response:
-            assert response.status_code == 401
+        async with registry.client:
+            # The registry client judges a blob response before handing it over: a 401 there is final.
+            with pytest.raises(AuthenticationError, match=r"\(HTTP 401\)"):
+                async with registry.stream_blob(REF, "sha256:" + "0" * 64):
+                    pass
     assert len(sent) == MAX_AUTH_TRIES
     assert sent[1:-1] == [f"Bearer sibling-{n}" for n in range(1, MAX_AUTH_TRIES - 1)]
     assert sent[-1] == "Bearer own"
@@ -528,3 +532,28 @@ async def test_a_client_holding_cookies_sends_blob_gets_itself(monkeypatch: pyte
             assert await response.aread() == b"bytes"
     assert sends.urls == [f"{BASE}/blobs/{digest}"]
     assert blob.calls.last.request.headers["Cookie"] == "session=abc"
+
+
+@pytest.mark.parametrize(
+    ("answer", "restart", "integrity", "wait", "reason"),
+    [
+        # Each row: what the server answered a request for bytes 5-, and how the registry client judges it.
+        (httpx.Response(416), True, False, None, "cannot resume this blob (HTTP 416)"),
+        (httpx.Response(503, headers={"Retry-After": "7"}), False, False, 7.0, "HTTP 503"),
+        (httpx.Response(206, headers={"Content-Encoding": "gzip"}), False, True, None, "compressed the blob"),
+        (httpx.Response(206, headers={"Content-Range": "bytes 0-9/10"}), True, False, None, "wrong offset (0, not 5)"),
+    ],
+)
+async def test_a_blob_response_is_judged_by_the_registry_client_before_it_is_handed_over(
+    answer: httpx.Response, restart: bool, integrity: bool, wait: float | None, reason: str
+) -> None:
+    digest = "sha256:" + "0" * 64
+    with respx.mock(using="httpcore2") as router:
+        router.get(f"{BASE}/blobs/{digest}").mock(return_value=answer)
+        registry = registry_for(router)
+        async with registry.client:
+            with pytest.raises(UnusableBlobResponse) as caught:
+                async with registry.stream_blob(REF, digest, offset=5):
+                    pass
+    assert (caught.value.restart, caught.value.integrity, caught.value.wait) == (restart, integrity, wait)
+    assert reason in caught.value.reason
