@@ -146,6 +146,31 @@ class RegistryClient:
     def _mirror_url(self, reference: ModelReference) -> str | None:
         return None if self.mirror is None or self.mirror_failure else f"{self.mirror}/v2/{reference.repository}"
 
+    async def _ask_mirror(
+        self, reference: ModelReference, ask: Callable[[str], Awaitable[T | httpx2.Response]]
+    ) -> T | None:
+        """Ask the mirror, if there is one still up, with ``ask`` (which answers a response it could not use as
+        such): what it got, or None, the reason recorded, when the origin must answer instead."""
+        mirror = self._mirror_url(reference)
+        if mirror is None:
+            return None
+        try:
+            got = await ask(mirror)
+        except httpx2.RequestError as exc:
+            self._mirror_failed(describe_transport_error(exc), down=True)
+            return None
+        except (_Stalled, TokenServiceError) as exc:
+            self._mirror_failed(str(exc), down=True)
+            return None
+        except InvalidManifest:
+            # A mirror that serves a bad manifest is no reason to fail: the origin may serve a good one.
+            self._mirror_failed("invalid manifest", down=False)
+            return None
+        if isinstance(got, httpx2.Response):
+            self._mirror_failed(f"HTTP {got.status_code}", down=got.status_code >= 500)
+            return None
+        return got
+
     def _mirror_failed(self, reason: str, *, down: bool) -> None:
         if down:
             self.mirror_failure = reason
@@ -155,22 +180,14 @@ class RegistryClient:
     ) -> Manifest:
         """Fetch and validate the manifest, retrying stalls, 429, 5xx, network and token service failures with
         backoff; ``on_retry`` hears of each failure that will be retried (failures so far, reason, delay)."""
-        mirror = self._mirror_url(reference)
-        if mirror is not None:
-            try:
-                got = await self._unstalled(
-                    lambda seen: self._open_manifest(f"{mirror}/manifests/{reference.tag}", reference, seen)
-                )
-                if isinstance(got, Manifest):
-                    return got
-                self._mirror_failed(f"HTTP {got.status_code}", down=got.status_code >= 500)
-            except httpx2.RequestError as exc:
-                self._mirror_failed(describe_transport_error(exc), down=True)
-            except (_Stalled, TokenServiceError) as exc:
-                self._mirror_failed(str(exc), down=True)
-            except InvalidManifest:
-                # A mirror that serves a bad manifest is no reason to fail: the origin may serve a good one.
-                self._mirror_failed("invalid manifest", down=False)
+        mirrored = await self._ask_mirror(
+            reference,
+            lambda mirror: self._unstalled(
+                lambda seen: self._open_manifest(f"{mirror}/manifests/{reference.tag}", reference, seen)
+            ),
+        )
+        if mirrored is not None:
+            return mirrored
         url = f"{self.repository_url(reference)}/manifests/{reference.tag}"
         # Every failure counts, stalls too: a manifest has no bytes in flight that a free retry could continue.
         budget = RetryBudget(self.attempts, backoff=self.backoff, max_stalls=MANIFEST_STALL_RETRIES, free_stalls=False)
@@ -263,23 +280,24 @@ class RegistryClient:
             headers["Range"] = f"bytes={offset}-{end - 1}"
         elif offset:
             headers["Range"] = f"bytes={offset}-"
-        mirror = self._mirror_url(reference)
-        if mirror is not None:
-            # Only opening the mirror's response may fall back; a failure while the caller reads it is an
-            # ordinary failed attempt, which the engine retries (through the mirror again).
+
+        async def open_on(mirror: str) -> tuple[AsyncExitStack, httpx2.Response] | httpx2.Response:
             stack = AsyncExitStack()
-            try:
-                response = await stack.enter_async_context(self._get(f"{mirror}/blobs/{digest}", headers))
-            except httpx2.RequestError as exc:
-                self._mirror_failed(describe_transport_error(exc), down=True)
-            else:
-                if response.status_code in (200, 206):
-                    async with stack:
-                        _judge_blob_response(response, digest, offset)
-                        yield response
-                    return
-                await stack.aclose()
-                self._mirror_failed(f"HTTP {response.status_code}", down=response.status_code >= 500)
+            response = await stack.enter_async_context(self._get(f"{mirror}/blobs/{digest}", headers))
+            if response.status_code in (200, 206):
+                return stack, response
+            await stack.aclose()
+            return response
+
+        # Only opening the mirror's response may fall back; a failure while the caller reads it is an ordinary
+        # failed attempt, which the engine retries (through the mirror again).
+        mirrored = await self._ask_mirror(reference, open_on)
+        if mirrored is not None:
+            stack, response = mirrored
+            async with stack:
+                _judge_blob_response(response, digest, offset)
+                yield response
+            return
         async with self._get(f"{self.repository_url(reference)}/blobs/{digest}", headers) as response:
             _judge_blob_response(response, digest, offset)
             yield response
