@@ -290,6 +290,21 @@ async def test_a_blob_whose_chunks_never_verify_fails_with_nothing_left(store: S
     assert not store.parts_state_path(digest).exists()
 
 
+def saved_bytes(store: Store, digest: str) -> int:
+    """The bytes a chunked blob's saved progress says have landed (0 before the first save)."""
+    try:
+        return sum(json.loads(store.parts_state_path(digest).read_text())["done"])
+    except FileNotFoundError:
+        return 0
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out waiting"
+        await asyncio.sleep(0.005)
+
+
 async def test_an_interrupted_blob_resumes_only_its_missing_chunks(store: Store) -> None:
     model = big_model()
     layer = model.layers[1]
@@ -311,8 +326,9 @@ async def test_an_interrupted_blob_resumes_only_its_missing_chunks(store: Store)
         first.mount(router)
         pull = asyncio.create_task(download(router, model, store, settings=PARTED))
         await stop.wait()
-        for _ in range(50):
-            await asyncio.sleep(0)
+        # The first six chunks are in flight or landing (worker threads write them): cancel once the saved
+        # progress says they are in, however long a loaded machine takes.
+        await wait_until(lambda: saved_bytes(store, layer.digest) >= 6 * CHUNK)
         pull.cancel()
         with pytest.raises(asyncio.CancelledError):
             await pull
