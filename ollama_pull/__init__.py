@@ -25,6 +25,7 @@ _EXPORTS = {
     "ModelReference": ".reference",
     "OllamaPullError": ".errors",
     "PullResult": ".api",
+    "Puller": ".api",
     "PushResult": ".push",
     "PushSettings": ".push",
     "export_models": ".bundle",
@@ -35,7 +36,7 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:
-    from .api import PullResult, pull
+    from .api import Puller, PullResult, pull
     from .bundle import ExportResult, ImportResult, export_models, import_bundle
     from .engine import Downloader, DownloadSettings
     from .errors import OllamaPullError
@@ -50,6 +51,7 @@ __all__ = [
     "ModelReference",
     "OllamaPullError",
     "PullResult",
+    "Puller",
     "PushResult",
     "PushSettings",
     "__version__",

@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +68,108 @@ class PullResult:
     seconds: float
 
 
+class Puller:
+    """What every pull into one store shares: the store, one HTTP client (one connection pool, one token cache),
+    the registry client over it (with a ``mirror``, if any), the settings and the clock.
+
+    Use it as an async context manager; a ``client`` passed in is used as is and left open, otherwise one is made
+    (plain HTTP with ``insecure``, trusting the CA certificates in ``ca_cert`` besides the system's) and closed on
+    exit. Several models pulled with one puller share its connections and tokens, and a blob two of them share is
+    downloaded once.
+    """
+
+    def __init__(
+        self,
+        *,
+        models_dir: str | Path | None = None,
+        insecure: bool = False,
+        settings: DownloadSettings = DownloadSettings(),
+        client: httpx2.AsyncClient | None = None,
+        mirror: str | None = None,
+        ca_cert: str | Path | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.store = open_store(models_dir)
+        self.settings = settings
+        self._clock = clock
+        self._own_client = client is None
+        if client is None:
+            cert = Path(ca_cert) if ca_cert is not None else None
+            client = make_client(insecure=insecure, concurrency=settings.concurrency, ca_cert=cert)
+        self.client = client
+        self.registry = RegistryClient(
+            client,
+            insecure=insecure,
+            attempts=settings.attempts,
+            backoff=settings.backoff,
+            mirror=mirror,
+            stall_timeout=settings.stall_timeout,
+        )
+
+    async def __aenter__(self) -> Puller:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        if self._own_client:
+            await self.client.aclose()
+
+    async def resolve(self, reference: str | ModelReference, *, on_event: EventCallback = ignore_event) -> Plan:
+        """Fetch and validate the manifest and compare it with the store; write nothing."""
+        ref = _reference(reference)
+        return _compare(ref, await self._fetch_manifest(ref, on_event), self.store)
+
+    async def pull(self, reference: str | ModelReference, *, on_event: EventCallback = ignore_event) -> PullResult:
+        """Pull ``reference`` into the store: every missing blob verified, then the manifest, written last.
+
+        Raises a subclass of :class:`ollama_pull.errors.OllamaPullError` on any expected failure.
+        """
+        ref = _reference(reference)
+        store = self.store
+        started = self._clock()
+        plan = await self.resolve(ref, on_event=on_event)
+        store.check_space(plan.missing_bytes)
+        store.prepare()
+        async with store.store_lock(exclusive=False):
+            # A prune may have run while we fetched the manifest: look at the store again under the lock.
+            plan = _compare(ref, plan.manifest, store)
+            on_event(plan.event())
+            downloader = Downloader(self.registry, store, settings=self.settings, on_event=on_event, clock=self._clock)
+            stats = await downloader.download(ref, plan.missing, model=ref.short)
+            on_event(WritingManifest(ref.short, str(store.manifest_path(ref))))
+            path = store.write_manifest(ref, plan.manifest.raw)
+        result = PullResult(
+            reference=ref,
+            manifest_digest=plan.manifest.digest,
+            manifest_path=path,
+            total_bytes=plan.manifest.total_size,
+            downloaded_bytes=stats.downloaded_bytes,
+            downloaded_blobs=stats.downloaded_blobs,
+            present_blobs=len(plan.present),
+            seconds=self._clock() - started,
+        )
+        on_event(
+            PullFinished(
+                model=ref.short,
+                digest=result.manifest_digest,
+                manifest_path=str(path),
+                total_bytes=result.total_bytes,
+                downloaded_bytes=result.downloaded_bytes,
+                downloaded_blobs=result.downloaded_blobs,
+                present_blobs=result.present_blobs,
+                seconds=result.seconds,
+            )
+        )
+        return result
+
+    async def _fetch_manifest(self, ref: ModelReference, on_event: EventCallback) -> Manifest:
+        on_event(Resolving(ref.short))
+
+        def retrying(attempt: int, reason: str, delay: float) -> None:
+            on_event(ManifestRetry(ref.short, attempt, reason, delay))
+
+        return await self.registry.fetch_manifest(ref, on_retry=retrying)
+
+
 async def resolve(
     reference: str | ModelReference,
     *,
@@ -81,11 +181,13 @@ async def resolve(
     mirror: str | None = None,
     ca_cert: str | Path | None = None,
 ) -> Plan:
-    """Fetch and validate the manifest and compare it with the store; write nothing."""
-    ref = _reference(reference)
-    async with _client(client, insecure, settings, ca_cert) as http:
-        registry = _registry(http, insecure, settings, mirror)
-        return await _plan(ref, open_store(models_dir), registry, on_event)
+    """Fetch and validate the manifest and compare it with the store; write nothing. One :class:`Puller`'s
+    :meth:`Puller.resolve`, for a single model."""
+    puller = Puller(
+        models_dir=models_dir, insecure=insecure, settings=settings, client=client, mirror=mirror, ca_cert=ca_cert
+    )
+    async with puller:
+        return await puller.resolve(reference, on_event=on_event)
 
 
 async def pull(
@@ -100,52 +202,22 @@ async def pull(
     mirror: str | None = None,
     ca_cert: str | Path | None = None,
 ) -> PullResult:
-    """Pull ``reference`` into the Ollama store at ``models_dir`` (default: ``$OLLAMA_MODELS``).
+    """Pull ``reference`` into the Ollama store at ``models_dir`` (default: ``$OLLAMA_MODELS``): one
+    :class:`Puller`'s :meth:`Puller.pull`, for a single model (see :class:`Puller` for the options).
 
-    Pass ``client`` to reuse one HTTP client across pulls (it is then left open); otherwise one is made and
-    closed here, trusting the CA certificates in ``ca_cert`` besides the public ones. With ``mirror`` (a
-    registry mirror's base URL), requests try the mirror before the origin. ``insecure`` means plain HTTP.
     Raises a subclass of :class:`ollama_pull.errors.OllamaPullError` on any expected failure.
     """
-    ref = _reference(reference)
-    store = open_store(models_dir)
-    async with _client(client, insecure, settings, ca_cert) as http:
-        started = clock()
-        registry = _registry(http, insecure, settings, mirror)
-        plan = await _plan(ref, store, registry, on_event)
-        store.check_space(plan.missing_bytes)
-        store.prepare()
-        async with store.store_lock(exclusive=False):
-            # A prune may have run while we fetched the manifest: look at the store again under the lock.
-            plan = _compare(ref, plan.manifest, store)
-            on_event(plan.event())
-            downloader = Downloader(registry, store, settings=settings, on_event=on_event, clock=clock)
-            stats = await downloader.download(ref, plan.missing, model=ref.short)
-            on_event(WritingManifest(ref.short, str(store.manifest_path(ref))))
-            path = store.write_manifest(ref, plan.manifest.raw)
-    result = PullResult(
-        reference=ref,
-        manifest_digest=plan.manifest.digest,
-        manifest_path=path,
-        total_bytes=plan.manifest.total_size,
-        downloaded_bytes=stats.downloaded_bytes,
-        downloaded_blobs=stats.downloaded_blobs,
-        present_blobs=len(plan.present),
-        seconds=clock() - started,
+    puller = Puller(
+        models_dir=models_dir,
+        insecure=insecure,
+        settings=settings,
+        client=client,
+        mirror=mirror,
+        ca_cert=ca_cert,
+        clock=clock,
     )
-    on_event(
-        PullFinished(
-            model=ref.short,
-            digest=result.manifest_digest,
-            manifest_path=str(path),
-            total_bytes=result.total_bytes,
-            downloaded_bytes=result.downloaded_bytes,
-            downloaded_blobs=result.downloaded_blobs,
-            present_blobs=result.present_blobs,
-            seconds=result.seconds,
-        )
-    )
-    return result
+    async with puller:
+        return await puller.pull(reference, on_event=on_event)
 
 
 async def verify(reference: str | ModelReference, *, models_dir: str | Path | None = None) -> Manifest:
@@ -183,41 +255,6 @@ async def verify(reference: str | ModelReference, *, models_dir: str | Path | No
 
 def _reference(reference: str | ModelReference) -> ModelReference:
     return reference if isinstance(reference, ModelReference) else parse_reference(reference)
-
-
-@asynccontextmanager
-async def _client(
-    client: httpx2.AsyncClient | None, insecure: bool, settings: DownloadSettings, ca_cert: str | Path | None
-) -> AsyncIterator[httpx2.AsyncClient]:
-    """The caller's client, left open; or one of our own, closed after use."""
-    if client is not None:
-        yield client
-        return
-    cert = Path(ca_cert) if ca_cert is not None else None
-    async with make_client(insecure=insecure, concurrency=settings.concurrency, ca_cert=cert) as own:
-        yield own
-
-
-def _registry(
-    client: httpx2.AsyncClient, insecure: bool, settings: DownloadSettings, mirror: str | None
-) -> RegistryClient:
-    return RegistryClient(
-        client,
-        insecure=insecure,
-        attempts=settings.attempts,
-        backoff=settings.backoff,
-        mirror=mirror,
-        stall_timeout=settings.stall_timeout,
-    )
-
-
-async def _plan(ref: ModelReference, store: Store, registry: RegistryClient, on_event: EventCallback) -> Plan:
-    on_event(Resolving(ref.short))
-
-    def retrying(attempt: int, reason: str, delay: float) -> None:
-        on_event(ManifestRetry(ref.short, attempt, reason, delay))
-
-    return _compare(ref, await registry.fetch_manifest(ref, on_retry=retrying), store)
 
 
 def _compare(ref: ModelReference, manifest: Manifest, store: Store) -> Plan:

@@ -34,8 +34,7 @@ from .events import Event, Failed
 from .reference import ModelReference, parse_reference
 
 if TYPE_CHECKING:
-    import httpx2
-
+    from .api import Puller
     from .engine import DownloadSettings
     from .manifest import Manifest
     from .progress import JsonRenderer, PlainRenderer, QuietRenderer, RichRenderer
@@ -305,8 +304,8 @@ def pull(
         session.finish(_prune(session, dry_run=dry_run))
     settings = _settings(concurrency, retries, stall_timeout, max_rate)
     references = session.references(models, file)
-    client = session.client(insecure=insecure, concurrency=concurrency, ca_cert=ca_cert)
-    session.finish(_pull(session, references, client, settings, insecure=insecure, mirror=mirror, prune=prune))
+    puller = session.puller(settings, insecure=insecure, mirror=mirror, ca_cert=ca_cert)
+    session.finish(_pull(session, references, puller, prune=prune))
 
 
 @app.command("list")
@@ -542,11 +541,13 @@ class _Session:
                 references.append(reference)
         return references
 
-    def client(self, *, insecure: bool, concurrency: int, ca_cert: Path | None) -> httpx2.AsyncClient:
-        from .network import make_client
+    def puller(self, settings: DownloadSettings, *, insecure: bool, mirror: str | None, ca_cert: Path | None) -> Puller:
+        from .api import Puller
 
         try:
-            return make_client(insecure=insecure, concurrency=concurrency, ca_cert=ca_cert)
+            return Puller(
+                models_dir=self.models_dir, insecure=insecure, settings=settings, mirror=mirror, ca_cert=ca_cert
+            )
         except OllamaPullError as exc:
             self.fail(exc)
             self.finish()
@@ -613,45 +614,18 @@ def _old_mode(session: _Session, command: str, models: list[str] | None, file: s
     session.finish(_verify(session, session.references(models, file)))
 
 
-async def _pull(
-    session: _Session,
-    references: list[ModelReference],
-    client: httpx2.AsyncClient,
-    settings: DownloadSettings,
-    *,
-    insecure: bool,
-    mirror: str | None,
-    prune: bool,
-) -> None:
-    """Pull (or, on a dry run, resolve) each model in turn with one client, then prune if asked and all went well."""
-    from .api import pull, resolve
-
+async def _pull(session: _Session, references: list[ModelReference], puller: Puller, *, prune: bool) -> None:
+    """Pull (or, on a dry run, resolve) each model in turn with one puller, then prune if asked and all went well."""
     resolved: dict[ModelReference, Manifest] = {}
-    async with client:
+    async with puller:
         for reference in references:
             try:
                 if session.dry_run:
-                    plan = await resolve(
-                        reference,
-                        models_dir=session.models_dir,
-                        insecure=insecure,
-                        settings=settings,
-                        on_event=session.emit,
-                        client=client,
-                        mirror=mirror,
-                    )
+                    plan = await puller.resolve(reference, on_event=session.emit)
                     session.emit(plan.event())
                     resolved[reference] = plan.manifest
                 else:
-                    await pull(
-                        reference,
-                        models_dir=session.models_dir,
-                        insecure=insecure,
-                        settings=settings,
-                        on_event=session.emit,
-                        client=client,
-                        mirror=mirror,
-                    )
+                    await puller.pull(reference, on_event=session.emit)
             except OllamaPullError as exc:
                 session.fail(exc, reference.short)
     if prune and not session.failures:

@@ -9,7 +9,7 @@ import httpx
 import pytest
 import respx
 
-from ollama_pull import pull
+from ollama_pull import Puller, pull
 from ollama_pull.errors import BlobError, InvalidManifest
 from ollama_pull.events import BlobStarted, Event, ManifestResolved, PullFinished, Resolving, WritingManifest
 from ollama_pull.network import make_client
@@ -111,3 +111,21 @@ async def test_a_failed_blob_leaves_no_manifest_and_no_unverified_blob(tmp_path:
         digest = path.name.replace("-", ":", 1)
         assert model.blobs[digest] == path.read_bytes()
     assert not store.blob_path(bad.digest).exists()
+
+
+async def test_one_puller_pulls_twice_with_one_client_and_closes_only_its_own(tmp_path: Path) -> None:
+    model = make_model(1000, 2000)
+    with respx.mock(using="httpcore2", assert_all_called=False) as router:
+        routes(router, model)
+        async with Puller(models_dir=str(tmp_path), settings=FAST) as puller:
+            first = await puller.pull(REF)
+            # The second pull finds every blob in place and asks the registry for the manifest alone.
+            second = await puller.pull(REF)
+            client = puller.client
+        assert client.is_closed
+        assert (first.downloaded_blobs, second.downloaded_blobs, second.present_blobs) == (3, 0, 3)
+        async with make_client() as shared:
+            async with Puller(models_dir=tmp_path, settings=FAST, client=shared) as puller:
+                assert (await puller.resolve(REF)).missing == ()
+            assert not shared.is_closed
+        assert router.get(f"{BASE}/manifests/tag").call_count == 3
