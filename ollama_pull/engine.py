@@ -28,7 +28,7 @@ from .ratelimit import RateLimiter
 from .reference import ModelReference
 from .registry import RegistryClient, UnusableBlobResponse
 from .retry import Backoff, FailureKind, RetryBudget, describe_transport_error
-from .store import Store, opened_in_thread
+from .store import Store, finished_in_thread
 from .units import format_rate
 
 Clock = Callable[[], float]
@@ -253,7 +253,7 @@ class Downloader:
         continues with Range; the partial file outlives the run only for a blob large enough to be worth it."""
         layer = state.layer
         resumable = layer.size >= self.settings.resume_min_size
-        blob = await opened_in_thread(
+        blob = await finished_in_thread(
             lambda: self.store.open_blob(layer, resume=resumable), lambda opened: opened.close(keep=resumable)
         )
         self._announce(state, model, blob.offset)
@@ -284,7 +284,7 @@ class Downloader:
         """The blob in chunks over several streams, hashed front to back as the chunks land."""
         layer = state.layer
         started = self._clock()
-        blob = await opened_in_thread(
+        blob = await finished_in_thread(
             lambda: PartedBlob(self.store, layer, chunk_size=self.settings.chunk_size),
             lambda opened: opened.close(keep=opened.received > 0),
         )

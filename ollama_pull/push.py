@@ -48,7 +48,7 @@ from .network import make_client
 from .reference import ModelReference, parse_reference
 from .registry import RegistryClient, auth_hint
 from .retry import RETRYABLE_STATUS, Backoff, describe_transport_error, retry_after
-from .store import Store, open_store
+from .store import Store, finished_in_thread, open_store
 
 MIB = 1024 * 1024
 # Blobs at least this big go up in chunks of CHUNK_SIZE: a reverse proxy in front of a registry often caps a
@@ -437,7 +437,8 @@ class _Progress:
 async def _body(chunks: Iterator[bytes], state: _Progress) -> AsyncIterator[bytes]:
     """A request body read from disk in a worker thread, a chunk at a time, so the loop never blocks on it."""
     try:
-        while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+        # Waited for even when cancelled: closing the generator while the thread is inside it would fail.
+        while (chunk := await finished_in_thread(lambda: next(chunks, None))) is not None:
             state.advance(len(chunk))
             yield chunk
     finally:

@@ -249,7 +249,7 @@ async def _flock(
         # Creating the file and taking the lock were a sixth of the event loop's time on 4,096 small blobs (the
         # filesystem's inode and journal work, and the GIL to win back after each call): a worker thread does
         # both, beside the downloads.
-        fd, locked = await opened_in_thread(lambda: _open_lock(path, operation), lambda got: os.close(got[0]))
+        fd, locked = await finished_in_thread(lambda: _open_lock(path, operation), lambda got: os.close(got[0]))
     try:
         while not locked:
             if on_wait is not None:
@@ -262,16 +262,17 @@ async def _flock(
         os.close(fd)
 
 
-async def opened_in_thread(open_file: Callable[[], F], undo: Callable[[F], None]) -> F:
-    """Open (or create) a file in a worker thread. Cancelled meanwhile, the thread opens it all the same: wait for
-    it and ``undo`` what it did, so that a cancelled pull leaves neither a descriptor nor a file behind."""
-    opening = asyncio.ensure_future(asyncio.to_thread(open_file))
+async def finished_in_thread(work: Callable[[], F], undo: Callable[[F], None] | None = None) -> F:
+    """Run ``work`` (opening a file, reading from one) in a worker thread. Cancelled meanwhile, the thread runs on
+    all the same: wait for it to end, then ``undo`` what it did, so that a cancelled pull leaves neither a
+    descriptor nor a file behind, and nobody touches what the thread still holds."""
+    running = asyncio.ensure_future(asyncio.to_thread(work))
     try:
-        return await asyncio.shield(opening)
+        return await asyncio.shield(running)
     except asyncio.CancelledError:
-        await asyncio.wait({opening})
-        if not opening.cancelled() and opening.exception() is None:
-            undo(opening.result())
+        await asyncio.wait({running})
+        if undo is not None and not running.cancelled() and running.exception() is None:
+            undo(running.result())
         raise
 
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx2
@@ -17,7 +19,7 @@ from ollama_pull.errors import AuthenticationError, IncompleteModel, IntegrityEr
 from ollama_pull.events import BlobMounted, BlobProgress, BlobRetry, Event, PushFinished, PushPlanned
 from ollama_pull.housekeeping import prune
 from ollama_pull.network import make_client
-from ollama_pull.push import PushSettings, push, push_source
+from ollama_pull.push import PushSettings, _body, _Progress, push, push_source
 from ollama_pull.reference import parse_reference
 from ollama_pull.retry import Backoff
 from ollama_pull.store import Store
@@ -294,3 +296,30 @@ async def test_a_prune_waits_while_the_store_is_read(tmp_path: Path) -> None:
         await pushing
         assert (await pruning).digests == ("sha256:" + "0" * 64,)
     assert server.blobs == model.blobs
+
+
+async def test_an_upload_body_cancelled_while_its_thread_reads_closes_the_reader_after_the_read() -> None:
+    # CI met "generator already executing": a cancelled upload closed the blob's reader while a worker thread was
+    # still inside it. The read is waited for, then the reader is closed.
+    reading, go_on, closed = threading.Event(), threading.Event(), threading.Event()
+
+    def chunks() -> Iterator[bytes]:
+        try:
+            reading.set()
+            go_on.wait(10)
+            yield b"x" * 10
+        finally:
+            closed.set()
+
+    layer = make_model(10).layers[0]
+    body = _body(chunks(), _Progress("m", layer, lambda _event: None))
+    task = asyncio.ensure_future(body.__anext__())
+    while not reading.is_set():
+        await asyncio.sleep(0.001)
+    task.cancel()
+    await asyncio.sleep(0.01)
+    go_on.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await body.aclose()
+    assert closed.wait(5)
