@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
-from collections.abc import AsyncIterator, Callable
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import httpx
+import pytest
 import respx
 
 from ollama_pull.engine import Downloader, DownloadSettings
@@ -137,3 +139,16 @@ def assert_store_holds(store: Store, model: Model) -> None:
 
 def retries(events: list[Event]) -> list[BlobRetry]:
     return [event for event in events if isinstance(event, BlobRetry)]
+
+
+async def cancel_while_in_thread(started: threading.Event, release: threading.Event, work: Awaitable[object]) -> None:
+    """Cancel ``work`` once a worker thread it started is inside (``started``), let the thread go on only after the
+    cancel (``release``), and expect the cancel to come out of ``work``."""
+    task = asyncio.ensure_future(work)
+    while not started.is_set():
+        await asyncio.sleep(0.001)
+    task.cancel()
+    await asyncio.sleep(0.01)
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task

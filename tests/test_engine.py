@@ -31,6 +31,7 @@ from .fakes import (
     FakeClock,
     Model,
     assert_store_holds,
+    cancel_while_in_thread,
     download,
     make_model,
     registry_for,
@@ -444,13 +445,6 @@ async def test_a_download_cancelled_while_its_file_opens_leaves_no_partial_file(
     monkeypatch.setattr(Store, "open_blob", slow_open)
     with respx.mock(using="httpcore2", assert_all_called=False) as router:
         serve(router, model, ok)
-        task = asyncio.ensure_future(download(router, model, store))
-        while not opening.is_set():
-            await asyncio.sleep(0.001)
-        task.cancel()
-        await asyncio.sleep(0.01)
-        go_on.set()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await cancel_while_in_thread(opening, go_on, download(router, model, store))
     assert opened.wait(10)
     assert [path.name for path in store.blobs_dir.iterdir()] == []

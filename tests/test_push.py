@@ -24,7 +24,7 @@ from ollama_pull.reference import parse_reference
 from ollama_pull.retry import Backoff
 from ollama_pull.store import Store
 
-from .fakes import Model, make_model, no_sleep
+from .fakes import Model, cancel_while_in_thread, make_model, no_sleep
 
 pytestmark = pytest.mark.anyio
 
@@ -313,13 +313,6 @@ async def test_an_upload_body_cancelled_while_its_thread_reads_closes_the_reader
 
     layer = make_model(10).layers[0]
     body = _body(chunks(), _Progress("m", layer, lambda _event: None))
-    task = asyncio.ensure_future(body.__anext__())
-    while not reading.is_set():
-        await asyncio.sleep(0.001)
-    task.cancel()
-    await asyncio.sleep(0.01)
-    go_on.set()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancel_while_in_thread(reading, go_on, body.__anext__())
     await body.aclose()
     assert closed.wait(5)
