@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import gzip
@@ -68,13 +69,20 @@ def store(tmp_path: Path) -> Store:
 async def test_downloads_every_blob_verified_within_the_concurrency_limit(store: Store) -> None:
     model = make_model(*[50_000 + i for i in range(12)])
     in_flight = peak = 0
+    overlapping = asyncio.Event()
 
     class Counting(ChunkStream):
         async def __aiter__(self):  # type: ignore[no-untyped-def]
             nonlocal in_flight, peak
             in_flight += 1
             peak = max(peak, in_flight)
+            if in_flight > 1:
+                overlapping.set()
             try:
+                # A body waits (a little) for a second one to start: blobs open their lock files in worker threads,
+                # and on a loaded machine each could otherwise finish before the next one is under way.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(overlapping.wait(), 1.0)
                 async for chunk in super().__aiter__():
                     yield chunk
             finally:
