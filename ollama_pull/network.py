@@ -28,6 +28,7 @@ import httpx2
 from . import __version__
 from .auth import RegistryAuth
 from .errors import RegistryError
+from .http1 import Http1Connection
 from .huggingface import HuggingFaceToken
 
 # Reading stops while this much is buffered and unread, and starts again once the reader has taken it all: it
@@ -257,6 +258,25 @@ class _ResponseStream(httpx2.AsyncByteStream):
                 self._done = None
 
 
+class _Pool(httpcore2.AsyncConnectionPool):
+    """httpcore2's pool, on our HTTP/1.1 connections (:mod:`ollama_pull.http1`)."""
+
+    def __init__(self, *, ssl_context: ssl.SSLContext, size: int, keepalive_expiry: float) -> None:
+        backend = AsyncioBackend()
+        super().__init__(
+            ssl_context=ssl_context,
+            max_connections=size,
+            max_keepalive_connections=size,
+            keepalive_expiry=keepalive_expiry,
+            network_backend=backend,
+        )
+        self._new_connection = (ssl_context, keepalive_expiry, backend)
+
+    def create_connection(self, origin: httpcore2.Origin) -> httpcore2.AsyncConnectionInterface:
+        context, expiry, backend = self._new_connection
+        return Http1Connection(origin, ssl_context=context, keepalive_expiry=expiry, backend=backend)
+
+
 class _Shard:
     """One connection pool and how many of its responses are still open."""
 
@@ -296,17 +316,10 @@ class ShardedTransport(httpx2.AsyncBaseTransport):
         per_shard = -(-connections // count)
         # One TLS context for all: building one loads the CA bundle, a few milliseconds each.
         context = httpx2.create_ssl_context(verify=verify)
-        backend = AsyncioBackend()
+        # Our connections speak HTTP/1.1 only; a server must not pick h2 for them.
+        context.set_alpn_protocols(["http/1.1"])
         self._shards = [
-            _Shard(
-                httpcore2.AsyncConnectionPool(
-                    ssl_context=context,
-                    max_connections=per_shard,
-                    max_keepalive_connections=per_shard,
-                    keepalive_expiry=self.KEEPALIVE_EXPIRY,
-                    network_backend=backend,
-                )
-            )
+            _Shard(_Pool(ssl_context=context, size=per_shard, keepalive_expiry=self.KEEPALIVE_EXPIRY))
             for _ in range(count)
         ]
 
