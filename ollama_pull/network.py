@@ -31,9 +31,12 @@ from .errors import RegistryError
 from .http1 import Http1Connection
 from .huggingface import HuggingFaceToken
 
-# Reading stops while this much is buffered and unread, and starts again once the reader has taken it all: it
-# bounds each connection's buffer at this plus one read of the transport (256 KiB).
-_PAUSE_AT = 64 * 1024
+# Reading stops while more than this is buffered and unread, and starts again once the reader has taken it all:
+# it bounds each connection's buffer at this plus one read of the transport (256 KiB). At one read's worth, a
+# reader that keeps up never stops the socket: stopping at 64 KiB paused and resumed it after nearly every
+# read, two epoll_ctl calls that were a fifth of the event loop's time on a 1 GiB blob (big 2.15 s -> 1.95 s,
+# many 1.56 s -> 1.40 s, 4 alternated runs each; peak memory the same within 6 MiB).
+_PAUSE_AT = 256 * 1024
 
 
 class _Receiver(asyncio.Protocol):
@@ -56,7 +59,7 @@ class _Receiver(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._chunks.append(data)
         self._buffered += len(data)
-        if self._buffered >= _PAUSE_AT and not self._reading_paused and self._transport is not None:
+        if self._buffered > _PAUSE_AT and not self._reading_paused and self._transport is not None:
             self._reading_paused = True
             self._transport.pause_reading()
         self._wake()
