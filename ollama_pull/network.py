@@ -34,7 +34,7 @@ from .huggingface import HuggingFaceToken
 # Reading stops while more than this is buffered and unread, and starts again once the reader has taken it all:
 # it bounds each connection's buffer at this plus one read of the transport (256 KiB). At one read's worth, a
 # reader that keeps up never stops the socket: stopping at 64 KiB paused and resumed it after nearly every
-# read, two epoll_ctl calls that were a fifth of the event loop's time on a 1 GiB blob (big 2.15 s -> 1.95 s,
+# read, two epoll_ctl calls that were a fifth of the event loop's time on a 1 GiB blob (big 2.27 s -> 2.15 s,
 # many 1.56 s -> 1.40 s, 4 alternated runs each; peak memory the same within 6 MiB).
 _PAUSE_AT = 256 * 1024
 
