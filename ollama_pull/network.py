@@ -8,7 +8,8 @@ without waiting at all, one received chunk at a time.
 
 httpx2's own transport has no parameter for the network backend, so ``ShardedTransport`` does what it does
 with public API only: it owns the pools, builds httpcore2's request from httpx2's, and httpx2's response and
-exceptions from httpcore2's. This is the only module that imports httpcore2 (a ruff banned-api rule).
+exceptions from httpcore2's. Only this module and :mod:`ollama_pull.http1` (its connections) import httpcore2
+(a ruff banned-api rule).
 ``make_client`` builds the client a pull uses: TLS, proxies and the choice of transport.
 """
 
