@@ -5,7 +5,9 @@ token from the realm and send the request again. Tokens are cached per repositor
 the next 401 refreshes it; concurrent downloads that hit the same 401 wait for that one refresh instead of each
 asking for a token. A token may expire again before a waiting download gets to use it (a token good for a few
 uses, many downloads in flight): a 401 on a token fetched for another request refreshes again, up to
-``MAX_AUTH_TRIES`` sends of one request, while a 401 on a token fetched for this very request is final. The token
+``MAX_AUTH_TRIES`` sends of one request, while a 401 on a token fetched for this very request is final. A
+repository that answered a request sent without credentials is remembered as anonymous until it answers with a
+401, so that a blob GET may go out bare without the flow (see :meth:`RegistryAuth.cached_header`). The token
 request carries the timeouts of the request it serves. A Basic challenge is answered with the configured
 credentials (see :mod:`ollama_pull.credentials`), which also go to the token service when there is one. Tokens
 and credentials never leave this module except in ``Authorization`` headers, and httpx2 drops those on a redirect
@@ -15,10 +17,12 @@ to another host.
 from __future__ import annotations
 
 import asyncio
+import enum
 import re
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 import httpx2
 
@@ -27,6 +31,14 @@ from .errors import AuthenticationError, RegistryError, TokenServiceError
 from .huggingface import access_hint, is_hugging_face
 from .retry import RETRYABLE_STATUS, TOKEN_SERVICE
 from .signing import OllamaKey, default_key_path, signed_token_url
+
+
+class _Unknown(enum.Enum):
+    UNKNOWN = enum.auto()
+
+
+# What :meth:`RegistryAuth.cached_header` answers for a repository that has not answered a request yet.
+UNKNOWN: Final = _Unknown.UNKNOWN
 
 PresetHeader = Callable[[httpx2.URL], "str | None"]
 
@@ -74,6 +86,8 @@ class RegistryAuth(httpx2.Auth):
         self._key_loaded = False
         # The Authorization value that works for a repository: "Bearer <token>" or "Basic <...>".
         self._headers: dict[str, str] = {}
+        # Repositories that answered a request sent without credentials with something other than a 401.
+        self._anonymous: set[str] = set()
         self._refresh = asyncio.Lock()
         # The host of the token service a token request is waiting on, if any: what a stalled request waits for.
         self.awaiting: str | None = None
@@ -91,7 +105,10 @@ class RegistryAuth(httpx2.Auth):
                 request.headers["Authorization"] = carried
             response = yield request
             if response.status_code != 401:
+                if "Authorization" not in request.headers:
+                    self._anonymous.add(key)
                 return
+            self._anonymous.discard(key)
             # httpx2 reads the 401's body only after this flow goes on: read before waiting for the refresh, so that
             # its connection goes back to the pool for the token request, instead of dozens of waiting downloads
             # holding every connection the refresh needs.
@@ -131,10 +148,15 @@ class RegistryAuth(httpx2.Auth):
             # its token may be used up too, so a 401 on it goes round again.
             sent = current
 
-    def cached_header(self, url: httpx2.URL) -> str | None:
+    def cached_header(self, url: httpx2.URL) -> str | _Unknown | None:
         """The ``Authorization`` value a request to ``url`` carries before any challenge: the one that last worked
-        for its repository, else the host's preset (a Hugging Face token), if any."""
-        return self._headers.get(_cache_key(url)) or self._preset(url)
+        for its repository, else the host's preset (a Hugging Face token); None when the repository answered
+        without one; :data:`UNKNOWN` until it has answered at all, when only the flow can learn what it wants."""
+        key = _cache_key(url)
+        header = self._headers.get(key) or self._preset(url)
+        if header is None and key not in self._anonymous:
+            return UNKNOWN
+        return header
 
     def _ollama_key(self) -> OllamaKey | None:
         # Read once, at the first challenge: anonymous pulls never touch the key.

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import httpx2
 
-from .auth import RegistryAuth
+from .auth import UNKNOWN, RegistryAuth
 from .credentials import PASSWORD_VARIABLE, USERNAME_VARIABLE
 from .errors import (
     AuthenticationError,
@@ -50,9 +50,10 @@ class BlobGets:
     ``AsyncClient.stream`` runs, for every request, the auth flow, the redirect loop, cookie extraction (which
     builds urllib ``Request`` objects) and URL merging: about a fifth of the event loop's time on a model of a
     few thousand small blobs (bench/PROFILE.md). A blob GET needs little of that: the registry's cached
-    ``Authorization`` value (or the token preset for the host), a redirect or two with the header dropped when
-    the host changes (as httpx2 does), no cookies. Anything else (a 401 that wants a token, a client that holds
-    cookies) goes through the client.
+    ``Authorization`` value (or the token preset for the host, or none for a repository that answered without
+    one), a redirect or two with the header dropped when the host changes (as httpx2 does), no cookies. Anything
+    else (a repository not heard from yet, a 401 that wants a token, a client that holds cookies) goes through
+    the client.
     """
 
     def __init__(self, client: httpx2.AsyncClient, transport: httpx2.AsyncBaseTransport, auth: RegistryAuth) -> None:
@@ -68,7 +69,7 @@ class BlobGets:
             return None
         target = httpx2.URL(url)
         authorization = self._auth.cached_header(target)
-        if authorization is None:
+        if authorization is UNKNOWN:
             # The first request to a repository: the auth flow learns what it wants (and bounds its tries).
             return None
         extensions = {"timeout": client.timeout.as_dict()}

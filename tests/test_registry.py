@@ -475,6 +475,59 @@ async def test_blob_gets_skip_the_client_policy_and_reuse_the_cached_token(monke
     assert headers["Accept-Encoding"] == "identity"
 
 
+async def test_blob_gets_go_straight_to_a_repository_that_answered_without_a_token(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = make_model(10, 20)
+    digests = [layer.digest for layer in model.layers]
+    sends = CountingSends(monkeypatch)
+    with respx.mock(using="httpcore2") as router:
+        router.get(f"{BASE}/manifests/tag").respond(200, content=model.manifest.raw)
+        blobs = [router.get(f"{BASE}/blobs/{digest}").respond(200, content=model.blobs[digest]) for digest in digests]
+        registry = registry_for(router)
+        async with registry.client:
+            await registry.fetch_manifest(REF)
+            for digest in digests:
+                async with registry.stream_blob(REF, digest) as response:
+                    assert await response.aread() == model.blobs[digest]
+    # The manifest went out bare and was answered: no blob needs the client's auth flow to find that out again.
+    assert sends.urls == [f"{BASE}/manifests/tag"]
+    assert all("Authorization" not in blob.calls.last.request.headers for blob in blobs)
+
+
+async def test_a_repository_that_starts_asking_for_a_token_mid_pull_gets_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = make_model(10, 20)
+    first, second, third = (layer.digest for layer in model.layers)
+    sends = CountingSends(monkeypatch)
+    locked = False
+
+    def blob(request: httpx.Request) -> httpx.Response:
+        if locked and request.headers.get("Authorization") != "Bearer registry-token":
+            return unauthorized()
+        return httpx.Response(200, content=model.blobs[request.url.path.rsplit("/", 1)[1]])
+
+    with respx.mock(using="httpcore2") as router:
+        token = router.get("https://auth.test/token").respond(200, json={"token": "registry-token"})
+        router.get(f"{BASE}/manifests/tag").respond(200, content=model.manifest.raw)
+        route = router.route(method="GET", path__startswith="/v2/ns/model/blobs/").mock(side_effect=blob)
+        registry = registry_for(router)
+        async with registry.client:
+            await registry.fetch_manifest(REF)
+            async with registry.stream_blob(REF, first) as response:
+                assert await response.aread() == model.blobs[first]
+            locked = True
+            for digest in (second, third):
+                async with registry.stream_blob(REF, digest) as response:
+                    assert response.status_code == 200
+                    assert await response.aread() == model.blobs[digest]
+    # The bare blob GET's 401 hands the second blob to the auth flow, which fetches the token; the third blob
+    # carries it straight away.
+    assert sends.urls == [f"{BASE}/manifests/tag", f"{BASE}/blobs/{second}"]
+    assert token.call_count == 1
+    assert route.calls.last.request.headers["Authorization"] == "Bearer registry-token"
+    assert route.call_count == 5
+
+
 async def test_blob_gets_follow_redirects_and_keep_the_token_on_the_registry_host_only() -> None:
     digest = "sha256:" + "0" * 64
     with respx.mock(using="httpcore2") as router:
