@@ -207,8 +207,8 @@ class Downloader:
         def waiting() -> None:
             self._emit(BlobWaiting(model, layer.digest, layer.label))
 
-        async with slots, self.store.blob_lock(layer.digest, on_wait=waiting):
-            if self.store.has_blob(layer):
+        async with slots, self.store.claim_blob(layer, on_wait=waiting) as present:
+            if present:
                 # Another process sharing the store downloaded it while we waited for its lock.
                 self._emit(BlobFinished(model, layer.digest, layer.size, 0.0))
                 return

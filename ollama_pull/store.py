@@ -158,12 +158,24 @@ class Store:
     ) -> contextlib.AbstractAsyncContextManager[None]:
         """The store-wide lock of one blob, held while it downloads; ``on_wait`` is called once if another process
         holds it, before waiting for it."""
-        return _flock(self._locks_dir / (_blob_name(digest) + ".lock"), exclusive=True, on_wait=on_wait)
+        return _flock(self._lock_path(digest), exclusive=True, then=lambda: None, on_wait=on_wait)
+
+    def claim_blob(
+        self, layer: Layer, *, on_wait: Callable[[], None] | None = None
+    ) -> contextlib.AbstractAsyncContextManager[bool]:
+        """The blob's lock (:meth:`blob_lock`), and whether the blob is in the store once it is held: another
+        process sharing the store may have downloaded it meanwhile. When the lock is free at once the check runs
+        in the worker thread that takes it: one hand-off to a thread for both, a tenth of a millisecond of the
+        event loop's time saved on each of thousands of small blobs."""
+        return _flock(self._lock_path(layer.digest), exclusive=True, then=lambda: self.has_blob(layer), on_wait=on_wait)
 
     def store_lock(self, *, exclusive: bool) -> contextlib.AbstractAsyncContextManager[None]:
         """Pulls share this lock for their whole run; pruning takes it alone, so it never removes a blob that a
         running pull has finished but not yet named in a manifest."""
-        return _flock(self._locks_dir / "store.lock", exclusive=exclusive)
+        return _flock(self._locks_dir / "store.lock", exclusive=exclusive, then=lambda: None)
+
+    def _lock_path(self, digest: str) -> Path:
+        return self._locks_dir / (_blob_name(digest) + ".lock")
 
     def manifests(self) -> Iterator[ModelReference]:
         """Every model in the store, as Ollama lays them out: ``manifests/<host>/<namespace>/<model>/<tag>``."""
@@ -241,23 +253,32 @@ def hash_file(handle: BinaryIO, digest: hashlib._Hash, *, stop: threading.Event 
 
 @contextlib.asynccontextmanager
 async def _flock(
-    path: Path, *, exclusive: bool, poll: float = 0.05, on_wait: Callable[[], None] | None = None
-) -> AsyncIterator[None]:
-    """An flock on ``path``, waited for without blocking the event loop (and so cancellable)."""
+    path: Path,
+    *,
+    exclusive: bool,
+    then: Callable[[], F],
+    poll: float = 0.05,
+    on_wait: Callable[[], None] | None = None,
+) -> AsyncIterator[F]:
+    """An flock on ``path``, waited for without blocking the event loop (and so cancellable); gives what ``then``
+    answers once the lock is held."""
     operation = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
     with storage_errors(f"create the lock file {path}"):
         # Creating the file and taking the lock were a sixth of the event loop's time on 4,096 small blobs (the
         # filesystem's inode and journal work, and the GIL to win back after each call): a worker thread does
-        # both, beside the downloads.
-        fd, locked = await finished_in_thread(lambda: _open_lock(path, operation), lambda got: os.close(got[0]))
+        # both, beside the downloads, and asks ``then`` when the lock was free.
+        fd, answer = await finished_in_thread(lambda: _open_lock(path, operation, then), lambda got: os.close(got[0]))
     try:
-        while not locked:
-            if on_wait is not None:
-                on_wait()
-                on_wait = None
-            await asyncio.sleep(poll)
-            locked = _try_lock(fd, operation)
-        yield
+        if answer is None:
+            locked = False
+            while not locked:
+                if on_wait is not None:
+                    on_wait()
+                    on_wait = None
+                await asyncio.sleep(poll)
+                locked = _try_lock(fd, operation)
+            answer = (await asyncio.to_thread(then),)
+        yield answer[0]
     finally:
         os.close(fd)
 
@@ -276,8 +297,8 @@ async def finished_in_thread(work: Callable[[], F], undo: Callable[[F], None] | 
         raise
 
 
-def _open_lock(path: Path, operation: int) -> tuple[int, bool]:
-    """The lock file's descriptor, and whether the lock was free (then it is ours)."""
+def _open_lock(path: Path, operation: int, then: Callable[[], F]) -> tuple[int, tuple[F] | None]:
+    """The lock file's descriptor, and, when the lock was free (then it is ours), what ``then`` answers."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except FileNotFoundError:
@@ -285,7 +306,7 @@ def _open_lock(path: Path, operation: int) -> tuple[int, bool]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        return fd, _try_lock(fd, operation)
+        return fd, (then(),) if _try_lock(fd, operation) else None
     except BaseException:
         os.close(fd)
         raise

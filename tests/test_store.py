@@ -1,12 +1,15 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from ollama_pull.errors import StorageError
+from ollama_pull.manifest import TENSOR_MEDIA_TYPE, Layer
 from ollama_pull.reference import parse_reference
 from ollama_pull.store import Store, default_models_dir
 
@@ -89,11 +92,11 @@ async def test_a_blob_lock_cancelled_while_its_file_opens_leaks_no_descriptor(
     release = threading.Event()
     real_open = store_module._open_lock
 
-    def slow_open(path: Path, operation: int) -> tuple[int, bool]:
+    def slow_open(path: Path, operation: int, then: Callable[[], object]) -> tuple[int, tuple[object] | None]:
         release.wait(5)
-        fd, locked = real_open(path, operation)
+        fd, answer = real_open(path, operation, then)
         opened.append(fd)
-        return fd, locked
+        return fd, answer
 
     monkeypatch.setattr(store_module, "_open_lock", slow_open)
 
@@ -119,3 +122,33 @@ async def test_a_blob_lock_cancelled_while_its_file_opens_leaks_no_descriptor(
         with contextlib.suppress(OSError):
             held.append(os.readlink(f"/proc/self/fd/{fd}"))
     assert lock not in held
+
+
+@pytest.mark.anyio
+async def test_claiming_a_blob_says_whether_it_is_there_once_the_lock_is_held(tmp_path: Path) -> None:
+    import asyncio
+
+    store = Store(tmp_path)
+    store.prepare()
+    data = b"a blob"
+    layer = Layer(TENSOR_MEDIA_TYPE, "sha256:" + hashlib.sha256(data).hexdigest(), len(data))
+    async with store.claim_blob(layer) as present:
+        assert not present
+    store.blob_path(layer.digest).write_bytes(data)
+    async with store.claim_blob(layer) as present:
+        assert present
+    store.blob_path(layer.digest).unlink()
+    waited: list[str] = []
+
+    async def claim() -> bool:
+        async with store.claim_blob(layer, on_wait=lambda: waited.append("waiting")) as present:
+            return present
+
+    # Held elsewhere (another process, as far as flock knows): the answer is what is there once it is released.
+    async with store.blob_lock(layer.digest):
+        claiming = asyncio.create_task(claim())
+        while not waited:
+            await asyncio.sleep(0.01)
+        store.blob_path(layer.digest).write_bytes(data)
+    assert await claiming
+    assert waited == ["waiting"]
