@@ -130,6 +130,8 @@ class _Watch:
     received: int = 0
     # Waiting on --max-rate is our own doing, not the server's: neither a stall nor slowness.
     throttled: bool = False
+    # The body has ended: what is left (the last write, and with it perhaps the fsync and rename) is ours too.
+    received_all: bool = False
 
 
 @dataclass
@@ -253,29 +255,36 @@ class Downloader:
         continues with Range; the partial file outlives the run only for a blob large enough to be worth it."""
         layer = state.layer
         resumable = layer.size >= self.settings.resume_min_size
-        blob = await finished_in_thread(
-            lambda: self.store.open_blob(layer, resume=resumable), lambda opened: opened.close(keep=resumable)
-        )
+        if resumable:
+            blob = await finished_in_thread(
+                lambda: self.store.open_blob(layer, resume=True), lambda opened: opened.close(keep=True)
+            )
+        else:
+            # Nothing to read back: the file opens in the thread that writes the first bytes.
+            blob = self.store.open_blob(layer, resume=False)
         self._announce(state, model, blob.offset)
-        committed = False
         try:
             while True:
+                started = self._clock()
                 try:
                     seconds, _received = await self._watched(
                         lambda watch: self._stream_whole(reference, blob, state, model, watch)
                     )
                 except _AttemptFailed as failed:
+                    if blob.committed:
+                        # The last write verified the blob and named it; only closing the response failed after.
+                        return self._clock() - started
                     # Every byte came but the response failed (a lying Content-Length): a Range past the end would
                     # only get a 416, so that attempt is taken again whole.
                     if failed.restart or blob.offset >= layer.size:
                         blob.restart()
                     await self._retry(layer.digest, state.tries, failed, model)
                     continue
-                await asyncio.to_thread(blob.commit)
-                committed = True
+                if not blob.committed:
+                    await asyncio.to_thread(blob.commit)
                 return seconds
         finally:
-            if not committed:
+            if not blob.committed:
                 blob.close(keep=resumable)
 
     async def _download_parted(
@@ -423,7 +432,7 @@ class Downloader:
                 stream.exception()
 
     def _check(self, watch: _Watch) -> None:
-        if watch.throttled:
+        if watch.throttled or watch.received_all:
             return
         now = self._clock()
         silent = now - watch.last_read
@@ -460,6 +469,7 @@ class Downloader:
                     blob.write_all,
                     lambda: self._report(state, model, blob.offset),
                     too_much=f"the server sent more than the manifest's {layer.size} bytes",
+                    write_last=blob.write_last,
                 )
         except httpx2.RequestError as exc:
             raise _AttemptFailed(describe_transport_error(exc)) from exc
@@ -511,25 +521,27 @@ class Downloader:
         *,
         too_much: str,
         batch_size: int = _WRITE_BATCH,
+        write_last: Callable[[list[bytes]], None] | None = None,
     ) -> None:
         """Write a response's raw body, at most ``room`` bytes of it, keeping the watchdog and the limiter fed.
 
         Writing (and hashing, for a blob in one stream) happens in a worker thread, a batch at a time, while the
         event loop reads the next batch: file writes cost about as much CPU as receiving, and the thread runs them
-        on another core. One batch is in flight per stream, so memory stays bounded.
+        on another core. One batch is in flight per stream, so memory stays bounded. Once the body has ended, its
+        last batch (empty, if the body ended on a full one) goes to ``write_last`` when given.
         """
         batch: list[bytes] = []
         batched = 0
         writing: asyncio.Future[None] | None = None
         handed = self._clock()
 
-        async def hand_over() -> None:
+        async def hand_over(writer: Callable[[list[bytes]], None]) -> None:
             nonlocal batch, batched, writing, handed
             if writing is not None:
-                await writing
+                await asyncio.shield(writing)
                 landed()
             # The batch leaves our hands before any await: cancelled from here on, it is the thread's to write.
-            writing = asyncio.ensure_future(asyncio.to_thread(write, batch))
+            writing = asyncio.ensure_future(asyncio.to_thread(writer, batch))
             batch, batched, handed = [], 0, self._clock()
 
         try:
@@ -543,16 +555,17 @@ class Downloader:
                 batch.append(data)
                 batched += len(data)
                 if batched >= batch_size or watch.last_read - handed >= _WRITE_DELAY:
-                    await hand_over()
+                    await hand_over(write)
                 if self._limiter is not None:
                     watch.throttled = True
                     await self._limiter.take(len(data))
                     watch.throttled = False
                     watch.last_read = self._clock()
-            if batch:
-                await hand_over()
+            watch.received_all = True
+            if batch or write_last is not None:
+                await hand_over(write_last or write)
             if writing is not None:
-                await writing
+                await asyncio.shield(writing)
             landed()
         finally:
             # Never leave a write running behind the caller's back: it closes or restarts the file next.

@@ -61,24 +61,38 @@ class PartialFile(Protocol):
 
 
 class BlobFile:
-    """The partial file of one blob, hashed as it is written and renamed into place only once verified."""
+    """The partial file of one blob, hashed as it is written and renamed into place only once verified.
+
+    A blob that starts from nothing opens its file only when the first bytes are written, in the worker thread
+    that writes them: on thousands of small blobs, a hand-off to a thread just to open the file cost about as much
+    event-loop time as the download itself. A blob to resume opens it at once, to hash the prefix it holds.
+    """
 
     def __init__(self, store: Store, layer: Layer, *, resume: bool) -> None:
         self.layer = layer
         self.path = store.partial_path(layer.digest)
         self.final_path = store.blob_path(layer.digest)
+        self._state_path = store.parts_state_path(layer.digest)
         self._hash = hashlib.sha256()
         self.offset = 0
+        self.committed = False
+        self._closed = False
         # Held while a worker thread writes, so that the file is never closed or truncated under it.
         self._lock = threading.Lock()
+        self._file: BinaryIO | None = None
+        if resume:
+            self._open(resume=True)
+            self._rehash_prefix()
+
+    def _open(self, *, resume: bool) -> BinaryIO:
         with storage_errors(f"open {self.path}"):
             # Chunk progress describes a sparse file; what this writes is a contiguous prefix.
-            store.parts_state_path(layer.digest).unlink(missing_ok=True)
-            self._file: BinaryIO = open(self.path, "ab+" if resume else "wb+")  # noqa: SIM115 - closed in close()
-            if resume:
-                self._rehash_prefix()
+            self._state_path.unlink(missing_ok=True)
+            self._file = open(self.path, "ab+" if resume else "wb+")  # noqa: SIM115 - closed in close()
+        return self._file
 
     def _rehash_prefix(self) -> None:
+        assert self._file is not None
         self._file.seek(0)
         length = hash_file(self._file, self._hash)
         if length > self.layer.size:
@@ -89,21 +103,31 @@ class BlobFile:
     def restart(self) -> None:
         """Forget what was written: the server could not resume, or the bytes were wrong."""
         with self._lock, storage_errors(f"truncate {self.path}"):
-            self._file.seek(0)
-            self._file.truncate()
+            if self._file is not None and not self._file.closed:
+                self._file.seek(0)
+                self._file.truncate()
         self._hash = hashlib.sha256()
         self.offset = 0
 
     def write_all(self, pieces: list[bytes]) -> None:
         """Write and hash the next bytes. Runs in a worker thread; hashlib and writes release the GIL."""
         with self._lock:
-            if self._file.closed:
+            if self._closed:
                 return
+            file = self._file or self._open(resume=False)
             with storage_errors(f"write {self.path}"):
-                write_pieces(self._file.fileno(), pieces)
+                write_pieces(file.fileno(), pieces)
             for piece in pieces:
                 self._hash.update(piece)
                 self.offset += len(piece)
+
+    def write_last(self, pieces: list[bytes]) -> None:
+        """Write the last bytes of a response and, when they complete the blob and it verifies, commit it: one
+        hand-off to a worker thread for both, the bulk of a small blob's. Whether it did is ``committed``; a
+        blob that does not verify is left as it is, for the caller to judge by ``mismatch()``."""
+        self.write_all(pieces)
+        if self.mismatch() is None:
+            self.commit()
 
     def mismatch(self) -> str | None:
         """Why the bytes written are not the blob, or None when they are."""
@@ -116,17 +140,25 @@ class BlobFile:
 
     def commit(self) -> None:
         """Make the verified bytes durable, then give them the blob's name."""
-        with storage_errors(f"finish {self.final_path}"):
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
+        with self._lock, storage_errors(f"finish {self.final_path}"):
+            if self._closed:
+                return
+            # An empty blob has had no bytes to open its file for.
+            file = self._file or self._open(resume=False)
+            file.flush()
+            os.fsync(file.fileno())
+            file.close()
             os.replace(self.path, self.final_path)
+            self.committed = True
 
     def close(self, *, keep: bool) -> None:
-        """Close the file; keep it for a later resume, or remove it."""
+        """Close the file; keep it for a later resume, or remove it (and one an earlier run left, if it was
+        never opened)."""
         with self._lock:
-            self._file.close()
-        if not keep:
+            self._closed = True
+            if self._file is not None:
+                self._file.close()
+        if not keep and not self.committed:
             self.path.unlink(missing_ok=True)
 
 

@@ -203,7 +203,9 @@ class Store:
                 yield digest, path
 
     def open_blob(self, layer: Layer, *, resume: bool) -> BlobFile:
-        """The partial file of a blob that comes in one stream (:class:`ollama_pull.partial.BlobFile`)."""
+        """The partial file of a blob that comes in one stream (:class:`ollama_pull.partial.BlobFile`). To
+        ``resume`` it reads back the prefix kept (in a worker thread, then); otherwise it touches no file until
+        the first write."""
         # Imported here: the partial files are built on the store's paths and helpers.
         from .partial import BlobFile
 

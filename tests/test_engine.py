@@ -8,18 +8,20 @@ import dataclasses
 import gc
 import gzip
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import httpcore2
 import httpx
 import pytest
 import respx
 
+from ollama_pull import engine as engine_module
 from ollama_pull.engine import Downloader
 from ollama_pull.errors import AuthenticationError, BlobError, IntegrityError
 from ollama_pull.events import BlobProgress
-from ollama_pull.manifest import Layer
 from ollama_pull.partial import BlobFile
 from ollama_pull.progress import Tally
 from ollama_pull.store import Store
@@ -405,7 +407,11 @@ async def test_a_failed_attempt_resumes_with_range_whatever_the_blob_size(
     assert progress == sorted(progress)
 
 
-async def test_cancellation_leaves_no_task_and_no_unverified_blob(store: Store) -> None:
+async def test_cancellation_leaves_no_task_and_no_unverified_blob(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every piece handed to the writing thread as it comes: the small blob's file opens with its first write.
+    monkeypatch.setattr(engine_module, "_WRITE_DELAY", 0.0)
     model = make_model(40_000, 200_000)
     small, large = model.layers[1], model.layers[2]
     with respx.mock(using="httpcore2") as router:
@@ -430,29 +436,69 @@ async def test_cancellation_leaves_no_task_and_no_unverified_blob(store: Store) 
     assert store.partial_path(large.digest).stat().st_size == 16384
 
 
+@pytest.mark.parametrize(
+    ("size", "left"),
+    [
+        # Two batches: the first write opens the file, and the cancel that came meanwhile removes it.
+        (300_000, False),
+        # One batch: the thread that opens the file also verifies and names the blob; a verified blob may stay.
+        (1000, True),
+    ],
+)
 async def test_a_download_cancelled_while_its_file_opens_leaves_no_partial_file(
-    store: Store, monkeypatch: pytest.MonkeyPatch
+    store: Store, monkeypatch: pytest.MonkeyPatch, size: int, left: bool
 ) -> None:
     # The file is opened in a worker thread, which a cancel does not stop: the thread creates the partial file
     # after the task that asked for it is gone. Seen on a loaded CI machine when another blob failed the pull.
-    model = make_model(1000)
+    model = make_model(size)
+    target = model.layers[-1]
     opening = threading.Event()
     go_on = threading.Event()
-    open_blob = Store.open_blob
-
+    open_file = BlobFile._open
     opened = threading.Event()
 
-    def slow_open(self: Store, layer: Layer, *, resume: bool) -> BlobFile:
+    def slow_open(self: BlobFile, *, resume: bool) -> BinaryIO:
+        if self.layer != target:
+            return open_file(self, resume=resume)
         opening.set()
         go_on.wait(10)
         try:
-            return open_blob(self, layer, resume=resume)
+            return open_file(self, resume=resume)
         finally:
             opened.set()
 
-    monkeypatch.setattr(Store, "open_blob", slow_open)
+    monkeypatch.setattr(BlobFile, "_open", slow_open)
     with respx.mock(using="httpcore2", assert_all_called=False) as router:
         serve(router, model, ok)
+        began = time.monotonic()
         await cancel_while_in_thread(opening, go_on, download(router, model, store))
+    # The cancelled download waited for the thread without holding up the event loop (which would have kept
+    # the test from letting the thread go on, until its ten-second wait ran out).
+    assert time.monotonic() - began < 5
     assert opened.wait(10)
-    assert [path.name for path in store.blobs_dir.iterdir()] == []
+    config = store.blob_path(model.layers[0].digest).name
+    names = {path.name for path in store.blobs_dir.iterdir()} - {config}
+    assert names == ({store.blob_path(target.digest).name} if left else set())
+    if left:
+        assert store.blob_path(target.digest).read_bytes() == model.blobs[target.digest]
+
+
+async def test_a_small_blob_costs_two_hand_offs_to_a_worker_thread(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each hand-off is a tenth of a millisecond of the event loop's time, the bulk of a 64 KiB blob's: taking the
+    # lock and checking presence is one, writing, verifying, fsyncing and naming the blob the other.
+    model = make_model(*[60_000 + i for i in range(8)])
+    calls: list[str] = []
+    to_thread = asyncio.to_thread
+
+    async def counted(work: Callable[..., object], /, *args: object) -> object:
+        calls.append(getattr(work, "__qualname__", repr(work)))
+        return await to_thread(work, *args)
+
+    monkeypatch.setattr(asyncio, "to_thread", counted)
+    with respx.mock(using="httpcore2") as router:
+        serve(router, model, lambda _request, data: httpx.Response(200, content=data))
+        await download(router, model, store)
+    assert_store_holds(store, model)
+    assert len(calls) == 2 * len(model.layers), calls

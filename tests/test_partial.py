@@ -59,6 +59,66 @@ def test_blob_is_renamed_into_place_only_when_verified(tmp_path: Path) -> None:
     assert store.has_blob(layer)
 
 
+def test_a_blob_from_nothing_opens_its_file_with_the_first_write(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.prepare()
+    data = b"hello blob"
+    layer = layer_for(data)
+    # What an earlier run left, and would resume only for a resumable blob.
+    store.partial_path(layer.digest).write_bytes(b"stale")
+    blob = store.open_blob(layer, resume=False)
+    assert store.partial_path(layer.digest).read_bytes() == b"stale"
+    blob.restart()
+    blob.write_all([data[:4]])
+    assert store.partial_path(layer.digest).read_bytes() == data[:4]
+    blob.close(keep=False)
+    assert list(store.blobs_dir.iterdir()) == []
+    # Closed before any write, it removes what it would have overwritten.
+    store.partial_path(layer.digest).write_bytes(b"stale")
+    store.open_blob(layer, resume=False).close(keep=False)
+    assert list(store.blobs_dir.iterdir()) == []
+
+
+def test_an_empty_blob_is_committed_without_a_write(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.prepare()
+    layer = layer_for(b"")
+    blob = store.open_blob(layer, resume=False)
+    blob.write_last([])
+    assert blob.committed
+    assert store.blob_path(layer.digest).read_bytes() == b""
+    assert not store.partial_path(layer.digest).exists()
+
+
+@pytest.mark.parametrize(
+    ("last", "committed"),
+    [
+        # Each row: the last bytes of a response after the blob's first 4, and whether the same call names it.
+        (b" blob", True),
+        (b" blub", False),  # every byte, but not the blob's: the caller restarts it
+        (b" bl", False),  # the body ended short: the caller resumes from here
+    ],
+)
+def test_the_last_write_names_the_blob_only_when_it_completes_and_verifies(
+    tmp_path: Path, last: bytes, committed: bool
+) -> None:
+    store = Store(tmp_path)
+    store.prepare()
+    data = b"good blob"
+    layer = layer_for(data)
+    blob = store.open_blob(layer, resume=False)
+    blob.write_all([data[:4]])
+    blob.write_last([last])
+    assert blob.committed is committed
+    assert (blob.mismatch() is None) is committed
+    assert store.has_blob(layer) is committed
+    assert store.partial_path(layer.digest).exists() is not committed
+    blob.close(keep=False)
+    assert [path.name for path in store.blobs_dir.iterdir()] == (
+        [store.blob_path(layer.digest).name] if committed else []
+    )
+
+
 def test_resume_rehashes_the_kept_prefix(tmp_path: Path) -> None:
     store = Store(tmp_path)
     store.prepare()
