@@ -655,14 +655,17 @@ def _import_plan(store: Store, model: BundleModel) -> _ImportPlan:
 
 async def _install(bundle: Bundle, store: Store, model: BundleModel, on_event: EventCallback) -> ImportedModel:
     started = time.monotonic()
-    async with contextlib.AsyncExitStack() as locks:
-        # The blob locks keep a pull of the same blob out of its partial file; taken in digest order, so that two
+    async with contextlib.AsyncExitStack() as claims:
+        # The claims keep a pull of the same blob out of its partial file; taken in digest order, so that two
         # imports never wait for each other.
+        files: dict[str, int] = {}
         for layer in sorted(model.manifest.blobs, key=lambda layer: layer.digest):
-            await locks.enter_async_context(store.blob_lock(layer.digest))
+            fd = await claims.enter_async_context(store.claim_blob(layer))
+            if fd is not None:
+                files[layer.digest] = fd
         plan = _import_plan(store, model)
         on_event(plan.event(dry_run=False))
-        await run_blocking(lambda channel: _stage_and_commit(bundle, store, plan, channel), on_event)
+        await run_blocking(lambda channel: _stage_and_commit(bundle, store, plan, files, channel), on_event)
         path = store.write_manifest(model.reference, model.manifest.raw)
     result = plan.result(path)
     on_event(
@@ -679,15 +682,15 @@ async def _install(bundle: Bundle, store: Store, model: BundleModel, on_event: E
     return result
 
 
-def _stage_and_commit(bundle: Bundle, store: Store, plan: _ImportPlan, channel: Channel) -> None:
-    """Copy each missing blob into its partial file, hashing it; only when every one is verified do they all get
-    their names. One bad blob removes every partial file of the model."""
+def _stage_and_commit(bundle: Bundle, store: Store, plan: _ImportPlan, files: dict[str, int], channel: Channel) -> None:
+    """Copy each missing blob into its partial file (open on ``files[digest]``, claimed), hashing it; only when
+    every one is verified do they all get their names. One bad blob removes every partial file of the model."""
     name = plan.model.reference.short
     staged: list[BlobFile] = []
     committed = False
     try:
         for layer in plan.missing:
-            blob = store.open_blob(layer, resume=False)
+            blob = store.open_blob(layer, files[layer.digest], resume=False)
             staged.append(blob)
             for chunk in _progress(bundle.chunks(layer.digest), layer, name, channel):
                 channel.check()

@@ -209,8 +209,8 @@ class Downloader:
         def waiting() -> None:
             self._emit(BlobWaiting(model, layer.digest, layer.label))
 
-        async with slots, self.store.claim_blob(layer, on_wait=waiting) as present:
-            if present:
+        async with slots, self.store.claim_blob(layer, on_wait=waiting) as fd:
+            if fd is None:
                 # Another process sharing the store downloaded it while we waited for its lock.
                 self._emit(BlobFinished(model, layer.digest, layer.size, 0.0))
                 return
@@ -218,12 +218,12 @@ class Downloader:
             seconds: float | None = None
             if layer.size >= self.settings.split_min_size:
                 try:
-                    seconds = await self._download_parted(reference, state, model, slots)
+                    seconds = await self._download_parted(reference, state, model, slots, fd)
                 except _RangesIgnored:
                     reason = "the server ignores Range requests: downloading in one stream"
                     self._emit(BlobRetry(model, layer.digest, state.tries.attempt, reason, 0.0))
             if seconds is None:
-                seconds = await self._download_whole(reference, state, model)
+                seconds = await self._download_whole(reference, state, model, fd)
                 # A chunked blob's streams gave their own samples: its overall speed is not one connection's.
                 self.speeds.add(layer.size, seconds)
             self._downloaded_blobs += 1
@@ -250,18 +250,18 @@ class Downloader:
         self._emit(BlobRetry(model, digest, attempt, where + failed.reason, delay))
         await self._sleep(delay)
 
-    async def _download_whole(self, reference: ModelReference, state: _BlobState, model: str) -> float:
+    async def _download_whole(self, reference: ModelReference, state: _BlobState, model: str, fd: int) -> float:
         """The blob in one stream. A failed attempt leaves a verified prefix (hashed as written) that the next one
         continues with Range; the partial file outlives the run only for a blob large enough to be worth it."""
         layer = state.layer
         resumable = layer.size >= self.settings.resume_min_size
         if resumable:
             blob = await finished_in_thread(
-                lambda: self.store.open_blob(layer, resume=True), lambda opened: opened.close(keep=True)
+                lambda: self.store.open_blob(layer, fd, resume=True), lambda opened: opened.close(keep=True)
             )
         else:
-            # Nothing to read back: the file opens in the thread that writes the first bytes.
-            blob = self.store.open_blob(layer, resume=False)
+            # Nothing to read back: the file is emptied in the thread that writes the first bytes.
+            blob = self.store.open_blob(layer, fd, resume=False)
         self._announce(state, model, blob.offset)
         try:
             while True:
@@ -288,18 +288,17 @@ class Downloader:
                 blob.close(keep=resumable)
 
     async def _download_parted(
-        self, reference: ModelReference, state: _BlobState, model: str, slots: asyncio.Semaphore
+        self, reference: ModelReference, state: _BlobState, model: str, slots: asyncio.Semaphore, fd: int
     ) -> float:
         """The blob in chunks over several streams, hashed front to back as the chunks land."""
         layer = state.layer
         started = self._clock()
         blob = await finished_in_thread(
-            lambda: PartedBlob(self.store, layer, chunk_size=self.settings.chunk_size),
+            lambda: PartedBlob(self.store, layer, fd, chunk_size=self.settings.chunk_size),
             lambda opened: opened.close(keep=opened.received > 0),
         )
         self._announce(state, model, blob.received)
         committed = False
-        keep = True
         try:
             while True:
                 await self._fetch_chunks(reference, blob, state, model, slots)
@@ -312,12 +311,14 @@ class Downloader:
             committed = True
             return self._clock() - started
         except _RangesIgnored:
-            # What was written is a sparse file one stream could not continue.
-            keep = False
+            # What was written is a sparse file one stream could not continue: it goes on in the same, emptied,
+            # file, which stays under the blob's claim.
+            committed = True
+            await asyncio.to_thread(blob.empty)
             raise
         finally:
             if not committed:
-                blob.close(keep=keep and blob.received > 0)
+                blob.close(keep=blob.received > 0)
 
     async def _fetch_chunks(
         self,

@@ -24,7 +24,7 @@ import json
 import os
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from .errors import StorageError
 from .manifest import Layer
@@ -63,38 +63,42 @@ class PartialFile(Protocol):
 class BlobFile:
     """The partial file of one blob, hashed as it is written and renamed into place only once verified.
 
-    A blob that starts from nothing opens its file only when the first bytes are written, in the worker thread
-    that writes them: on thousands of small blobs, a hand-off to a thread just to open the file cost about as much
-    event-loop time as the download itself. A blob to resume opens it at once, to hash the prefix it holds.
+    The file is the one the store's claim holds open and locked (:meth:`ollama_pull.store.Store.claim_blob`):
+    written through the claim's descriptor, renamed into place or removed before the claim lets go of it, never
+    closed here. A blob that starts from nothing is emptied when the first bytes are written, in the worker
+    thread that writes them: on thousands of small blobs, a hand-off to a thread just for that cost about as much
+    event-loop time as the download itself. A blob to resume reads back the prefix it holds at once.
     """
 
-    def __init__(self, store: Store, layer: Layer, *, resume: bool) -> None:
+    def __init__(self, store: Store, layer: Layer, fd: int, *, resume: bool) -> None:
         self.layer = layer
         self.path = store.partial_path(layer.digest)
         self.final_path = store.blob_path(layer.digest)
         self._state_path = store.parts_state_path(layer.digest)
+        self._fd = fd
         self._hash = hashlib.sha256()
         self.offset = 0
         self.committed = False
         self._closed = False
-        # Held while a worker thread writes, so that the file is never closed or truncated under it.
+        # Held while a worker thread writes, so that the file is never truncated or given up under it.
         self._lock = threading.Lock()
-        self._file: BinaryIO | None = None
+        self._started = False
         if resume:
-            self._open(resume=True)
+            self._start(resume=True)
             self._rehash_prefix()
 
-    def _open(self, *, resume: bool) -> BinaryIO:
+    def _start(self, *, resume: bool) -> None:
         with storage_errors(f"open {self.path}"):
             # Chunk progress describes a sparse file; what this writes is a contiguous prefix.
             self._state_path.unlink(missing_ok=True)
-            self._file = open(self.path, "ab+" if resume else "wb+")  # noqa: SIM115 - closed in close()
-        return self._file
+            if not resume:
+                os.ftruncate(self._fd, 0)
+        self._started = True
 
     def _rehash_prefix(self) -> None:
-        assert self._file is not None
-        self._file.seek(0)
-        length = hash_file(self._file, self._hash)
+        with open(self._fd, "rb", closefd=False) as handle:
+            handle.seek(0)
+            length = hash_file(handle, self._hash)
         if length > self.layer.size:
             self.restart()
         else:
@@ -103,9 +107,8 @@ class BlobFile:
     def restart(self) -> None:
         """Forget what was written: the server could not resume, or the bytes were wrong."""
         with self._lock, storage_errors(f"truncate {self.path}"):
-            if self._file is not None and not self._file.closed:
-                self._file.seek(0)
-                self._file.truncate()
+            if not self._closed:
+                os.ftruncate(self._fd, 0)
         self._hash = hashlib.sha256()
         self.offset = 0
 
@@ -114,9 +117,10 @@ class BlobFile:
         with self._lock:
             if self._closed:
                 return
-            file = self._file or self._open(resume=False)
+            if not self._started:
+                self._start(resume=False)
             with storage_errors(f"write {self.path}"):
-                write_pieces(file.fileno(), pieces)
+                write_pieces(self._fd, pieces, self.offset)
             for piece in pieces:
                 self._hash.update(piece)
                 self.offset += len(piece)
@@ -139,25 +143,23 @@ class BlobFile:
         return None
 
     def commit(self) -> None:
-        """Make the verified bytes durable, then give them the blob's name."""
+        """Make the verified bytes durable, then give them the blob's name (still under the claim's lock, so
+        that nobody who waited for it writes into the file after it has its name)."""
         with self._lock, storage_errors(f"finish {self.final_path}"):
             if self._closed:
                 return
-            # An empty blob has had no bytes to open its file for.
-            file = self._file or self._open(resume=False)
-            file.flush()
-            os.fsync(file.fileno())
-            file.close()
+            if not self._started:
+                # An empty blob has had no bytes to empty its file for.
+                self._start(resume=False)
+            os.fsync(self._fd)
             os.replace(self.path, self.final_path)
             self.committed = True
+            self._closed = True
 
     def close(self, *, keep: bool) -> None:
-        """Close the file; keep it for a later resume, or remove it (and one an earlier run left, if it was
-        never opened)."""
+        """Give up the file: keep it for a later resume, or remove it."""
         with self._lock:
             self._closed = True
-            if self._file is not None:
-                self._file.close()
         if not keep and not self.committed:
             self.path.unlink(missing_ok=True)
 
@@ -184,7 +186,7 @@ def plan_chunks(size: int, chunk_size: int) -> tuple[Chunk, ...]:
 class PartedBlob:
     """The sparse partial file of a blob downloaded in chunks, with its saved progress and its prefix hash."""
 
-    def __init__(self, store: Store, layer: Layer, *, chunk_size: int) -> None:
+    def __init__(self, store: Store, layer: Layer, fd: int, *, chunk_size: int) -> None:
         self.layer = layer
         self.path = store.partial_path(layer.digest)
         self.state_path = store.parts_state_path(layer.digest)
@@ -198,17 +200,13 @@ class PartedBlob:
         self._hash = hashlib.sha256()
         self._save_every = max(1, int(layer.size * _SAVE_FRACTION))
         self._saved = 0
-        # Held by the writing and hashing threads while they use the descriptor, so that close() never pulls it
-        # from under them (and a reused descriptor number never receives their bytes).
+        # Held by the writing and hashing threads while they use the descriptor, so that once the file is given
+        # up (and the claim that owns the descriptor closes it) no thread writes through a reused number.
         self._fd_lock = threading.Lock()
         self._state_lock = threading.Lock()
-        with storage_errors(f"open {self.path}"):
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            self._load()
-        except BaseException:
-            os.close(self._fd)
-            raise
+        # The claim's (:meth:`ollama_pull.store.Store.claim_blob`); -1 once given up.
+        self._fd = fd
+        self._load()
 
     def _load(self) -> None:
         done = self._read_state()
@@ -336,17 +334,25 @@ class PartedBlob:
         self.save()
 
     def commit(self) -> None:
-        """Make the verified bytes durable, then give them the blob's name."""
+        """Make the verified bytes durable, then give them the blob's name, under the claim's lock still."""
         with storage_errors(f"finish {self.final_path}"):
             os.fsync(self._fd)
-            self._close_fd()
             # State first: killed in between, the full file left is read as a prefix of every byte and re-hashed.
             self.state_path.unlink(missing_ok=True)
             os.replace(self.path, self.final_path)
+            self._give_up()
+
+    def empty(self) -> None:
+        """Give the file up emptied, to be written in one stream instead: what one stream writes is a contiguous
+        prefix, which neither the chunks landed so far nor their progress describe."""
+        with storage_errors(f"truncate {self.path}"):
+            os.ftruncate(self._fd, 0)
+            self.state_path.unlink(missing_ok=True)
+        self._give_up()
 
     def close(self, *, keep: bool) -> None:
-        """Close the file; keep it and its progress for a later resume, or remove both."""
-        self._close_fd()
+        """Give the file up; keep it and its progress for a later resume, or remove both."""
+        self._give_up()
         if keep:
             # On a full disk the last saved state stands: older, so it only under-claims.
             with contextlib.suppress(StorageError):
@@ -355,11 +361,9 @@ class PartedBlob:
             self.path.unlink(missing_ok=True)
             self.state_path.unlink(missing_ok=True)
 
-    def _close_fd(self) -> None:
+    def _give_up(self) -> None:
         with self._fd_lock:
-            if self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
+            self._fd = -1
 
 
 if TYPE_CHECKING:

@@ -5,10 +5,13 @@ Only a verified blob ever carries a ``sha256-<hex>`` name. Bytes in flight live 
 and a manifest appears only once all its blobs are in place. The files themselves, how bytes are written into
 them and checked, are :mod:`ollama_pull.partial`'s; the store says where they live.
 
-Processes that share a store take an exclusive ``flock`` on ``.ollama-pull/locks/sha256-<hex>.lock`` while they
-download a blob, outside ``blobs/`` where Ollama expects only blobs. The kernel drops the lock when its process
-dies, even by kill -9, so a lock is never stale; the small lock files are kept, since removing one would race
-with a process about to lock it.
+Processes that share a store take an exclusive ``flock`` on a blob's partial file while they write it (see
+:meth:`Store.claim_blob`): the file that is written is the lock, so a blob costs the filesystem one new file, not
+two (on 4,096 small blobs a lock file each was a tenth of the wall time, in ext4's inode allocation). The kernel
+drops the lock when its process dies, even by kill -9, so a lock is never stale. A holder renames the file into
+place, or removes it, before it lets go; whoever waited then finds that the name no longer leads to the file it
+locked, and starts again. The store's own lock (pulls against prune) is ``.ollama-pull/locks/store.lock``, outside
+``blobs/`` where Ollama expects only blobs.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import os
 import shutil
@@ -39,6 +43,9 @@ PARTIAL_SUFFIX = "-partial"
 LOCKS_DIR = Path(".ollama-pull") / "locks"
 # How much of a file is read at a time to hash it: big enough that the hash runs at full speed, small in memory.
 READ_SIZE = 1024 * 1024
+# How often a lock held by another process is tried again.
+_POLL = 0.05
+_EXCLUSIVE = fcntl.LOCK_EX | fcntl.LOCK_NB
 
 
 def default_models_dir() -> Path:
@@ -153,29 +160,23 @@ class Store:
         with storage_errors(f"create the models directory {self.blobs_dir}"):
             self.blobs_dir.mkdir(parents=True, exist_ok=True)
 
-    def blob_lock(
-        self, digest: str, *, on_wait: Callable[[], None] | None = None
-    ) -> contextlib.AbstractAsyncContextManager[None]:
-        """The store-wide lock of one blob, held while it downloads; ``on_wait`` is called once if another process
-        holds it, before waiting for it."""
-        return _flock(self._lock_path(digest), exclusive=True, then=lambda: None, on_wait=on_wait)
-
     def claim_blob(
         self, layer: Layer, *, on_wait: Callable[[], None] | None = None
-    ) -> contextlib.AbstractAsyncContextManager[bool]:
-        """The blob's lock (:meth:`blob_lock`), and whether the blob is in the store once it is held: another
-        process sharing the store may have downloaded it meanwhile. When the lock is free at once the check runs
-        in the worker thread that takes it: one hand-off to a thread for both, a tenth of a millisecond of the
-        event loop's time saved on each of thousands of small blobs."""
-        return _flock(self._lock_path(layer.digest), exclusive=True, then=lambda: self.has_blob(layer), on_wait=on_wait)
+    ) -> contextlib.AbstractAsyncContextManager[int | None]:
+        """The blob's partial file, created if need be, open and under an exclusive flock for as long as the
+        context lasts, so that no other process sharing the store writes the blob meanwhile: its descriptor, or
+        None when the blob is in the store once the lock is held (another process downloaded it meanwhile).
+
+        The descriptor stays the claim's, which closes it and so lets go of the lock: whoever writes through it
+        renames the file into place or removes it before the context ends. ``on_wait`` is called once if another
+        process holds the blob, before waiting for it. Opening, locking and the presence check share one worker
+        thread's trip when the lock is free at once."""
+        return _claimed(self, layer, on_wait)
 
     def store_lock(self, *, exclusive: bool) -> contextlib.AbstractAsyncContextManager[None]:
         """Pulls share this lock for their whole run; pruning takes it alone, so it never removes a blob that a
         running pull has finished but not yet named in a manifest."""
-        return _flock(self._locks_dir / "store.lock", exclusive=exclusive, then=lambda: None)
-
-    def _lock_path(self, digest: str) -> Path:
-        return self._locks_dir / (_blob_name(digest) + ".lock")
+        return _flock(self._locks_dir / "store.lock", exclusive=exclusive)
 
     def manifests(self) -> Iterator[ModelReference]:
         """Every model in the store, as Ollama lays them out: ``manifests/<host>/<namespace>/<model>/<tag>``."""
@@ -202,14 +203,14 @@ class Store:
             if DIGEST_PATTERN.fullmatch(digest):
                 yield digest, path
 
-    def open_blob(self, layer: Layer, *, resume: bool) -> BlobFile:
-        """The partial file of a blob that comes in one stream (:class:`ollama_pull.partial.BlobFile`). To
-        ``resume`` it reads back the prefix kept (in a worker thread, then); otherwise it touches no file until
-        the first write."""
+    def open_blob(self, layer: Layer, fd: int, *, resume: bool) -> BlobFile:
+        """The partial file of a blob that comes in one stream (:class:`ollama_pull.partial.BlobFile`), open on
+        ``fd``, the descriptor :meth:`claim_blob` gave. To ``resume`` it reads back the prefix kept (in a worker
+        thread, then); otherwise it touches the file only at the first write."""
         # Imported here: the partial files are built on the store's paths and helpers.
         from .partial import BlobFile
 
-        return BlobFile(self, layer, resume=resume)
+        return BlobFile(self, layer, fd, resume=resume)
 
     def write_manifest(self, reference: ModelReference, raw: bytes) -> Path:
         """Write the registry's exact bytes atomically: temp file, fsync, rename, fsync of the directory."""
@@ -254,35 +255,54 @@ def hash_file(handle: BinaryIO, digest: hashlib._Hash, *, stop: threading.Event 
 
 
 @contextlib.asynccontextmanager
-async def _flock(
-    path: Path,
-    *,
-    exclusive: bool,
-    then: Callable[[], F],
-    poll: float = 0.05,
-    on_wait: Callable[[], None] | None = None,
-) -> AsyncIterator[F]:
-    """An flock on ``path``, waited for without blocking the event loop (and so cancellable); gives what ``then``
-    answers once the lock is held."""
+async def _flock(path: Path, *, exclusive: bool, poll: float = _POLL) -> AsyncIterator[None]:
+    """An flock on ``path``, waited for without blocking the event loop (and so cancellable)."""
     operation = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
     with storage_errors(f"create the lock file {path}"):
-        # Creating the file and taking the lock were a sixth of the event loop's time on 4,096 small blobs (the
-        # filesystem's inode and journal work, and the GIL to win back after each call): a worker thread does
-        # both, beside the downloads, and asks ``then`` when the lock was free.
-        fd, answer = await finished_in_thread(lambda: _open_lock(path, operation, then), lambda got: os.close(got[0]))
+        fd, locked = await finished_in_thread(lambda: _open_lock(path, operation), lambda got: os.close(got[0]))
     try:
-        if answer is None:
-            locked = False
-            while not locked:
-                if on_wait is not None:
-                    on_wait()
-                    on_wait = None
-                await asyncio.sleep(poll)
-                locked = _try_lock(fd, operation)
-            answer = (await asyncio.to_thread(then),)
-        yield answer[0]
+        while not locked:
+            await asyncio.sleep(poll)
+            locked = _try_lock(fd, operation)
+        yield
     finally:
         os.close(fd)
+
+
+@contextlib.asynccontextmanager
+async def _claimed(
+    store: Store, layer: Layer, on_wait: Callable[[], None] | None, poll: float = _POLL
+) -> AsyncIterator[int | None]:
+    path = store.partial_path(layer.digest)
+    with storage_errors(f"open {path}"):
+        fd, present = await finished_in_thread(
+            functools.partial(_claim, store, layer, None), lambda got: os.close(got[0])
+        )
+    try:
+        while present is None:
+            if on_wait is not None:
+                on_wait()
+                on_wait = None
+            await asyncio.sleep(poll)
+            if _try_lock(fd, _EXCLUSIVE):
+                # The thread owns the descriptor now: it closes it if the file was renamed or removed meanwhile.
+                held, fd = fd, -1
+                with storage_errors(f"open {path}"):
+                    fd, present = await finished_in_thread(
+                        functools.partial(_claim, store, layer, held), lambda got: os.close(got[0])
+                    )
+        yield None if present else fd
+    finally:
+        if fd >= 0:
+            try:
+                # A claim that wrote nothing (an import that stopped at another blob, a cancel before the first
+                # byte) leaves no empty partial file behind; the lock is still ours while this looks.
+                with contextlib.suppress(OSError):
+                    if _names(path, fd) and os.fstat(fd).st_size == 0:
+                        path.unlink()
+                        store.parts_state_path(layer.digest).unlink(missing_ok=True)
+            finally:
+                os.close(fd)
 
 
 async def finished_in_thread(work: Callable[[], F], undo: Callable[[F], None] | None = None) -> F:
@@ -299,19 +319,58 @@ async def finished_in_thread(work: Callable[[], F], undo: Callable[[F], None] | 
         raise
 
 
-def _open_lock(path: Path, operation: int, then: Callable[[], F]) -> tuple[int, tuple[F] | None]:
-    """The lock file's descriptor, and, when the lock was free (then it is ours), what ``then`` answers."""
+def _open_lock(path: Path, operation: int) -> tuple[int, bool]:
+    """The lock file's descriptor, and whether the lock was free (then it is ours)."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except FileNotFoundError:
-        # Only the first lock of a store makes the directory: a mkdir per blob was a syscall for nothing.
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        return fd, (then(),) if _try_lock(fd, operation) else None
+        return fd, _try_lock(fd, operation)
     except BaseException:
         os.close(fd)
         raise
+
+
+def _claim(store: Store, layer: Layer, fd: int | None) -> tuple[int, bool | None]:
+    """In a worker thread: open the blob's partial file and try its lock, or take ``fd``, already locked after a
+    wait. Answers the descriptor and, once the lock is held on the file the name leads to, whether the blob is in
+    the store (then the partial file is removed: nobody needs it); None while another process holds it."""
+    path = store.partial_path(layer.digest)
+    while True:
+        if fd is None:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                locked = _try_lock(fd, _EXCLUSIVE)
+            except BaseException:
+                os.close(fd)
+                raise
+            if not locked:
+                return fd, None
+        try:
+            if _names(path, fd):
+                present = store.has_blob(layer)
+                if present:
+                    path.unlink()
+                    store.parts_state_path(layer.digest).unlink(missing_ok=True)
+                return fd, present
+        except BaseException:
+            os.close(fd)
+            raise
+        # Locked, but no longer the file of that name: its holder renamed it into place or removed it.
+        os.close(fd)
+        fd = None
+
+
+def _names(path: Path, fd: int) -> bool:
+    """Whether ``path`` is the file open on ``fd``."""
+    try:
+        linked = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (linked.st_dev, linked.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 def _try_lock(fd: int, operation: int) -> bool:

@@ -11,7 +11,6 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
 
 import httpcore2
 import httpx
@@ -439,35 +438,36 @@ async def test_cancellation_leaves_no_task_and_no_unverified_blob(
 @pytest.mark.parametrize(
     ("size", "left"),
     [
-        # Two batches: the first write opens the file, and the cancel that came meanwhile removes it.
+        # Two batches: the first write starts the file, and the cancel that came meanwhile removes it.
         (300_000, False),
-        # One batch: the thread that opens the file also verifies and names the blob; a verified blob may stay.
+        # One batch: the thread that starts the file also verifies and names the blob; a verified blob may stay.
         (1000, True),
     ],
 )
 async def test_a_download_cancelled_while_its_file_opens_leaves_no_partial_file(
     store: Store, monkeypatch: pytest.MonkeyPatch, size: int, left: bool
 ) -> None:
-    # The file is opened in a worker thread, which a cancel does not stop: the thread creates the partial file
-    # after the task that asked for it is gone. Seen on a loaded CI machine when another blob failed the pull.
+    # The file is started (emptied) in a worker thread, which a cancel does not stop: the thread writes the
+    # partial file after the task that asked for it is gone. Seen on a loaded CI machine when another blob failed
+    # the pull.
     model = make_model(size)
     target = model.layers[-1]
     opening = threading.Event()
     go_on = threading.Event()
-    open_file = BlobFile._open
+    start_file = BlobFile._start
     opened = threading.Event()
 
-    def slow_open(self: BlobFile, *, resume: bool) -> BinaryIO:
+    def slow_start(self: BlobFile, *, resume: bool) -> None:
         if self.layer != target:
-            return open_file(self, resume=resume)
+            return start_file(self, resume=resume)
         opening.set()
         go_on.wait(10)
         try:
-            return open_file(self, resume=resume)
+            return start_file(self, resume=resume)
         finally:
             opened.set()
 
-    monkeypatch.setattr(BlobFile, "_open", slow_open)
+    monkeypatch.setattr(BlobFile, "_start", slow_start)
     with respx.mock(using="httpcore2", assert_all_called=False) as router:
         serve(router, model, ok)
         began = time.monotonic()

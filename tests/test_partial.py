@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -34,16 +34,35 @@ PARTED = dataclasses.replace(FAST, split_min_size=64 * KIB, chunk_size=CHUNK, st
 RANGE = re.compile(r"^bytes=(\d+)-(\d+)$")
 
 
+Claim = Callable[[Store, Layer], int]
+
+
+@pytest.fixture
+def claim() -> Iterator[Claim]:
+    """What ``Store.claim_blob`` gives whoever writes a blob, taken at once: the descriptor of its partial file,
+    created if need be (closed after the test, as the claim would)."""
+    opened: list[int] = []
+
+    def take(store: Store, layer: Layer) -> int:
+        fd = os.open(store.partial_path(layer.digest), os.O_RDWR | os.O_CREAT, 0o644)
+        opened.append(fd)
+        return fd
+
+    yield take
+    for fd in opened:
+        os.close(fd)
+
+
 def layer_for(data: bytes) -> Layer:
     return Layer("application/vnd.ollama.image.tensor", "sha256:" + hashlib.sha256(data).hexdigest(), len(data))
 
 
-def test_blob_is_renamed_into_place_only_when_verified(tmp_path: Path) -> None:
+def test_blob_is_renamed_into_place_only_when_verified(tmp_path: Path, claim: Claim) -> None:
     store = Store(tmp_path)
     store.prepare()
     data = b"hello blob"
     layer = layer_for(data)
-    blob = store.open_blob(layer, resume=False)
+    blob = store.open_blob(layer, claim(store, layer), resume=False)
     blob.write_all([data[:5] + b"X" + data[6:]])
     assert blob.mismatch() is not None
     assert "digest mismatch" in (blob.mismatch() or "")
@@ -59,14 +78,14 @@ def test_blob_is_renamed_into_place_only_when_verified(tmp_path: Path) -> None:
     assert store.has_blob(layer)
 
 
-def test_a_blob_from_nothing_opens_its_file_with_the_first_write(tmp_path: Path) -> None:
+def test_a_blob_from_nothing_empties_its_file_with_the_first_write(tmp_path: Path, claim: Claim) -> None:
     store = Store(tmp_path)
     store.prepare()
     data = b"hello blob"
     layer = layer_for(data)
     # What an earlier run left, and would resume only for a resumable blob.
     store.partial_path(layer.digest).write_bytes(b"stale")
-    blob = store.open_blob(layer, resume=False)
+    blob = store.open_blob(layer, claim(store, layer), resume=False)
     assert store.partial_path(layer.digest).read_bytes() == b"stale"
     blob.restart()
     blob.write_all([data[:4]])
@@ -75,15 +94,15 @@ def test_a_blob_from_nothing_opens_its_file_with_the_first_write(tmp_path: Path)
     assert list(store.blobs_dir.iterdir()) == []
     # Closed before any write, it removes what it would have overwritten.
     store.partial_path(layer.digest).write_bytes(b"stale")
-    store.open_blob(layer, resume=False).close(keep=False)
+    store.open_blob(layer, claim(store, layer), resume=False).close(keep=False)
     assert list(store.blobs_dir.iterdir()) == []
 
 
-def test_an_empty_blob_is_committed_without_a_write(tmp_path: Path) -> None:
+def test_an_empty_blob_is_committed_without_a_write(tmp_path: Path, claim: Claim) -> None:
     store = Store(tmp_path)
     store.prepare()
     layer = layer_for(b"")
-    blob = store.open_blob(layer, resume=False)
+    blob = store.open_blob(layer, claim(store, layer), resume=False)
     blob.write_last([])
     assert blob.committed
     assert store.blob_path(layer.digest).read_bytes() == b""
@@ -100,13 +119,13 @@ def test_an_empty_blob_is_committed_without_a_write(tmp_path: Path) -> None:
     ],
 )
 def test_the_last_write_names_the_blob_only_when_it_completes_and_verifies(
-    tmp_path: Path, last: bytes, committed: bool
+    tmp_path: Path, last: bytes, committed: bool, claim: Claim
 ) -> None:
     store = Store(tmp_path)
     store.prepare()
     data = b"good blob"
     layer = layer_for(data)
-    blob = store.open_blob(layer, resume=False)
+    blob = store.open_blob(layer, claim(store, layer), resume=False)
     blob.write_all([data[:4]])
     blob.write_last([last])
     assert blob.committed is committed
@@ -119,15 +138,15 @@ def test_the_last_write_names_the_blob_only_when_it_completes_and_verifies(
     )
 
 
-def test_resume_rehashes_the_kept_prefix(tmp_path: Path) -> None:
+def test_resume_rehashes_the_kept_prefix(tmp_path: Path, claim: Claim) -> None:
     store = Store(tmp_path)
     store.prepare()
     data = os.urandom(3000)
     layer = layer_for(data)
-    first = store.open_blob(layer, resume=True)
+    first = store.open_blob(layer, claim(store, layer), resume=True)
     first.write_all([data[:1234]])
     first.close(keep=True)
-    second = store.open_blob(layer, resume=True)
+    second = store.open_blob(layer, claim(store, layer), resume=True)
     assert second.offset == 1234
     second.write_all([data[1234:]])
     assert second.mismatch() is None
@@ -135,17 +154,17 @@ def test_resume_rehashes_the_kept_prefix(tmp_path: Path) -> None:
     assert not store.partial_path(layer.digest).exists()
 
 
-def test_a_partial_longer_than_the_blob_is_started_over(tmp_path: Path) -> None:
+def test_a_partial_longer_than_the_blob_is_started_over(tmp_path: Path, claim: Claim) -> None:
     store = Store(tmp_path)
     store.prepare()
     layer = layer_for(b"abc")
     store.partial_path(layer.digest).write_bytes(b"abcdef")
-    assert store.open_blob(layer, resume=True).offset == 0
+    assert store.open_blob(layer, claim(store, layer), resume=True).offset == 0
 
 
 @pytest.mark.parametrize("kind", [BlobFile, PartedBlob])
 def test_either_kind_of_partial_file_is_checked_restarted_committed_or_removed_alike(
-    tmp_path: Path, kind: type[PartialFile]
+    tmp_path: Path, kind: type[PartialFile], claim: Claim
 ) -> None:
     store = Store(tmp_path)
     store.prepare()
@@ -153,7 +172,11 @@ def test_either_kind_of_partial_file_is_checked_restarted_committed_or_removed_a
     layer = layer_for(data)
 
     def opened() -> PartialFile:
-        return store.open_blob(layer, resume=False) if kind is BlobFile else PartedBlob(store, layer, chunk_size=CHUNK)
+        return (
+            store.open_blob(layer, claim(store, layer), resume=False)
+            if kind is BlobFile
+            else PartedBlob(store, layer, claim(store, layer), chunk_size=CHUNK)
+        )
 
     def filled(blob: PartialFile) -> PartialFile:
         if isinstance(blob, BlobFile):
@@ -426,7 +449,9 @@ async def test_a_single_stream_partial_is_resumed_as_a_prefix(store: Store) -> N
     ["not json", "[]", '{"size": 1, "chunk_size": 16384, "done": []}', None],
     ids=["garbage", "not an object", "another blob", "wrong counts"],
 )
-async def test_state_that_does_not_describe_the_file_is_not_trusted(store: Store, state: str | None) -> None:
+async def test_state_that_does_not_describe_the_file_is_not_trusted(
+    store: Store, state: str | None, claim: Claim
+) -> None:
     model = big_model()
     layer = model.layers[1]
     store.prepare()
@@ -434,7 +459,7 @@ async def test_state_that_does_not_describe_the_file_is_not_trusted(store: Store
     if state is None:
         state = json.dumps({"size": layer.size, "chunk_size": CHUNK, "done": [CHUNK + 1] + [0] * 10})
     store.parts_state_path(layer.digest).write_text(state)
-    blob = PartedBlob(store, layer, chunk_size=CHUNK)
+    blob = PartedBlob(store, layer, claim(store, layer), chunk_size=CHUNK)
     try:
         # Without trustworthy state the file counts as a prefix: two chunks of zeros, which the hash will refuse.
         assert blob.done == [CHUNK, CHUNK] + [0] * 9
@@ -443,12 +468,12 @@ async def test_state_that_does_not_describe_the_file_is_not_trusted(store: Store
     assert not store.parts_state_path(layer.digest).exists()
 
 
-def test_progress_is_saved_before_any_byte_and_dropped_on_commit(store: Store) -> None:
+def test_progress_is_saved_before_any_byte_and_dropped_on_commit(store: Store, claim: Claim) -> None:
     model = big_model()
     layer = model.layers[1]
     data = model.blobs[layer.digest]
     store.prepare()
-    blob = PartedBlob(store, layer, chunk_size=CHUNK)
+    blob = PartedBlob(store, layer, claim(store, layer), chunk_size=CHUNK)
     # Saved at once, so a kill before the first save cannot leave a sparse file that reads as a prefix.
     assert json.loads(store.parts_state_path(layer.digest).read_text())["done"] == [0] * 11
     for chunk in reversed(blob.chunks):
@@ -479,11 +504,11 @@ async def test_landed_bytes_are_written_back_during_the_download(store: Store, m
 
 
 def test_a_write_back_error_fails_the_blob_and_a_closed_blob_has_none(
-    store: Store, monkeypatch: pytest.MonkeyPatch
+    store: Store, monkeypatch: pytest.MonkeyPatch, claim: Claim
 ) -> None:
     layer = big_model().layers[1]
     store.prepare()
-    blob = PartedBlob(store, layer, chunk_size=CHUNK)
+    blob = PartedBlob(store, layer, claim(store, layer), chunk_size=CHUNK)
 
     def failing(_fd: int) -> None:
         raise OSError(errno.EIO, "Input/output error")

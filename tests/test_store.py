@@ -3,7 +3,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -56,31 +55,102 @@ def test_unwritable_store_is_a_storage_error(tmp_path: Path) -> None:
         Store(tmp_path).prepare()
 
 
+def blob_layer(data: bytes) -> Layer:
+    return Layer(TENSOR_MEDIA_TYPE, "sha256:" + hashlib.sha256(data).hexdigest(), len(data))
+
+
 @pytest.mark.anyio
-async def test_the_blob_lock_excludes_a_second_holder_until_released(tmp_path: Path) -> None:
+async def test_a_claim_excludes_a_second_claimer_until_released_and_is_the_partial_file(tmp_path: Path) -> None:
     import asyncio
 
     store = Store(tmp_path)
-    digest = "sha256:" + "c" * 64
+    store.prepare()
+    layer = blob_layer(b"some bytes")
     order: list[str] = []
 
     async def second() -> None:
-        async with store.blob_lock(digest):
+        async with store.claim_blob(layer) as fd:
+            assert fd is not None
             order.append("second")
 
-    async with store.blob_lock(digest):
+    async with store.claim_blob(layer) as fd:
+        assert fd is not None
+        os.pwrite(fd, b"some", 0)
         waiter = asyncio.create_task(second())
         await asyncio.sleep(0.1)
         order.append("first done")
+        # The lock is the file that is written: no other file is made for it.
+        assert os.listdir(store.blobs_dir) == [store.partial_path(layer.digest).name]
+        assert ".ollama-pull" not in os.listdir(tmp_path)
     await waiter
     assert order == ["first done", "second"]
-    # Outside blobs/, where Ollama expects nothing but blobs.
-    assert not (tmp_path / "blobs").exists()
-    assert (tmp_path / ".ollama-pull" / "locks" / ("sha256-" + "c" * 64 + ".lock")).exists()
 
 
 @pytest.mark.anyio
-async def test_a_blob_lock_cancelled_while_its_file_opens_leaks_no_descriptor(
+@pytest.mark.parametrize("outcome", ["named", "removed", "kept"])
+async def test_a_claim_that_waited_follows_what_its_holder_did_with_the_file(tmp_path: Path, outcome: str) -> None:
+    import asyncio
+
+    store = Store(tmp_path)
+    store.prepare()
+    data = b"a blob"
+    layer = blob_layer(data)
+    partial = store.partial_path(layer.digest)
+    waited: list[str] = []
+    got: list[tuple[int | None, bytes | None]] = []
+
+    async def claim() -> None:
+        async with store.claim_blob(layer, on_wait=lambda: waited.append("waiting")) as fd:
+            got.append((fd, None if fd is None else os.pread(fd, 100, 0)))
+            assert fd is None or os.path.samestat(os.fstat(fd), os.stat(partial))
+
+    async with store.claim_blob(layer) as fd:
+        assert fd is not None
+        claiming = asyncio.create_task(claim())
+        while not waited:
+            await asyncio.sleep(0.01)
+        os.pwrite(fd, data, 0)
+        # What a holder does before it lets go: the verified file takes the blob's name, or is removed, or is
+        # kept for a resume.
+        if outcome == "named":
+            os.replace(partial, store.blob_path(layer.digest))
+        elif outcome == "removed":
+            partial.unlink()
+    await claiming
+    assert waited == ["waiting"]
+    if outcome == "named":
+        # The file it waited on is the blob now: the waiter never gets to write into it, and leaves no file.
+        assert got == [(None, None)]
+        assert [path.name for path in store.blobs_dir.iterdir()] == [store.blob_path(layer.digest).name]
+    elif outcome == "removed":
+        # A new, empty partial file, linked under the name.
+        assert got[0][1] == b""
+        assert list(store.blobs_dir.iterdir()) == []
+    else:
+        assert got[0][1] == data
+        assert partial.read_bytes() == data
+
+
+@pytest.mark.anyio
+async def test_a_claim_says_whether_the_blob_is_there_and_leaves_no_empty_partial_file(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.prepare()
+    data = b"a blob"
+    layer = blob_layer(data)
+    async with store.claim_blob(layer) as fd:
+        assert fd is not None
+    # Nothing was written: nothing is left.
+    assert list(store.blobs_dir.iterdir()) == []
+    store.blob_path(layer.digest).write_bytes(data)
+    store.parts_state_path(layer.digest).write_text("{}")
+    async with store.claim_blob(layer) as fd:
+        # There: no partial file, and none of its progress either.
+        assert fd is None
+        assert [path.name for path in store.blobs_dir.iterdir()] == [store.blob_path(layer.digest).name]
+
+
+@pytest.mark.anyio
+async def test_a_claim_cancelled_while_its_file_opens_leaks_no_descriptor(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import asyncio
@@ -90,18 +160,21 @@ async def test_a_blob_lock_cancelled_while_its_file_opens_leaks_no_descriptor(
 
     opened: list[int] = []
     release = threading.Event()
-    real_open = store_module._open_lock
+    real_claim = store_module._claim
 
-    def slow_open(path: Path, operation: int, then: Callable[[], object]) -> tuple[int, tuple[object] | None]:
+    def slow_claim(store: Store, layer: Layer, fd: int | None) -> tuple[int, bool | None]:
         release.wait(5)
-        fd, answer = real_open(path, operation, then)
-        opened.append(fd)
-        return fd, answer
+        got = real_claim(store, layer, fd)
+        opened.append(got[0])
+        return got
 
-    monkeypatch.setattr(store_module, "_open_lock", slow_open)
+    monkeypatch.setattr(store_module, "_claim", slow_claim)
+    store = Store(tmp_path)
+    store.prepare()
+    layer = blob_layer(b"d")
 
     async def hold() -> None:
-        async with Store(tmp_path).blob_lock("sha256:" + "d" * 64):
+        async with store.claim_blob(layer):
             pass
 
     task = asyncio.create_task(hold())
@@ -110,45 +183,10 @@ async def test_a_blob_lock_cancelled_while_its_file_opens_leaks_no_descriptor(
     release.set()
     with pytest.raises(asyncio.CancelledError):
         await task
-    for _ in range(100):
-        await asyncio.sleep(0.01)
-        if opened:
-            break
-    await asyncio.sleep(0.01)
-    assert opened, "the thread never opened the lock file"
-    lock = str(tmp_path / ".ollama-pull" / "locks" / ("sha256-" + "d" * 64 + ".lock"))
+    assert opened, "the thread never opened the partial file"
+    partial = str(store.partial_path(layer.digest))
     held = []
     for fd in os.listdir("/proc/self/fd"):
         with contextlib.suppress(OSError):
             held.append(os.readlink(f"/proc/self/fd/{fd}"))
-    assert lock not in held
-
-
-@pytest.mark.anyio
-async def test_claiming_a_blob_says_whether_it_is_there_once_the_lock_is_held(tmp_path: Path) -> None:
-    import asyncio
-
-    store = Store(tmp_path)
-    store.prepare()
-    data = b"a blob"
-    layer = Layer(TENSOR_MEDIA_TYPE, "sha256:" + hashlib.sha256(data).hexdigest(), len(data))
-    async with store.claim_blob(layer) as present:
-        assert not present
-    store.blob_path(layer.digest).write_bytes(data)
-    async with store.claim_blob(layer) as present:
-        assert present
-    store.blob_path(layer.digest).unlink()
-    waited: list[str] = []
-
-    async def claim() -> bool:
-        async with store.claim_blob(layer, on_wait=lambda: waited.append("waiting")) as present:
-            return present
-
-    # Held elsewhere (another process, as far as flock knows): the answer is what is there once it is released.
-    async with store.blob_lock(layer.digest):
-        claiming = asyncio.create_task(claim())
-        while not waited:
-            await asyncio.sleep(0.01)
-        store.blob_path(layer.digest).write_bytes(data)
-    assert await claiming
-    assert waited == ["waiting"]
+    assert partial not in held

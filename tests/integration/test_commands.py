@@ -226,9 +226,10 @@ def test_two_ctrl_c_in_quick_succession_give_one_line_and_no_asyncio_noise(
 def test_a_blob_another_process_is_downloading_is_waited_for_and_said_so(registry: FaultRegistry, models: Path) -> None:
     model = registry.add_synthetic_model("library/demo", blobs=3, blob_size=4096)
     held = model.layer_digests[1]
-    lock = models / ".ollama-pull" / "locks" / (held.replace(":", "-") + ".lock")
-    lock.parent.mkdir(parents=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+    # Another process holds the blob's claim: its partial file, locked.
+    partial = models / "blobs" / (held.replace(":", "-") + "-partial")
+    partial.parent.mkdir(parents=True)
+    fd = os.open(partial, os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         process = start_cli(models, "--insecure", "--json", reference(registry, model), capture=True)
