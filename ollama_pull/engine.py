@@ -298,7 +298,8 @@ class Downloader:
             lambda opened: opened.close(keep=opened.received > 0),
         )
         self._announce(state, model, blob.received)
-        committed = False
+        # Committed, or handed on to one stream: either way not to be closed here.
+        settled = False
         try:
             while True:
                 await self._fetch_chunks(reference, blob, state, model, slots)
@@ -308,16 +309,16 @@ class Downloader:
                 blob.restart()
                 await self._retry(layer.digest, state.tries, _AttemptFailed(mismatch, integrity=True), model)
             await asyncio.to_thread(blob.commit)
-            committed = True
+            settled = True
             return self._clock() - started
         except _RangesIgnored:
             # What was written is a sparse file one stream could not continue: it goes on in the same, emptied,
             # file, which stays under the blob's claim.
-            committed = True
+            settled = True
             await asyncio.to_thread(blob.empty)
             raise
         finally:
-            if not committed:
+            if not settled:
                 blob.close(keep=blob.received > 0)
 
     async def _fetch_chunks(
