@@ -296,9 +296,11 @@ async def _claimed(
         if fd >= 0:
             try:
                 # A claim that wrote nothing (an import that stopped at another blob, a cancel before the first
-                # byte) leaves no empty partial file behind; the lock is still ours while this looks.
+                # byte) leaves no empty partial file behind; the lock is still ours while this looks. The size
+                # first: a blob that took its name is rarely empty, and a stat of the name it left was 7% of the
+                # event loop's time on 4,096 small blobs.
                 with contextlib.suppress(OSError):
-                    if _names(path, fd) and os.fstat(fd).st_size == 0:
+                    if os.fstat(fd).st_size == 0 and _names(path, fd):
                         path.unlink()
                         store.parts_state_path(layer.digest).unlink(missing_ok=True)
             finally:
