@@ -274,10 +274,12 @@ async def _claimed(
     store: Store, layer: Layer, on_wait: Callable[[], None] | None, poll: float = _POLL
 ) -> AsyncIterator[int | None]:
     path = store.partial_path(layer.digest)
+
+    def undo(got: tuple[int, bool | None]) -> None:
+        _release(store, layer, got[0], locked=got[1] is not None)
+
     with storage_errors(f"open {path}"):
-        fd, present = await finished_in_thread(
-            functools.partial(_claim, store, layer, None), lambda got: os.close(got[0])
-        )
+        fd, present = await finished_in_thread(functools.partial(_claim, store, layer, None), undo)
     try:
         while present is None:
             if on_wait is not None:
@@ -288,23 +290,27 @@ async def _claimed(
                 # The thread owns the descriptor now: it closes it if the file was renamed or removed meanwhile.
                 held, fd = fd, -1
                 with storage_errors(f"open {path}"):
-                    fd, present = await finished_in_thread(
-                        functools.partial(_claim, store, layer, held), lambda got: os.close(got[0])
-                    )
+                    fd, present = await finished_in_thread(functools.partial(_claim, store, layer, held), undo)
         yield None if present else fd
     finally:
         if fd >= 0:
-            try:
-                # A claim that wrote nothing (an import that stopped at another blob, a cancel before the first
-                # byte) leaves no empty partial file behind; the lock is still ours while this looks. The size
-                # first: a blob that took its name is rarely empty, and a stat of the name it left was 7% of the
-                # event loop's time on 4,096 small blobs.
-                with contextlib.suppress(OSError):
-                    if os.fstat(fd).st_size == 0 and _names(path, fd):
-                        path.unlink()
-                        store.parts_state_path(layer.digest).unlink(missing_ok=True)
-            finally:
-                os.close(fd)
+            _release(store, layer, fd, locked=present is not None)
+
+
+def _release(store: Store, layer: Layer, fd: int, *, locked: bool) -> None:
+    """Let go of a claim. One that wrote nothing (an import that stopped at another blob, a cancel before the
+    first byte, or while the claim's own thread ran) first removes its empty partial file, while the lock is
+    still ours; the size first: a blob that took its name is rarely empty, and a stat of the name it left was 7%
+    of the event loop's time on 4,096 small blobs."""
+    try:
+        if locked:
+            path = store.partial_path(layer.digest)
+            with contextlib.suppress(OSError):
+                if os.fstat(fd).st_size == 0 and _names(path, fd):
+                    path.unlink()
+                    store.parts_state_path(layer.digest).unlink(missing_ok=True)
+    finally:
+        os.close(fd)
 
 
 async def finished_in_thread(work: Callable[[], F], undo: Callable[[F], None] | None = None) -> F:

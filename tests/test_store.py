@@ -150,7 +150,7 @@ async def test_a_claim_says_whether_the_blob_is_there_and_leaves_no_empty_partia
 
 
 @pytest.mark.anyio
-async def test_a_claim_cancelled_while_its_file_opens_leaks_no_descriptor(
+async def test_a_claim_cancelled_while_its_file_opens_leaks_no_descriptor_and_no_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import asyncio
@@ -190,3 +190,5 @@ async def test_a_claim_cancelled_while_its_file_opens_leaks_no_descriptor(
         with contextlib.suppress(OSError):
             held.append(os.readlink(f"/proc/self/fd/{fd}"))
     assert partial not in held
+    # Nor the empty file the thread made: it was never written.
+    assert os.listdir(store.blobs_dir) == []
