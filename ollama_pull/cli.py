@@ -682,6 +682,8 @@ def _run_until_signalled(main: Coroutine[Any, Any, None]) -> signal.Signals | No
     """
     import asyncio
 
+    import sniffio
+
     received: list[signal.Signals] = []
     running: list[tuple[asyncio.AbstractEventLoop, asyncio.Task[Any]]] = []
 
@@ -706,11 +708,17 @@ def _run_until_signalled(main: Coroutine[Any, Any, None]) -> signal.Signals | No
     previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     for signum in previous:
         signal.signal(signum, on_signal)
+    # The loop is ours, so we tell sniffio which library runs it, as its API asks of whoever runs a loop.
+    # httpcore2's pool and anyio ask sniffio on every lock operation, and left to sniff it looks up the current
+    # task each time: 5% of the event loop's time on 4,096 small blobs.
+    library = sniffio.thread_local.name
+    sniffio.thread_local.name = "asyncio"
     try:
         asyncio.run(guarded())
     except asyncio.CancelledError:
         pass
     finally:
+        sniffio.thread_local.name = library
         if not received:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)

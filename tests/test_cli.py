@@ -219,3 +219,20 @@ def test_version_and_help_do_not_load_the_download_stack() -> None:
 
     assert ollama_pull.pull.__name__ == "pull"
     assert sorted(ollama_pull.__all__) == sorted([*ollama_pull._EXPORTS, "__version__"])
+
+
+def test_the_cli_tells_sniffio_that_asyncio_runs_its_loop_and_undoes_it_after() -> None:
+    # httpcore2's pool and anyio ask sniffio on every lock operation; told, it no longer sniffs for the current
+    # task each time (5% of the event loop's time on 4,096 small blobs).
+    import sniffio
+
+    from ollama_pull.cli import _run_until_signalled
+
+    seen: list[str | None] = []
+
+    async def work() -> None:
+        seen.append(sniffio.thread_local.name)
+
+    assert _run_until_signalled(work()) is None
+    assert seen == ["asyncio"]
+    assert sniffio.thread_local.name is None
