@@ -50,7 +50,7 @@ from .events import (
 from .manifest import DIGEST_PATTERN, MAX_MANIFEST_BYTES, Layer, Manifest, parse_manifest
 from .partial import BlobFile
 from .reference import ModelReference, parse_reference
-from .store import READ_SIZE, Store, open_store, storage_errors
+from .store import READ_SIZE, BlobClaim, Store, open_store, storage_errors
 from .worker import Channel, run_blocking
 
 LAYOUT_FILE = "oci-layout"
@@ -658,11 +658,11 @@ async def _install(bundle: Bundle, store: Store, model: BundleModel, on_event: E
     async with contextlib.AsyncExitStack() as claims:
         # The claims keep a pull of the same blob out of its partial file; taken in digest order, so that two
         # imports never wait for each other.
-        files: dict[str, int] = {}
+        files: dict[str, BlobClaim] = {}
         for layer in sorted(model.manifest.blobs, key=lambda layer: layer.digest):
-            fd = await claims.enter_async_context(store.claim_blob(layer))
-            if fd is not None:
-                files[layer.digest] = fd
+            claim = await claims.enter_async_context(store.claim_blob(layer))
+            if claim is not None:
+                files[layer.digest] = claim
         plan = _import_plan(store, model)
         on_event(plan.event(dry_run=False))
         await run_blocking(lambda channel: _stage_and_commit(bundle, store, plan, files, channel), on_event)
@@ -682,8 +682,10 @@ async def _install(bundle: Bundle, store: Store, model: BundleModel, on_event: E
     return result
 
 
-def _stage_and_commit(bundle: Bundle, store: Store, plan: _ImportPlan, files: dict[str, int], channel: Channel) -> None:
-    """Copy each missing blob into its partial file (open on ``files[digest]``, claimed), hashing it; only when
+def _stage_and_commit(
+    bundle: Bundle, store: Store, plan: _ImportPlan, files: dict[str, BlobClaim], channel: Channel
+) -> None:
+    """Copy each missing blob into its partial file (the one ``files[digest]`` claims), hashing it; only when
     every one is verified do they all get their names. One bad blob removes every partial file of the model."""
     name = plan.model.reference.short
     staged: list[BlobFile] = []

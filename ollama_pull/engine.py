@@ -28,7 +28,7 @@ from .ratelimit import RateLimiter
 from .reference import ModelReference
 from .registry import RegistryClient, UnusableBlobResponse
 from .retry import Backoff, FailureKind, RetryBudget, describe_transport_error
-from .store import Store, finished_in_thread
+from .store import BlobClaim, Store, finished_in_thread
 from .units import format_rate
 
 Clock = Callable[[], float]
@@ -209,8 +209,8 @@ class Downloader:
         def waiting() -> None:
             self._emit(BlobWaiting(model, layer.digest, layer.label))
 
-        async with slots, self.store.claim_blob(layer, on_wait=waiting) as fd:
-            if fd is None:
+        async with slots, self.store.claim_blob(layer, on_wait=waiting) as claim:
+            if claim is None:
                 # Another process sharing the store downloaded it while we waited for its lock.
                 self._emit(BlobFinished(model, layer.digest, layer.size, 0.0))
                 return
@@ -218,12 +218,12 @@ class Downloader:
             seconds: float | None = None
             if layer.size >= self.settings.split_min_size:
                 try:
-                    seconds = await self._download_parted(reference, state, model, slots, fd)
+                    seconds = await self._download_parted(reference, state, model, slots, claim.fd)
                 except _RangesIgnored:
                     reason = "the server ignores Range requests: downloading in one stream"
                     self._emit(BlobRetry(model, layer.digest, state.tries.attempt, reason, 0.0))
             if seconds is None:
-                seconds = await self._download_whole(reference, state, model, fd)
+                seconds = await self._download_whole(reference, state, model, claim)
                 # A chunked blob's streams gave their own samples: its overall speed is not one connection's.
                 self.speeds.add(layer.size, seconds)
             self._downloaded_blobs += 1
@@ -250,18 +250,20 @@ class Downloader:
         self._emit(BlobRetry(model, digest, attempt, where + failed.reason, delay))
         await self._sleep(delay)
 
-    async def _download_whole(self, reference: ModelReference, state: _BlobState, model: str, fd: int) -> float:
+    async def _download_whole(
+        self, reference: ModelReference, state: _BlobState, model: str, claim: BlobClaim
+    ) -> float:
         """The blob in one stream. A failed attempt leaves a verified prefix (hashed as written) that the next one
         continues with Range; the partial file outlives the run only for a blob large enough to be worth it."""
         layer = state.layer
         resumable = layer.size >= self.settings.resume_min_size
         if resumable:
             blob = await finished_in_thread(
-                lambda: self.store.open_blob(layer, fd, resume=True), lambda opened: opened.close(keep=True)
+                lambda: self.store.open_blob(layer, claim, resume=True), lambda opened: opened.close(keep=True)
             )
         else:
             # Nothing to read back: the file is emptied in the thread that writes the first bytes.
-            blob = self.store.open_blob(layer, fd, resume=False)
+            blob = self.store.open_blob(layer, claim, resume=False)
         self._announce(state, model, blob.offset)
         try:
             while True:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from .errors import StorageError
 from .manifest import Layer
-from .store import READ_SIZE, Store, hash_file, storage_errors
+from .store import READ_SIZE, BlobClaim, Store, hash_file, storage_errors
 
 # Save progress each time this fraction of the blob has landed: what a kill -9 can cost, at most.
 _SAVE_FRACTION = 0.01
@@ -64,18 +64,19 @@ class BlobFile:
     """The partial file of one blob, hashed as it is written and renamed into place only once verified.
 
     The file is the one the store's claim holds open and locked (:meth:`ollama_pull.store.Store.claim_blob`):
-    written through the claim's descriptor, renamed into place or removed before the claim lets go of it, never
-    closed here. A blob that starts from nothing is emptied when the first bytes are written, in the worker
+    written through the claim's descriptor, and renamed into place (then let go of at once) or removed before
+    the claim lets go of it. A blob that starts from nothing is emptied when the first bytes are written, in the worker
     thread that writes them: on thousands of small blobs, a hand-off to a thread just for that cost about as much
     event-loop time as the download itself. A blob to resume reads back the prefix it holds at once.
     """
 
-    def __init__(self, store: Store, layer: Layer, fd: int, *, resume: bool) -> None:
+    def __init__(self, store: Store, layer: Layer, claim: BlobClaim, *, resume: bool) -> None:
         self.layer = layer
         self.path = store.partial_path(layer.digest)
         self.final_path = store.blob_path(layer.digest)
         self._state_path = store.parts_state_path(layer.digest)
-        self._fd = fd
+        self._claim = claim
+        self._fd = claim.fd
         self._hash = hashlib.sha256()
         self.offset = 0
         self.committed = False
@@ -155,6 +156,8 @@ class BlobFile:
             os.replace(self.path, self.final_path)
             self.committed = True
             self._closed = True
+            # Named: nobody who waited for the lock can take this file for the partial one any more.
+            self._claim.release()
 
     def close(self, *, keep: bool) -> None:
         """Give up the file: keep it for a later resume, or remove it."""

@@ -22,7 +22,7 @@ from ollama_pull.errors import IntegrityError, StorageError
 from ollama_pull.events import BlobProgress, BlobStarted
 from ollama_pull.manifest import Layer
 from ollama_pull.partial import BlobFile, PartedBlob, PartialFile, plan_chunks
-from ollama_pull.store import Store
+from ollama_pull.store import BlobClaim, Store
 
 from .fakes import BASE, FAST, ChunkStream, Model, assert_store_holds, download, make_model, retries
 
@@ -34,23 +34,22 @@ PARTED = dataclasses.replace(FAST, split_min_size=64 * KIB, chunk_size=CHUNK, st
 RANGE = re.compile(r"^bytes=(\d+)-(\d+)$")
 
 
-Claim = Callable[[Store, Layer], int]
+Claim = Callable[[Store, Layer], BlobClaim]
 
 
 @pytest.fixture
 def claim() -> Iterator[Claim]:
-    """What ``Store.claim_blob`` gives whoever writes a blob, taken at once: the descriptor of its partial file,
-    created if need be (closed after the test, as the claim would)."""
-    opened: list[int] = []
+    """What ``Store.claim_blob`` gives whoever writes a blob, taken at once: its partial file, created if need
+    be, open (and let go of after the test, as the claim would)."""
+    claims: list[BlobClaim] = []
 
-    def take(store: Store, layer: Layer) -> int:
-        fd = os.open(store.partial_path(layer.digest), os.O_RDWR | os.O_CREAT, 0o644)
-        opened.append(fd)
-        return fd
+    def take(store: Store, layer: Layer) -> BlobClaim:
+        claims.append(BlobClaim(os.open(store.partial_path(layer.digest), os.O_RDWR | os.O_CREAT, 0o644)))
+        return claims[-1]
 
     yield take
-    for fd in opened:
-        os.close(fd)
+    for taken in claims:
+        taken.release()
 
 
 def layer_for(data: bytes) -> Layer:
@@ -175,7 +174,7 @@ def test_either_kind_of_partial_file_is_checked_restarted_committed_or_removed_a
         return (
             store.open_blob(layer, claim(store, layer), resume=False)
             if kind is BlobFile
-            else PartedBlob(store, layer, claim(store, layer), chunk_size=CHUNK)
+            else PartedBlob(store, layer, claim(store, layer).fd, chunk_size=CHUNK)
         )
 
     def filled(blob: PartialFile) -> PartialFile:
@@ -459,7 +458,7 @@ async def test_state_that_does_not_describe_the_file_is_not_trusted(
     if state is None:
         state = json.dumps({"size": layer.size, "chunk_size": CHUNK, "done": [CHUNK + 1] + [0] * 10})
     store.parts_state_path(layer.digest).write_text(state)
-    blob = PartedBlob(store, layer, claim(store, layer), chunk_size=CHUNK)
+    blob = PartedBlob(store, layer, claim(store, layer).fd, chunk_size=CHUNK)
     try:
         # Without trustworthy state the file counts as a prefix: two chunks of zeros, which the hash will refuse.
         assert blob.done == [CHUNK, CHUNK] + [0] * 9
@@ -473,7 +472,7 @@ def test_progress_is_saved_before_any_byte_and_dropped_on_commit(store: Store, c
     layer = model.layers[1]
     data = model.blobs[layer.digest]
     store.prepare()
-    blob = PartedBlob(store, layer, claim(store, layer), chunk_size=CHUNK)
+    blob = PartedBlob(store, layer, claim(store, layer).fd, chunk_size=CHUNK)
     # Saved at once, so a kill before the first save cannot leave a sparse file that reads as a prefix.
     assert json.loads(store.parts_state_path(layer.digest).read_text())["done"] == [0] * 11
     for chunk in reversed(blob.chunks):
@@ -508,7 +507,7 @@ def test_a_write_back_error_fails_the_blob_and_a_closed_blob_has_none(
 ) -> None:
     layer = big_model().layers[1]
     store.prepare()
-    blob = PartedBlob(store, layer, claim(store, layer), chunk_size=CHUNK)
+    blob = PartedBlob(store, layer, claim(store, layer).fd, chunk_size=CHUNK)
 
     def failing(_fd: int) -> None:
         raise OSError(errno.EIO, "Input/output error")
@@ -520,3 +519,22 @@ def test_a_write_back_error_fails_the_blob_and_a_closed_blob_has_none(
     finally:
         blob.close(keep=False)
     blob.flush()  # closed: nothing to write back, and no descriptor of someone else's touched
+
+
+def test_a_named_blob_lets_go_of_its_claim_in_the_thread_that_named_it(tmp_path: Path, claim: Claim) -> None:
+    # Closing the fsynced file was 6% of the event loop's time on 4,096 small blobs when the claim did it there.
+    store = Store(tmp_path)
+    store.prepare()
+    data = b"a blob"
+    layer = layer_for(data)
+    named = claim(store, layer)
+    blob = store.open_blob(layer, named, resume=False)
+    blob.write_last([data])
+    assert blob.committed
+    assert named.released
+    # One that is given up instead stays claimed: the claim removes or keeps it, under its lock.
+    other = claim(store, layer_for(b"another"))
+    given_up = store.open_blob(layer_for(b"another"), other, resume=False)
+    given_up.write_all([b"anoth"])
+    given_up.close(keep=False)
+    assert not other.released

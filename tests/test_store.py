@@ -69,13 +69,13 @@ async def test_a_claim_excludes_a_second_claimer_until_released_and_is_the_parti
     order: list[str] = []
 
     async def second() -> None:
-        async with store.claim_blob(layer) as fd:
-            assert fd is not None
+        async with store.claim_blob(layer) as claim:
+            assert claim is not None
             order.append("second")
 
-    async with store.claim_blob(layer) as fd:
-        assert fd is not None
-        os.pwrite(fd, b"some", 0)
+    async with store.claim_blob(layer) as claim:
+        assert claim is not None
+        os.pwrite(claim.fd, b"some", 0)
         waiter = asyncio.create_task(second())
         await asyncio.sleep(0.1)
         order.append("first done")
@@ -97,19 +97,19 @@ async def test_a_claim_that_waited_follows_what_its_holder_did_with_the_file(tmp
     layer = blob_layer(data)
     partial = store.partial_path(layer.digest)
     waited: list[str] = []
-    got: list[tuple[int | None, bytes | None]] = []
+    got: list[bytes | None] = []
 
     async def claim() -> None:
-        async with store.claim_blob(layer, on_wait=lambda: waited.append("waiting")) as fd:
-            got.append((fd, None if fd is None else os.pread(fd, 100, 0)))
-            assert fd is None or os.path.samestat(os.fstat(fd), os.stat(partial))
+        async with store.claim_blob(layer, on_wait=lambda: waited.append("waiting")) as claim:
+            got.append(None if claim is None else os.pread(claim.fd, 100, 0))
+            assert claim is None or os.path.samestat(os.fstat(claim.fd), os.stat(partial))
 
-    async with store.claim_blob(layer) as fd:
-        assert fd is not None
+    async with store.claim_blob(layer) as held:
+        assert held is not None
         claiming = asyncio.create_task(claim())
         while not waited:
             await asyncio.sleep(0.01)
-        os.pwrite(fd, data, 0)
+        os.pwrite(held.fd, data, 0)
         # What a holder does before it lets go: the verified file takes the blob's name, or is removed, or is
         # kept for a resume.
         if outcome == "named":
@@ -120,14 +120,14 @@ async def test_a_claim_that_waited_follows_what_its_holder_did_with_the_file(tmp
     assert waited == ["waiting"]
     if outcome == "named":
         # The file it waited on is the blob now: the waiter never gets to write into it, and leaves no file.
-        assert got == [(None, None)]
+        assert got == [None]
         assert [path.name for path in store.blobs_dir.iterdir()] == [store.blob_path(layer.digest).name]
     elif outcome == "removed":
         # A new, empty partial file, linked under the name.
-        assert got[0][1] == b""
+        assert got == [b""]
         assert list(store.blobs_dir.iterdir()) == []
     else:
-        assert got[0][1] == data
+        assert got == [data]
         assert partial.read_bytes() == data
 
 
@@ -137,15 +137,15 @@ async def test_a_claim_says_whether_the_blob_is_there_and_leaves_no_empty_partia
     store.prepare()
     data = b"a blob"
     layer = blob_layer(data)
-    async with store.claim_blob(layer) as fd:
-        assert fd is not None
+    async with store.claim_blob(layer) as claim:
+        assert claim is not None
     # Nothing was written: nothing is left.
     assert list(store.blobs_dir.iterdir()) == []
     store.blob_path(layer.digest).write_bytes(data)
     store.parts_state_path(layer.digest).write_text("{}")
-    async with store.claim_blob(layer) as fd:
+    async with store.claim_blob(layer) as claim:
         # There: no partial file, and none of its progress either.
-        assert fd is None
+        assert claim is None
         assert [path.name for path in store.blobs_dir.iterdir()] == [store.blob_path(layer.digest).name]
 
 
