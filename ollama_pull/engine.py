@@ -218,7 +218,7 @@ class Downloader:
             seconds: float | None = None
             if layer.size >= self.settings.split_min_size:
                 try:
-                    seconds = await self._download_parted(reference, state, model, slots, claim.fd)
+                    seconds = await self._download_parted(reference, state, model, slots, claim)
                 except _RangesIgnored:
                     reason = "the server ignores Range requests: downloading in one stream"
                     self._emit(BlobRetry(model, layer.digest, state.tries.attempt, reason, 0.0))
@@ -290,13 +290,13 @@ class Downloader:
                 blob.close(keep=resumable)
 
     async def _download_parted(
-        self, reference: ModelReference, state: _BlobState, model: str, slots: asyncio.Semaphore, fd: int
+        self, reference: ModelReference, state: _BlobState, model: str, slots: asyncio.Semaphore, claim: BlobClaim
     ) -> float:
         """The blob in chunks over several streams, hashed front to back as the chunks land."""
         layer = state.layer
         started = self._clock()
         blob = await finished_in_thread(
-            lambda: PartedBlob(self.store, layer, fd, chunk_size=self.settings.chunk_size),
+            lambda: PartedBlob(self.store, layer, claim, chunk_size=self.settings.chunk_size),
             lambda opened: opened.close(keep=opened.received > 0),
         )
         self._announce(state, model, blob.received)

@@ -65,9 +65,9 @@ class BlobFile:
 
     The file is the one the store's claim holds open and locked (:meth:`ollama_pull.store.Store.claim_blob`):
     written through the claim's descriptor, and renamed into place (then let go of at once) or removed before
-    the claim lets go of it. A blob that starts from nothing is emptied when the first bytes are written, in the worker
-    thread that writes them: on thousands of small blobs, a hand-off to a thread just for that cost about as much
-    event-loop time as the download itself. A blob to resume reads back the prefix it holds at once.
+    the claim lets go of it. A blob that starts from nothing is emptied when the first bytes are written, in the
+    worker thread that writes them: on thousands of small blobs, a hand-off to a thread just for that cost about
+    as much event-loop time as the download itself. A blob to resume reads back the prefix it holds at once.
     """
 
     def __init__(self, store: Store, layer: Layer, claim: BlobClaim, *, resume: bool) -> None:
@@ -189,7 +189,7 @@ def plan_chunks(size: int, chunk_size: int) -> tuple[Chunk, ...]:
 class PartedBlob:
     """The sparse partial file of a blob downloaded in chunks, with its saved progress and its prefix hash."""
 
-    def __init__(self, store: Store, layer: Layer, fd: int, *, chunk_size: int) -> None:
+    def __init__(self, store: Store, layer: Layer, claim: BlobClaim, *, chunk_size: int) -> None:
         self.layer = layer
         self.path = store.partial_path(layer.digest)
         self.state_path = store.parts_state_path(layer.digest)
@@ -208,7 +208,8 @@ class PartedBlob:
         self._fd_lock = threading.Lock()
         self._state_lock = threading.Lock()
         # The claim's (:meth:`ollama_pull.store.Store.claim_blob`); -1 once given up.
-        self._fd = fd
+        self._claim = claim
+        self._fd = claim.fd
         self._load()
 
     def _load(self) -> None:
@@ -344,6 +345,8 @@ class PartedBlob:
             self.state_path.unlink(missing_ok=True)
             os.replace(self.path, self.final_path)
             self._give_up()
+            # Named: let go of it here, as a blob in one stream does (see BlobFile.commit).
+            self._claim.release()
 
     def empty(self) -> None:
         """Give the file up emptied, to be written in one stream instead: what one stream writes is a contiguous

@@ -174,7 +174,7 @@ def test_either_kind_of_partial_file_is_checked_restarted_committed_or_removed_a
         return (
             store.open_blob(layer, claim(store, layer), resume=False)
             if kind is BlobFile
-            else PartedBlob(store, layer, claim(store, layer).fd, chunk_size=CHUNK)
+            else PartedBlob(store, layer, claim(store, layer), chunk_size=CHUNK)
         )
 
     def filled(blob: PartialFile) -> PartialFile:
@@ -458,7 +458,7 @@ async def test_state_that_does_not_describe_the_file_is_not_trusted(
     if state is None:
         state = json.dumps({"size": layer.size, "chunk_size": CHUNK, "done": [CHUNK + 1] + [0] * 10})
     store.parts_state_path(layer.digest).write_text(state)
-    blob = PartedBlob(store, layer, claim(store, layer).fd, chunk_size=CHUNK)
+    blob = PartedBlob(store, layer, claim(store, layer), chunk_size=CHUNK)
     try:
         # Without trustworthy state the file counts as a prefix: two chunks of zeros, which the hash will refuse.
         assert blob.done == [CHUNK, CHUNK] + [0] * 9
@@ -472,7 +472,7 @@ def test_progress_is_saved_before_any_byte_and_dropped_on_commit(store: Store, c
     layer = model.layers[1]
     data = model.blobs[layer.digest]
     store.prepare()
-    blob = PartedBlob(store, layer, claim(store, layer).fd, chunk_size=CHUNK)
+    blob = PartedBlob(store, layer, claim(store, layer), chunk_size=CHUNK)
     # Saved at once, so a kill before the first save cannot leave a sparse file that reads as a prefix.
     assert json.loads(store.parts_state_path(layer.digest).read_text())["done"] == [0] * 11
     for chunk in reversed(blob.chunks):
@@ -507,7 +507,7 @@ def test_a_write_back_error_fails_the_blob_and_a_closed_blob_has_none(
 ) -> None:
     layer = big_model().layers[1]
     store.prepare()
-    blob = PartedBlob(store, layer, claim(store, layer).fd, chunk_size=CHUNK)
+    blob = PartedBlob(store, layer, claim(store, layer), chunk_size=CHUNK)
 
     def failing(_fd: int) -> None:
         raise OSError(errno.EIO, "Input/output error")
