@@ -207,7 +207,9 @@ async def test_a_silent_server_times_the_read_out() -> None:
 
 async def test_a_slow_reader_stops_the_socket_instead_of_buffering_everything() -> None:
     sent = asyncio.Event()
-    body = b"x" * (8 * 1024 * 1024)
+    # Far more than loopback's socket buffers hold once the kernel has grown them (several MiB each way), so that
+    # only our pause keeps the server from sending it all.
+    body = b"x" * (32 * 1024 * 1024)
 
     async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(body)
