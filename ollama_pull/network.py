@@ -36,7 +36,8 @@ from .huggingface import HuggingFaceToken
 # it bounds each connection's buffer at this plus one read of the transport (256 KiB). At one read's worth, a
 # reader that keeps up never stops the socket: stopping at 64 KiB paused and resumed it after nearly every
 # read, two epoll_ctl calls that were a fifth of the event loop's time on a 1 GiB blob (big 2.27 s -> 2.15 s,
-# many 1.56 s -> 1.40 s, 4 alternated runs each; peak memory the same within 6 MiB).
+# many 1.56 s -> 1.40 s, 4 alternated runs each). It costs memory: many's peak rose from 77-83 MiB to 87-95 MiB
+# in bench/run.py, the closest of any workload to its 100 MiB budget.
 _PAUSE_AT = 256 * 1024
 
 
