@@ -89,11 +89,12 @@ class BlobFile:
             self._rehash_prefix()
 
     def _start(self, *, resume: bool) -> None:
-        with storage_errors(f"open {self.path}"):
-            # Chunk progress describes a sparse file; what this writes is a contiguous prefix.
-            self._state_path.unlink(missing_ok=True)
-            if not resume:
-                os.ftruncate(self._fd, 0)
+        if not self._claim.fresh:
+            with storage_errors(f"open {self.path}"):
+                # Chunk progress describes a sparse file; what this writes is a contiguous prefix.
+                self._state_path.unlink(missing_ok=True)
+                if not resume:
+                    os.ftruncate(self._fd, 0)
         self._started = True
 
     def _rehash_prefix(self) -> None:
@@ -364,8 +365,9 @@ class PartedBlob:
             with contextlib.suppress(StorageError):
                 self.save()
         else:
-            self.path.unlink(missing_ok=True)
+            # Progress first, as the store keeps it: never left without its file.
             self.state_path.unlink(missing_ok=True)
+            self.path.unlink(missing_ok=True)
 
     def _give_up(self) -> None:
         with self._fd_lock:

@@ -97,6 +97,38 @@ def test_a_blob_from_nothing_empties_its_file_with_the_first_write(tmp_path: Pat
     assert list(store.blobs_dir.iterdir()) == []
 
 
+@pytest.mark.parametrize("fresh", [True, False])
+def test_only_a_partial_file_the_claim_did_not_make_is_searched_for_chunk_progress(
+    tmp_path: Path, fresh: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store(tmp_path)
+    store.prepare()
+    data = b"a blob"
+    layer = layer_for(data)
+    state = store.parts_state_path(layer.digest)
+    path = store.partial_path(layer.digest)
+    if not fresh:
+        # A chunked run's leftovers, to be written over in one stream: a sparse file and its progress.
+        path.write_bytes(b"\0" * 100)
+        state.write_text("{}")
+    looked: list[Path] = []
+    unlink = Path.unlink
+
+    def recording(target: Path, missing_ok: bool = False) -> None:
+        looked.append(target)
+        unlink(target, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", recording)
+    claim = BlobClaim(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), fresh=fresh)
+    blob = store.open_blob(layer, claim, resume=False)
+    blob.write_last([data])
+    assert blob.committed
+    assert store.blob_path(layer.digest).read_bytes() == data
+    # A file the claim made has no progress beside it: looking for some is a search of blobs/ under its lock.
+    assert looked == ([] if fresh else [state])
+    assert list(store.blobs_dir.iterdir()) == [store.blob_path(layer.digest)]
+
+
 def test_an_empty_blob_is_committed_without_a_write(tmp_path: Path, claim: Claim) -> None:
     store = Store(tmp_path)
     store.prepare()

@@ -162,7 +162,7 @@ async def test_a_claim_cancelled_while_its_file_opens_leaks_no_descriptor_and_no
     release = threading.Event()
     real_claim = store_module._claim
 
-    def slow_claim(store: Store, layer: Layer, fd: int | None) -> tuple[int, bool | None]:
+    def slow_claim(store: Store, layer: Layer, fd: int | None) -> tuple[int, bool | None, bool]:
         release.wait(5)
         got = real_claim(store, layer, fd)
         opened.append(got[0])
@@ -192,3 +192,45 @@ async def test_a_claim_cancelled_while_its_file_opens_leaks_no_descriptor_and_no
     assert partial not in held
     # Nor the empty file the thread made: it was never written.
     assert os.listdir(store.blobs_dir) == []
+
+
+@pytest.mark.anyio
+async def test_a_claim_says_whether_it_made_the_partial_file(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.prepare()
+    layer = blob_layer(b"a blob")
+    async with store.claim_blob(layer) as claim:
+        assert claim is not None and claim.fresh
+        os.pwrite(claim.fd, b"a b", 0)
+    # Kept for a resume, or left by a killed run: it may have chunk progress beside it.
+    async with store.claim_blob(layer) as claim:
+        assert claim is not None and not claim.fresh
+
+
+@pytest.mark.anyio
+async def test_chunk_progress_goes_before_its_partial_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # What makes a fresh claim's word good: progress never outlives its file, even if killed between the two.
+    store = Store(tmp_path)
+    store.prepare()
+    data = b"a blob"
+    layer = blob_layer(data)
+    removed: list[str] = []
+    unlink = Path.unlink
+
+    def recording(path: Path, missing_ok: bool = False) -> None:
+        removed.append(path.name)
+        unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", recording)
+    order = [store.parts_state_path(layer.digest).name, store.partial_path(layer.digest).name]
+    for there in (False, True):
+        # A killed chunked run's leftovers: an empty partial file and its progress; the blob itself, or not.
+        store.partial_path(layer.digest).write_bytes(b"")
+        store.parts_state_path(layer.digest).write_text("{}")
+        if there:
+            store.blob_path(layer.digest).write_bytes(data)
+        removed.clear()
+        async with store.claim_blob(layer) as claim:
+            assert (claim is None) is there
+        assert removed == order
+        assert [path.name for path in store.blobs_dir.iterdir()] == ([store.blob_path(layer.digest).name] * there)
