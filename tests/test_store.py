@@ -200,11 +200,13 @@ async def test_a_claim_says_whether_it_made_the_partial_file(tmp_path: Path) -> 
     store.prepare()
     layer = blob_layer(b"a blob")
     async with store.claim_blob(layer) as claim:
-        assert claim is not None and claim.fresh
+        assert claim is not None
+        assert claim.fresh
         os.pwrite(claim.fd, b"a b", 0)
     # Kept for a resume, or left by a killed run: it may have chunk progress beside it.
     async with store.claim_blob(layer) as claim:
-        assert claim is not None and not claim.fresh
+        assert claim is not None
+        assert not claim.fresh
 
 
 @pytest.mark.anyio
