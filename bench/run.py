@@ -37,7 +37,7 @@ ALL_WORKLOADS = ("tensors", "many", "many-limited", "big", "big-limited", "scali
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes, one round: a smoke run of ~1 minute")
-    parser.add_argument("--runs", type=int, help="rounds per transfer workload (default 3, --quick 1)")
+    parser.add_argument("--runs", type=int, help="rounds per transfer workload (default 5, --quick 1)")
     parser.add_argument(
         "--workloads",
         default=",".join(ALL_WORKLOADS),
