@@ -1115,7 +1115,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if threading.current_thread() is threading.main_thread():
-        # `kill` and Ctrl-C both mean "stop now, quietly".
+        # `kill` and Ctrl-C both mean "stop now, quietly": Ctrl-C too when started with it ignored, as a
+        # background job of a non-interactive shell is (`cmd &` in a script), and Python then leaves it ignored.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, _interrupt)
     registry = FaultRegistry(
         host=args.host,
