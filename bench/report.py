@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from common import KIB, MIB
 from dataset import Profile
-from host import OLLAMA_PULL, REPO, program_version
+from host import OLLAMA_PULL, REPO, VENV_PYTHON, child_env, program_version
 from measure import Measurement, ResumeResult, WorkloadResult
 from peers import (
     ARIA2,
@@ -142,6 +142,18 @@ def machine_facts() -> list[tuple[str, str]]:
     ]
 
 
+def event_loop() -> str:
+    """The event loop ollama-pull runs on here: uvloop's when the venv has it, unless OLLAMA_PULL_EVENT_LOOP says
+    asyncio (the runs inherit the variable)."""
+    probe = "import uvloop; print(uvloop.__version__)"
+    found = subprocess.run(
+        [str(VENV_PYTHON), "-c", probe], capture_output=True, text=True, check=False, env=child_env()
+    )
+    if found.returncode != 0 or os.environ.get("OLLAMA_PULL_EVENT_LOOP", "").strip().lower() == "asyncio":
+        return "event loop: asyncio's"
+    return f"event loop: uvloop {found.stdout.strip()}"
+
+
 def render(
     command: str,
     profile: Profile,
@@ -215,7 +227,7 @@ def render(
     out.append(f"Date: {now}, {elapsed / 60:.1f} minutes  ")
     for key, value in machine_facts():
         out.append(f"{key}: {value}  ")
-    versions = [program_version([str(OLLAMA_PULL), "--version"])]
+    versions = [program_version([str(OLLAMA_PULL), "--version"]), event_loop()]
     if "nginx" in programs:
         versions.append(program_version([programs["nginx"], "-v"]))
     if "aria2c" in programs:

@@ -21,7 +21,7 @@ import urllib.request
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpcore2
 import httpx2
@@ -55,8 +55,9 @@ class _Receiver(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A stream's transport, as the protocol's place in create_connection() makes it; not asserted, since
+        # uvloop's transports have asyncio.Transport's methods without being its subclasses.
+        self._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self._chunks.append(data)

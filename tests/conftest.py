@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ def isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Pat
         "OLLAMA_PULL_PASSWORD",
         "DOCKER_CONFIG",
         "SSL_CERT_FILE",
+        "OLLAMA_PULL_EVENT_LOOP",
         "HF_TOKEN",
         "HF_TOKEN_PATH",
         "HF_HOME",
@@ -32,7 +34,14 @@ def isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Pat
     return models
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    """Async tests run on asyncio through anyio's pytest plugin, which httpx2 already brings."""
-    return "asyncio"
+# The CLI runs on uvloop's event loop when it is installed (the test extra installs it), on asyncio's otherwise.
+LOOPS = [pytest.param("asyncio", id="asyncio")]
+if importlib.util.find_spec("uvloop") is not None:
+    LOOPS.append(pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"))
+
+
+@pytest.fixture(params=LOOPS)
+def anyio_backend(request: pytest.FixtureRequest) -> object:
+    """Async tests run through anyio's pytest plugin, which httpx2 already brings: on asyncio's own loop, and
+    on uvloop's when it is installed."""
+    return request.param

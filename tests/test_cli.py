@@ -236,3 +236,56 @@ def test_the_cli_tells_sniffio_that_asyncio_runs_its_loop_and_undoes_it_after() 
     assert _run_until_signalled(work()) is None
     assert seen == ["asyncio"]
     assert sniffio.thread_local.name is None
+
+
+@pytest.mark.parametrize("choice", ["", "asyncio", "uvloop"])
+def test_the_cli_runs_on_uvloop_when_it_is_installed_unless_told_otherwise(
+    choice: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    uvloop = pytest.importorskip("uvloop")
+    from ollama_pull.cli import _run_until_signalled
+
+    monkeypatch.setenv("OLLAMA_PULL_EVENT_LOOP", choice)
+    seen: list[asyncio.AbstractEventLoop] = []
+
+    async def work() -> None:
+        seen.append(asyncio.get_running_loop())
+
+    assert _run_until_signalled(work()) is None
+    assert isinstance(seen[0], uvloop.Loop) is (choice != "asyncio")
+
+
+@pytest.mark.parametrize(
+    ("choice", "message"),
+    [
+        ("uvloop", "OLLAMA_PULL_EVENT_LOOP=uvloop, but uvloop is not installed: pip install 'ollama-pull[uvloop]'"),
+        ("trio", "OLLAMA_PULL_EVENT_LOOP must be asyncio or uvloop, not 'trio'"),
+    ],
+)
+def test_an_event_loop_the_cli_cannot_run_is_a_usage_error(
+    choice: str, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As if uvloop were not installed (the extra is optional; Windows has none).
+    monkeypatch.setitem(sys.modules, "uvloop", None)
+    monkeypatch.setenv("OLLAMA_PULL_EVENT_LOOP", choice)
+    result = runner.invoke(app, ["library/demo"])
+    assert result.exit_code == ExitCode.USAGE
+    [line] = result.output.strip().splitlines()
+    assert message in line
+
+
+def test_without_uvloop_the_cli_runs_on_asyncios_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from ollama_pull.cli import _run_until_signalled
+
+    monkeypatch.setitem(sys.modules, "uvloop", None)
+    seen: list[str] = []
+
+    async def work() -> None:
+        seen.append(type(asyncio.get_running_loop()).__module__)
+
+    assert _run_until_signalled(work()) is None
+    assert seen[0].startswith("asyncio.")

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,12 +55,19 @@ def run_cli(models: Path, *args: str, timeout: float = 60) -> Run:
     return Run(done.returncode, done.stdout, done.stderr)
 
 
-def start_cli(models: Path, *args: str, capture: bool = False) -> subprocess.Popen[str]:
-    """The CLI in the background. Without ``capture`` its output goes nowhere: a pipe nobody reads until the
-    end could fill up and block the pull mid-test."""
+def start_cli(
+    models: Path, *args: str, capture: bool = False, env: Mapping[str, str] | None = None
+) -> subprocess.Popen[str]:
+    """The CLI in the background (``env`` on top of the test's environment). Without ``capture`` its output goes
+    nowhere: a pipe nobody reads until the end could fill up and block the pull mid-test."""
     pipe = subprocess.PIPE if capture else subprocess.DEVNULL
     return subprocess.Popen(
-        cli_command(*args), env=cli_env(models), stdin=subprocess.DEVNULL, stdout=pipe, stderr=pipe, text=True
+        cli_command(*args),
+        env={**cli_env(models), **(env or {})},
+        stdin=subprocess.DEVNULL,
+        stdout=pipe,
+        stderr=pipe,
+        text=True,
     )
 
 

@@ -4,6 +4,7 @@ line and an empty store."""
 
 from __future__ import annotations
 
+import importlib.util
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +21,8 @@ pytestmark = pytest.mark.integration
 
 STALL = Fault("stall_before", seconds=30)
 SIGNALS = [pytest.param(signal.SIGINT, 130, id="SIGINT"), pytest.param(signal.SIGTERM, 143, id="SIGTERM")]
+# Signals reach Python's handlers through the event loop's wake-up: on each loop the CLI may run.
+LOOPS = ["asyncio"] + (["uvloop"] if importlib.util.find_spec("uvloop") is not None else [])
 
 
 def manifest_requests(registry: FaultRegistry) -> int:
@@ -64,12 +67,18 @@ def phase(
 
 
 @pytest.mark.parametrize(("signum", "code"), SIGNALS)
+@pytest.mark.parametrize("loop", LOOPS)
 def test_a_signal_mid_request_stops_at_once_and_leaves_nothing(
-    models: Path, phase: tuple[FaultRegistry, list[str], Callable[[], bool]], signum: signal.Signals, code: int
+    models: Path,
+    phase: tuple[FaultRegistry, list[str], Callable[[], bool]],
+    signum: signal.Signals,
+    code: int,
+    loop: str,
 ) -> None:
     registry, flags, in_flight = phase
     model = registry.add_synthetic_model("library/demo", blobs=3, blob_size=4096)
-    process = start_cli(models, "--insecure", *flags, reference(registry, model), capture=True)
+    env = {"OLLAMA_PULL_EVENT_LOOP": loop}
+    process = start_cli(models, "--insecure", *flags, reference(registry, model), capture=True, env=env)
     try:
         wait_for(in_flight, process=process)
         # The request has arrived and the server sits on it; give the client a moment to be waiting on it.
