@@ -7,6 +7,7 @@ and :func:`verify` re-hashes a model already in the store against its manifest.
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from .network import make_client
 from .reference import ModelReference, parse_reference
 from .registry import RegistryClient
 from .store import Store, open_store
+from .worker import in_thread
 
 
 @dataclass(frozen=True)
@@ -231,12 +233,12 @@ async def verify(reference: str | ModelReference, *, models_dir: str | Path | No
     # hashlib releases the GIL on large buffers: a few threads re-hash several blobs at once.
     limit = asyncio.Semaphore(4)
     problems: dict[str, str] = {}
-    # Cancelled (Ctrl-C), the hashing threads must stop too: the process waits for its threads before it exits.
+    # Cancelled (Ctrl-C), the hashing threads stop too, at their next read, instead of hashing on for nobody.
     stop = threading.Event()
 
     async def check(layer: Layer) -> None:
         async with limit:
-            reason = await asyncio.to_thread(store.check_blob, layer, stop=stop)
+            reason = await in_thread(functools.partial(store.check_blob, layer, stop=stop))
         if reason is not None:
             problems[layer.digest] = reason
 

@@ -30,6 +30,7 @@ from .registry import RegistryClient, UnusableBlobResponse
 from .retry import Backoff, FailureKind, RetryBudget, describe_transport_error
 from .store import BlobClaim, Store, finished_in_thread
 from .units import format_rate
+from .worker import in_thread
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -283,7 +284,7 @@ class Downloader:
                     await self._retry(layer.digest, state.tries, failed, model)
                     continue
                 if not blob.committed:
-                    await asyncio.to_thread(blob.commit)
+                    await in_thread(blob.commit)
                 return seconds
         finally:
             if not blob.committed:
@@ -310,14 +311,14 @@ class Downloader:
                     break
                 blob.restart()
                 await self._retry(layer.digest, state.tries, _AttemptFailed(mismatch, integrity=True), model)
-            await asyncio.to_thread(blob.commit)
+            await in_thread(blob.commit)
             settled = True
             return self._clock() - started
         except _RangesIgnored:
             # What was written is a sparse file one stream could not continue: it goes on in the same, emptied,
             # file, which stays under the blob's claim.
             settled = True
-            await asyncio.to_thread(blob.empty)
+            await in_thread(blob.empty)
             raise
         finally:
             if not settled:
@@ -351,7 +352,7 @@ class Downloader:
         while blob.hashed < blob.layer.size:
             await landed.wait()
             landed.clear()
-            await asyncio.to_thread(blob.hash_landed)
+            await in_thread(blob.hash_landed)
             # The disk writes back while the network keeps us busy, instead of all at once in the final fsync:
             # on a 1 GiB blob that fsync was a fifth of the wall time.
             if blob.hashed - flushed >= _FLUSH_EVERY and (flushing is None or flushing.done()):
@@ -545,7 +546,7 @@ class Downloader:
                 await asyncio.shield(writing)
                 landed()
             # The batch leaves our hands before any await: cancelled from here on, it is the thread's to write.
-            writing = asyncio.ensure_future(asyncio.to_thread(writer, batch))
+            writing = in_thread(writer, batch)
             batch, batched, handed = [], 0, self._clock()
 
         try:

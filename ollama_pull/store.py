@@ -34,6 +34,7 @@ from .errors import InvalidReference, NotInStore, StorageError
 from .manifest import DIGEST_PATTERN, Layer, Manifest, parse_manifest
 from .reference import ModelReference, parse_reference
 from .units import format_size
+from .worker import in_thread
 
 F = TypeVar("F")
 
@@ -366,7 +367,7 @@ async def finished_in_thread(work: Callable[[], F], undo: Callable[[F], None] | 
     """Run ``work`` (opening a file, reading from one) in a worker thread. Cancelled meanwhile, the thread runs on
     all the same: wait for it to end, then ``undo`` what it did, so that a cancelled pull leaves neither a
     descriptor nor a file behind, and nobody touches what the thread still holds."""
-    running = asyncio.ensure_future(asyncio.to_thread(work))
+    running = in_thread(work)
     try:
         return await asyncio.shield(running)
     except asyncio.CancelledError:

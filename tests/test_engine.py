@@ -18,6 +18,8 @@ import pytest
 import respx
 
 from ollama_pull import engine as engine_module
+from ollama_pull import store as store_module
+from ollama_pull import worker
 from ollama_pull.engine import Downloader
 from ollama_pull.errors import AuthenticationError, BlobError, IntegrityError
 from ollama_pull.events import BlobProgress
@@ -490,13 +492,13 @@ async def test_a_small_blob_costs_two_hand_offs_to_a_worker_thread(
     # lock and checking presence is one, writing, verifying, fsyncing and naming the blob the other.
     model = make_model(*[60_000 + i for i in range(8)])
     calls: list[str] = []
-    to_thread = asyncio.to_thread
 
-    async def counted(work: Callable[..., object], /, *args: object) -> object:
+    def counted(work: Callable[..., object], /, *args: object) -> asyncio.Future[object]:
         calls.append(getattr(work, "__qualname__", repr(work)))
-        return await to_thread(work, *args)
+        return worker.in_thread(work, *args)
 
-    monkeypatch.setattr(asyncio, "to_thread", counted)
+    for module in (engine_module, store_module):
+        monkeypatch.setattr(module, "in_thread", counted)
     with respx.mock(using="httpcore2") as router:
         serve(router, model, lambda _request, data: httpx.Response(200, content=data))
         await download(router, model, store)
