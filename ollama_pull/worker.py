@@ -4,8 +4,8 @@ loop.
 :func:`in_thread` hands a call to a small pool of threads of our own and answers an asyncio future. It is what
 ``asyncio.to_thread`` does, minus what a pull of thousands of small blobs paid for on every hand-off, twice per
 blob: a copy of the context, a ``concurrent.futures`` future with its condition variable, and the executor's
-semaphore, all on the event loop's thread or contending with it (4,096 blobs of 64 KiB x0.90 wall, 256 blobs of
-0.5-3.5 MiB x0.94; bench/PROFILE.md). The call runs without the caller's context variables. The threads are
+semaphore, all on the event loop's thread or contending with it (4,096 blobs of 64 KiB x0.93 wall, 256 blobs of
+0.5-3.5 MiB x0.89; bench/PROFILE.md). The call runs without the caller's context variables. The threads are
 daemons: the process does not wait for a call at exit, so whoever hands one over awaits its end, even when
 cancelled (:func:`ollama_pull.store.finished_in_thread`, :func:`run_blocking`).
 
