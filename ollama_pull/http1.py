@@ -1,5 +1,5 @@
-"""HTTP/1.1 on one connection, as httpcore2's pools ask of a connection: h11's work, for what a registry client
-sends and receives.
+"""HTTP/1.1 on one connection, as our pool (:mod:`ollama_pull.pool`) asks of a connection: h11's work, for what a
+registry client sends and receives.
 
 httpcore2's HTTP/1.1 connection runs every request through h11 (event objects, header validation, a receive
 buffer) under two locks taken through anyio and sniffio. On a model of thousands of small blobs that was a fifth
@@ -18,7 +18,7 @@ import enum
 import re
 import ssl
 import time
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 
 import httpcore2
 
@@ -41,8 +41,9 @@ class _State(enum.Enum):
     CLOSED = "closed"
 
 
-class Http1Connection(httpcore2.AsyncConnectionInterface):
-    """One connection to one origin, plain or TLS, carrying one request at a time."""
+class Http1Connection:
+    """One connection to one origin, plain or TLS, carrying one request at a time; ``returned`` is told each
+    time a response's body is closed, when the connection has become idle or has closed."""
 
     def __init__(
         self,
@@ -51,8 +52,10 @@ class Http1Connection(httpcore2.AsyncConnectionInterface):
         ssl_context: ssl.SSLContext | None,
         keepalive_expiry: float | None,
         backend: httpcore2.AsyncNetworkBackend,
+        returned: Callable[[Http1Connection], Awaitable[None]],
     ) -> None:
         self._origin = origin
+        self._returned = returned
         self._ssl_context = ssl_context
         self._keepalive_expiry = keepalive_expiry
         self._backend = backend
@@ -111,18 +114,16 @@ class Http1Connection(httpcore2.AsyncConnectionInterface):
                 self._expire_at = time.monotonic() + self._keepalive_expiry
         else:
             await self.aclose()
+        await self._returned(self)
+
+    @property
+    def origin(self) -> httpcore2.Origin:
+        return self._origin
 
     async def aclose(self) -> None:
         self._state = _State.CLOSED
         if self._stream is not None:
             await self._stream.aclose()
-
-    def can_handle_request(self, origin: httpcore2.Origin) -> bool:
-        return origin == self._origin
-
-    def is_available(self) -> bool:
-        # A new connection is not offered to other requests: the request that made it is about to use it.
-        return self._state is _State.IDLE
 
     def has_expired(self) -> bool:
         if self._state is _State.CLOSED:
@@ -141,17 +142,8 @@ class Http1Connection(httpcore2.AsyncConnectionInterface):
     def is_closed(self) -> bool:
         return self._state is _State.CLOSED
 
-    def is_connected(self) -> bool:
-        return self._stream is not None and self._state is not _State.CLOSED
-
-    def can_multiplex(self) -> bool:
-        return False
-
-    def info(self) -> str:
-        return f"{self._origin}, HTTP/1.1, {self._state.name}, Request Count: {self._requests}"
-
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} [{self.info()}]>"
+        return f"<{type(self).__name__} [{self._origin}, HTTP/1.1, {self._state.name}, {self._requests} requests]>"
 
 
 async def _send(stream: httpcore2.AsyncNetworkStream, request: httpcore2.Request, timeout: float | None) -> None:

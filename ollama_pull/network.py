@@ -1,4 +1,4 @@
-"""How bytes reach us: our transport, httpcore2's connection pools in shards, on asyncio's own transports.
+"""How bytes reach us: our transport, over our connection pool, on asyncio's own transports.
 
 httpcore2's default backend goes through anyio, and every read pays for it: a cancel scope for the timeout, a
 checkpoint that costs a turn of the event loop even when data is already waiting, exception mapping, and a
@@ -6,10 +6,10 @@ split of anything above 64 KiB. On a 1 GiB blob that was the largest cost left o
 bench/PROFILE.md). Here the event loop's transport buffers what arrives, and a read hands over what is buffered
 without waiting at all, one received chunk at a time.
 
-httpx2's own transport has no parameter for the network backend, so ``ShardedTransport`` does what it does
-with public API only: it owns the pools, builds httpcore2's request from httpx2's, and httpx2's response and
-exceptions from httpcore2's. Only this module and :mod:`ollama_pull.http1` (its connections) import httpcore2
-(a ruff banned-api rule).
+httpx2's own transport has no parameter for the network backend, so ``DirectTransport`` does what it does
+with public API only: it owns the pool, builds httpcore2's request from httpx2's, and httpx2's response and
+exceptions from httpcore2's. Only this module, :mod:`ollama_pull.pool` and :mod:`ollama_pull.http1` (its
+connections) import httpcore2 (a ruff banned-api rule).
 ``make_client`` builds the client a pull uses: TLS, proxies and the choice of transport.
 """
 
@@ -18,8 +18,9 @@ from __future__ import annotations
 import asyncio
 import ssl
 import urllib.request
+import warnings
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -29,8 +30,8 @@ import httpx2
 from . import __version__
 from .auth import RegistryAuth
 from .errors import RegistryError
-from .http1 import Http1Connection
 from .huggingface import HuggingFaceToken
+from .pool import ConnectionPool
 
 # Reading stops while more than this is buffered and unread, and starts again once the reader has taken it all:
 # it bounds each connection's buffer at this plus one read of the transport (256 KiB). At one read's worth, a
@@ -248,11 +249,10 @@ def _translated(exc: Exception) -> httpx2.TransportError:
 
 
 class _ResponseStream(httpx2.AsyncByteStream):
-    """A response body from a pool, with httpcore2's exceptions translated; ``done`` runs once, when it closes."""
+    """A response body from the pool, with httpcore2's exceptions translated."""
 
-    def __init__(self, stream: AsyncIterable[bytes], done: Callable[[], None]) -> None:
+    def __init__(self, stream: AsyncIterable[bytes]) -> None:
         self._stream = stream
-        self._done: Callable[[], None] | None = done
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
@@ -262,126 +262,60 @@ class _ResponseStream(httpx2.AsyncByteStream):
             raise _translated(exc) from exc
 
     async def aclose(self) -> None:
-        try:
-            aclose = getattr(self._stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
-        finally:
-            if self._done is not None:
-                self._done()
-                self._done = None
+        aclose = getattr(self._stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
-class _Pool(httpcore2.AsyncConnectionPool):
-    """httpcore2's pool, on our HTTP/1.1 connections (:mod:`ollama_pull.http1`)."""
+class DirectTransport(httpx2.AsyncBaseTransport):
+    """httpx2's transport API over our connection pool (:mod:`ollama_pull.pool`) on ``AsyncioBackend``."""
 
-    def __init__(self, *, ssl_context: ssl.SSLContext, size: int, keepalive_expiry: float) -> None:
-        backend = AsyncioBackend()
-        super().__init__(
-            ssl_context=ssl_context,
-            max_connections=size,
-            max_keepalive_connections=size,
-            keepalive_expiry=keepalive_expiry,
-            network_backend=backend,
-        )
-        self._new_connection = (ssl_context, keepalive_expiry, backend)
-
-    def create_connection(self, origin: httpcore2.Origin) -> httpcore2.AsyncConnectionInterface:
-        context, expiry, backend = self._new_connection
-        return Http1Connection(origin, ssl_context=context, keepalive_expiry=expiry, backend=backend)
-
-
-class _Shard:
-    """One connection pool and how many of its responses are still open."""
-
-    __slots__ = ("open", "pool")
-
-    def __init__(self, pool: httpcore2.AsyncConnectionPool) -> None:
-        self.pool = pool
-        self.open = 0
-
-    def has_idle(self, origin: httpcore2.Origin) -> bool:
-        return any(
-            connection.is_idle() and connection.can_handle_request(origin) for connection in self.pool.connections
-        )
-
-    def release(self) -> None:
-        self.open -= 1
-
-
-class ShardedTransport(httpx2.AsyncBaseTransport):
-    """Several connection pools on ``AsyncioBackend`` behind one transport.
-
-    The pool we used before httpcore2 matched every queued request against every connection each time a request
-    started or ended, O(requests x connections): with 64 downloads in one pool that bookkeeping was 40% of our
-    CPU. Pools of at most ``SHARD_SIZE`` connections cut it by the number of pools squared. httpcore2's pool takes
-    one pass over both instead, and the shards still pay: one pool of 68 was 5-15% slower on bench/run.py's many
-    (2.4-2.5 s against 2.2-2.3 s) and 4096-blob scaling (5.9-6.3 s against 5.4 s). A request goes to a pool that
-    holds an idle connection to its host, so that one host's requests reuse connections wherever they are;
-    among several (or none), to the pool with the fewest open responses, so that a burst spreads evenly.
-    """
-
-    SHARD_SIZE = 8
     # httpx2's default: an idle connection older than this may have been dropped by the server.
     KEEPALIVE_EXPIRY = 5.0
 
     def __init__(self, connections: int, *, verify: bool | ssl.SSLContext) -> None:
-        count = max(1, -(-connections // self.SHARD_SIZE))
-        per_shard = -(-connections // count)
-        # One TLS context for all: building one loads the CA bundle, a few milliseconds each.
         context = httpx2.create_ssl_context(verify=verify)
         # Our connections speak HTTP/1.1 only; a server must not pick h2 for them.
         context.set_alpn_protocols(["http/1.1"])
-        self._shards = [
-            _Shard(_Pool(ssl_context=context, size=per_shard, keepalive_expiry=self.KEEPALIVE_EXPIRY))
-            for _ in range(count)
-        ]
-
-    @property
-    def pools(self) -> list[httpcore2.AsyncConnectionPool]:
-        return [shard.pool for shard in self._shards]
-
-    def _shard_for(self, url: httpcore2.URL) -> _Shard:
-        # A scheme the pools cannot speak has no origin; any pool refuses it (UnsupportedProtocol).
-        origin = url.origin if url.scheme in (b"http", b"https") else None
-        return min(self._shards, key=lambda shard: (origin is None or not shard.has_idle(origin), shard.open))
+        self.pool = ConnectionPool(
+            size=connections, ssl_context=context, keepalive_expiry=self.KEEPALIVE_EXPIRY, backend=AsyncioBackend()
+        )
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         assert isinstance(request.stream, httpx2.AsyncByteStream)
-        url = httpcore2.URL(
-            scheme=request.url.raw_scheme,
-            host=request.url.raw_host,
-            port=request.url.port,
-            target=request.url.raw_path,
-        )
-        shard = self._shard_for(url)
+        url = request.url
         core = httpcore2.Request(
             method=request.method,
-            url=url,
+            url=httpcore2.URL(scheme=url.raw_scheme, host=url.raw_host, port=url.port, target=url.raw_path),
             headers=request.headers.raw,
             content=request.stream,
             extensions=request.extensions,
         )
-        # Counted from before the pool is asked, so that requests starting together see each other.
-        shard.open += 1
         try:
-            response = await shard.pool.handle_async_request(core)
-        except BaseException as exc:
-            shard.release()
-            if isinstance(exc, _CORE_ERRORS):
-                raise _translated(exc) from exc
-            raise
+            response = await self.pool.handle_async_request(core)
+        except _CORE_ERRORS as exc:
+            raise _translated(exc) from exc
         assert isinstance(response.stream, AsyncIterable)
         return httpx2.Response(
             status_code=response.status,
             headers=response.headers,
-            stream=_ResponseStream(response.stream, shard.release),
+            stream=_ResponseStream(response.stream),
             extensions=response.extensions,
         )
 
     async def aclose(self) -> None:
-        for shard in self._shards:
-            await shard.pool.aclose()
+        await self.pool.aclose()
+
+
+def __getattr__(name: str) -> object:
+    if name == "ShardedTransport":
+        warnings.warn(
+            "ollama_pull.network.ShardedTransport is now DirectTransport; the old name goes in 0.3",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return DirectTransport
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 USER_AGENT = f"ollama-pull/{__version__}"
@@ -437,4 +371,4 @@ def _direct_transport(connections: int, verify: bool | ssl.SSLContext) -> httpx2
     proxies = urllib.request.getproxies()
     if any(proxies.get(scheme) for scheme in ("http", "https", "all")):
         return None
-    return ShardedTransport(connections, verify=verify)
+    return DirectTransport(connections, verify=verify)

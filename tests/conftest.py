@@ -6,6 +6,11 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import respx
+
+# respx's httpcore2 mocker (registered by pytest-httpx2) patches httpcore2's pools; a pull's direct connections go
+# through a pool of ours, which takes and returns httpcore2's requests and responses in the same shape.
+respx.mocks.Mocker.registry["httpcore2"].add_targets("ollama_pull.pool.ConnectionPool")
 
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy")
 

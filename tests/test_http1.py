@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx2
 import pytest
 
-from ollama_pull.network import ShardedTransport, make_client
+from ollama_pull.network import DirectTransport, make_client
 from tests.integration.test_tls import certificate_authority
 from tests.test_network import Handler, connects, serving
 
@@ -51,7 +51,7 @@ def replying(*responses: bytes, requests: list[bytes] | None = None) -> Handler:
 
 async def twice(handler: Handler, connects: list[tuple[str, int]], method: str = "GET") -> list[httpx2.Response]:
     """Two requests in turn to a server running ``handler``, bodies read."""
-    async with serving(handler) as port, httpx2.AsyncClient(transport=ShardedTransport(8, verify=True)) as client:
+    async with serving(handler) as port, httpx2.AsyncClient(transport=DirectTransport(8, verify=True)) as client:
         return [await client.request(method, f"http://127.0.0.1:{port}/blob") for _ in range(2)]
 
 
@@ -141,11 +141,11 @@ async def test_a_broken_response_is_a_protocol_error_and_closes_the_connection(r
         await writer.drain()
         writer.close()
 
-    transport = ShardedTransport(8, verify=True)
+    transport = DirectTransport(8, verify=True)
     async with serving(broken) as port, httpx2.AsyncClient(transport=transport) as client:
         with pytest.raises(httpx2.RemoteProtocolError, match=message):
             await client.get(f"http://127.0.0.1:{port}/")
-        assert all(not pool.connections for pool in transport.pools)
+        assert not transport.pool.connections
 
 
 async def test_request_bodies_go_out_framed_by_their_length_or_in_chunks() -> None:
@@ -159,7 +159,7 @@ async def test_request_bodies_go_out_framed_by_their_length_or_in_chunks() -> No
     ok = b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n"
     async with (
         serving(replying(ok, requests=requests)) as port,
-        httpx2.AsyncClient(transport=ShardedTransport(8, verify=True)) as client,
+        httpx2.AsyncClient(transport=DirectTransport(8, verify=True)) as client,
     ):
         await client.put(f"http://127.0.0.1:{port}/upload", content=b"0123456789")
         await client.patch(f"http://127.0.0.1:{port}/upload", content=chunks())
@@ -174,7 +174,7 @@ async def test_a_header_value_with_a_line_break_is_refused_before_anything_is_se
     requests: list[bytes] = []
     async with (
         serving(replying(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", requests=requests)) as port,
-        httpx2.AsyncClient(transport=ShardedTransport(8, verify=True)) as client,
+        httpx2.AsyncClient(transport=DirectTransport(8, verify=True)) as client,
     ):
         with pytest.raises(httpx2.LocalProtocolError, match="invalid request header"):
             await client.get(f"http://127.0.0.1:{port}/", headers={"X-Evil": "a\r\nInjected: yes"})
@@ -185,7 +185,7 @@ async def test_a_body_closed_before_its_end_closes_the_connection(connects: list
     response = b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 1_000_000
     async with (
         serving(replying(response)) as port,
-        httpx2.AsyncClient(transport=ShardedTransport(8, verify=True)) as client,
+        httpx2.AsyncClient(transport=DirectTransport(8, verify=True)) as client,
     ):
         async with client.stream("GET", f"http://127.0.0.1:{port}/") as streamed:
             async for _chunk in streamed.aiter_raw():
@@ -202,7 +202,7 @@ async def test_a_connection_the_server_closed_while_idle_is_not_reused(connects:
         await writer.drain()
         writer.close()
 
-    async with serving(once) as port, httpx2.AsyncClient(transport=ShardedTransport(8, verify=True)) as client:
+    async with serving(once) as port, httpx2.AsyncClient(transport=DirectTransport(8, verify=True)) as client:
         assert (await client.get(f"http://127.0.0.1:{port}/")).content == b"ok"
         # The server's close reaches us while the connection is idle in the pool.
         await asyncio.sleep(0.1)
@@ -213,7 +213,7 @@ async def test_a_connection_the_server_closed_while_idle_is_not_reused(connects:
 async def test_a_connection_is_not_reused_after_its_keepalive_expiry(
     connects: list[tuple[str, int]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(ShardedTransport, "KEEPALIVE_EXPIRY", 0.0)
+    monkeypatch.setattr(DirectTransport, "KEEPALIVE_EXPIRY", 0.0)
     first, second = await twice(replying(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"), connects)
     assert first.content == second.content == b"ok"
     assert len(connects) == 2
@@ -227,14 +227,14 @@ async def test_a_cancelled_request_closes_its_connection() -> None:
         arrived.set()
         await reader.read()
 
-    transport = ShardedTransport(8, verify=True)
+    transport = DirectTransport(8, verify=True)
     async with serving(silent) as port, httpx2.AsyncClient(transport=transport) as client:
         request = asyncio.create_task(client.get(f"http://127.0.0.1:{port}/"))
         await arrived.wait()
         request.cancel()
         with pytest.raises(asyncio.CancelledError):
             await request
-        assert all(not pool.connections for pool in transport.pools)
+        assert not transport.pool.connections
 
 
 async def test_over_tls_the_connection_offers_only_http_1_1(tmp_path: Path) -> None:

@@ -16,7 +16,8 @@ import httpx2
 import pytest
 
 from ollama_pull import network
-from ollama_pull.network import AsyncioBackend, ShardedTransport, _direct_transport, make_client
+from ollama_pull.network import AsyncioBackend, DirectTransport, _direct_transport, make_client
+from ollama_pull.pool import ConnectionPool
 
 pytestmark = pytest.mark.anyio
 
@@ -73,32 +74,36 @@ async def test_a_pull_client_talks_through_the_asyncio_backend(connects: list[tu
     assert connects == [("127.0.0.1", port)]
 
 
-def test_direct_connections_are_spread_over_small_pools(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_direct_connections_go_through_one_pool_of_ours(monkeypatch: pytest.MonkeyPatch) -> None:
     transport = _direct_transport(68, True)
-    assert isinstance(transport, ShardedTransport)
-    assert len(transport.pools) == 9
+    assert isinstance(transport, DirectTransport)
+    assert isinstance(transport.pool, ConnectionPool)
     # With a proxy configured, httpx2 must build the transports itself to honour it and NO_PROXY.
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:1")
     assert _direct_transport(68, True) is None
 
 
-async def test_one_hosts_requests_in_turn_reuse_one_connection_across_shards(connects: list[tuple[str, int]]) -> None:
-    transport = ShardedTransport(24, verify=True)
-    assert len(transport.pools) == 3
-    async with serving(answering(b"ok")) as port, httpx2.AsyncClient(transport=transport) as client:
+def test_the_transports_old_name_still_works_and_says_its_new_one() -> None:
+    with pytest.warns(DeprecationWarning, match="ShardedTransport is now DirectTransport"):
+        assert network.ShardedTransport is DirectTransport
+
+
+async def test_one_hosts_requests_in_turn_reuse_one_connection(connects: list[tuple[str, int]]) -> None:
+    async with (
+        serving(answering(b"ok")) as port,
+        httpx2.AsyncClient(transport=DirectTransport(24, verify=True)) as client,
+    ):
         for _ in range(6):
             assert (await client.get(f"http://127.0.0.1:{port}/")).content == b"ok"
-    # Taking the pools in turn would open one connection in each.
     assert connects == [("127.0.0.1", port)]
 
 
-async def test_a_burst_spreads_over_the_shards_and_the_next_one_reuses_its_connections(
+async def test_a_burst_opens_a_connection_per_request_and_the_next_one_reuses_them(
     connects: list[tuple[str, int]],
 ) -> None:
-    # Two pools of 8: 16 requests at once are all answered only if each pool takes 8 of them, since the server
-    # answers none before all 16 have arrived.
-    transport = ShardedTransport(16, verify=True)
-    assert len(transport.pools) == 2
+    # 16 requests at once are all answered only if each has a connection of its own, since the server answers
+    # none before all 16 have arrived.
+    transport = DirectTransport(16, verify=True)
     arrived = 0
     everyone = asyncio.Event()
 
@@ -115,7 +120,7 @@ async def test_a_burst_spreads_over_the_shards_and_the_next_one_reuses_its_conne
             async with asyncio.timeout(10):
                 responses = await asyncio.gather(*(client.get(f"http://127.0.0.1:{port}/") for _ in range(16)))
             assert [response.content for response in responses] == [b"ok"] * 16, wave
-            assert [len(pool.connections) for pool in transport.pools] == [8, 8]
+            assert len(transport.pool.connections) == 16
     assert len(connects) == 16
 
 
@@ -140,7 +145,7 @@ async def test_httpcore2_failures_reach_the_client_as_httpx2_exceptions(
         else:
             await reader.read()
 
-    async with serving(behave) as port, httpx2.AsyncClient(transport=ShardedTransport(8, verify=True)) as client:
+    async with serving(behave) as port, httpx2.AsyncClient(transport=DirectTransport(8, verify=True)) as client:
         if server == "refuses":
             # A port nobody listens on: a server's, once it has closed.
             async with serving(behave) as port:
