@@ -12,6 +12,7 @@ import respx
 from ollama_pull import Puller, pull
 from ollama_pull.errors import BlobError, InvalidManifest
 from ollama_pull.events import BlobStarted, Event, ManifestResolved, PullFinished, Resolving, WritingManifest
+from ollama_pull.manifest import Layer
 from ollama_pull.network import make_client
 from ollama_pull.progress import Tally
 from ollama_pull.store import Store
@@ -74,6 +75,28 @@ async def test_present_blobs_are_skipped_and_counted_as_done(tmp_path: Path) -> 
     tally.apply(resolved)
     assert tally.completed == 2000
     assert present.digest not in {event.digest for event in events if isinstance(event, BlobStarted)}
+
+
+async def test_which_blobs_are_present_is_told_without_comparing_layers_to_each_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Comparing each layer with those found present grew with the square of the blobs: 0.9 s for 4,096.
+    model = make_model(1000, 2000, 3000)
+    store = Store(tmp_path)
+    store.prepare()
+    for layer in model.layers[1:3]:
+        store.blob_path(layer.digest).write_bytes(model.blobs[layer.digest])
+
+    def refused(self: Layer, other: object) -> bool:
+        raise AssertionError("two layers compared")
+
+    monkeypatch.setattr(Layer, "__eq__", refused)
+    with respx.mock(using="httpcore2", assert_all_called=False) as router:
+        routes(router, model)
+        async with make_client() as client, Puller(models_dir=tmp_path, settings=FAST, client=client) as puller:
+            plan = await puller.resolve(REF)
+    assert [layer.digest for layer in plan.present] == [layer.digest for layer in model.layers[1:3]]
+    assert [layer.digest for layer in plan.missing] == [model.layers[0].digest, model.layers[3].digest]
 
 
 async def test_a_blob_with_the_wrong_size_on_disk_is_downloaded_again(tmp_path: Path) -> None:
