@@ -39,7 +39,8 @@ if TYPE_CHECKING:
     from .api import Puller
     from .engine import DownloadSettings
     from .manifest import Manifest
-    from .progress import JsonRenderer, PlainRenderer, QuietRenderer, RichRenderer
+    from .progress import JsonRenderer, PlainRenderer, QuietRenderer
+    from .terminal import RichRenderer
 
 
 class ExitCode(IntEnum):
@@ -562,7 +563,7 @@ class _Session:
         finally:
             self.renderer.close()
         if stopped_by is not None:
-            from .progress import Output
+            from .terminal import Output
 
             Output(stderr=True, highlight=False).print(
                 "interrupted: nothing unverified was kept; run again to continue", style="yellow", markup=False
@@ -576,13 +577,15 @@ def _renderer(
 ) -> JsonRenderer | PlainRenderer | QuietRenderer | RichRenderer:
     """JSON, errors only, or text: Rich when the stream that carries the command's main output (stdout for data
     commands, stderr for a pull's progress) is a terminal, plain lines otherwise."""
-    from .progress import JsonRenderer, Output, PlainRenderer, QuietRenderer, RichRenderer
+    from .progress import JsonRenderer, PlainRenderer, QuietRenderer
 
     if json_output:
         return JsonRenderer(sys.stdout, sys.stderr, dry_run=dry_run)
     if quiet:
         return QuietRenderer(sys.stdout, sys.stderr)
     if (sys.stdout if data else sys.stderr).isatty():
+        from .terminal import Output, RichRenderer
+
         return RichRenderer(
             Output(stderr=True, highlight=False, soft_wrap=True), Output(highlight=False), dry_run=dry_run
         )

@@ -170,7 +170,7 @@ def test_plain_renderer_prints_greppable_lines_without_escape_codes() -> None:
 def test_rich_renderer_shows_overall_and_a_few_blob_bars() -> None:
     from rich.console import Console
 
-    from ollama_pull.progress import MAX_BLOB_BARS, RichRenderer
+    from ollama_pull.terminal import MAX_BLOB_BARS, RichRenderer
 
     console = Console(file=io.StringIO(), force_terminal=True, width=120)
     renderer = RichRenderer(console)

@@ -22,14 +22,13 @@ from ollama_pull.events import (
     WritingManifest,
 )
 from ollama_pull.progress import (
-    MAX_BLOB_BARS,
     SUMMARY_WIDTH,
     JsonRenderer,
     PlainRenderer,
-    RichRenderer,
     Stream,
     summary_line,
 )
+from ollama_pull.terminal import MAX_BLOB_BARS, RichRenderer
 from ollama_pull.units import format_progress, format_size, plural
 
 MODEL = "registry.example.com:5000/some-team/a-model-with-a-rather-long-name:q4_K_M-2026"
@@ -184,3 +183,10 @@ def test_a_dry_run_of_rm_lists_what_would_go_on_stdout() -> None:
         f"  {digest(2)}",
     ]
     assert err.getvalue() == ""
+
+
+def test_the_terminal_renderers_old_home_still_works_and_says_its_new_one() -> None:
+    import ollama_pull.progress
+
+    with pytest.warns(DeprecationWarning, match="progress.RichRenderer is now ollama_pull.terminal.RichRenderer"):
+        assert ollama_pull.progress.RichRenderer is RichRenderer
