@@ -38,12 +38,10 @@ Sleep = Callable[[float], Awaitable[None]]
 KIB = 1024
 MIB = 1024 * KIB
 # Bytes handed to the writing thread at a time: large enough that the hand-off costs little per byte, small
-# enough that 64 streams each holding two batches stay far below the memory budget.
-_WRITE_BATCH = 256 * KIB
-# A large blob's chunk streams (16 per blob) hand over bigger batches, for fewer thread hand-offs: engine time on
-# a 1 GiB blob 1.75 s -> 1.6 s (3 runs each; within the noise of bench/run.py). 1 MiB was no faster and took
-# 25 MiB more; even four large blobs at once, 64 streams, hold at most 64 MiB of batches.
-_CHUNK_WRITE_BATCH = 512 * KIB
+# enough that 64 streams each holding two batches stay below the memory budget (64 MiB at most). Against 256 KiB:
+# 256 blobs of 0.5-3.5 MiB x0.95 (6 alternated runs), a 1 GiB blob's engine time 1.75 s -> 1.6 s; 1 MiB was no
+# faster than 512 KiB on either and took 14-25 MiB more.
+_WRITE_BATCH = 512 * KIB
 # A slow stream hands over what it has after this long anyway, so the file on disk (what a resume finds) keeps up.
 _WRITE_DELAY = 0.25
 # A blob in chunks is written back to disk behind the hash every this many bytes (see _follow_hash).
@@ -504,7 +502,6 @@ class Downloader:
                     lambda pieces: blob.write(chunk, pieces),
                     lambda: self._report(run.state, run.model, blob.received),
                     too_much=f"the server sent more than the {chunk.end - start} bytes asked for",
-                    batch_size=_CHUNK_WRITE_BATCH,
                 )
         except httpx2.RequestError as exc:
             raise _AttemptFailed(describe_transport_error(exc)) from exc
@@ -525,7 +522,6 @@ class Downloader:
         landed: Callable[[], None],
         *,
         too_much: str,
-        batch_size: int = _WRITE_BATCH,
         write_last: Callable[[list[bytes]], None] | None = None,
     ) -> None:
         """Write a response's raw body, at most ``room`` bytes of it, keeping the watchdog and the limiter fed.
@@ -559,7 +555,7 @@ class Downloader:
                 room -= len(data)
                 batch.append(data)
                 batched += len(data)
-                if batched >= batch_size or watch.last_read - handed >= _WRITE_DELAY:
+                if batched >= _WRITE_BATCH or watch.last_read - handed >= _WRITE_DELAY:
                     await hand_over(write)
                 if self._limiter is not None:
                     watch.throttled = True

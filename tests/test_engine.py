@@ -441,7 +441,7 @@ async def test_cancellation_leaves_no_task_and_no_unverified_blob(
     ("size", "left"),
     [
         # Two batches: the first write starts the file, and the cancel that came meanwhile removes it.
-        (300_000, False),
+        (engine_module._WRITE_BATCH + 40_000, False),
         # One batch: the thread that starts the file also verifies and names the blob; a verified blob may stay.
         (1000, True),
     ],
