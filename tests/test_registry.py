@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 
 import httpcore2
@@ -390,9 +391,11 @@ async def test_a_token_service_that_stalls_is_cut_off_and_named(stalls: int) -> 
                 return
             with pytest.raises(RegistryError) as caught:
                 await registry.fetch_manifest(REF)
-    assert str(caught.value) == (
-        f"cannot fetch the manifest of {REF.short} from {REF.host}: "
-        "stalled: no data for 0.1s from the token service at auth.test (tried 3 times)"
+    # The silence is measured: at least the 0.05 s allowed, and more on a loaded machine.
+    assert re.fullmatch(
+        re.escape(f"cannot fetch the manifest of {REF.short} from {REF.host}: ")
+        + r"stalled: no data for \d+\.\ds from the token service at auth\.test \(tried 3 times\)",
+        str(caught.value),
     )
     assert left["asked"] == 3
 
@@ -430,7 +433,8 @@ async def test_a_mirror_that_stalls_is_left_for_the_origin() -> None:
         async with registry.client:
             assert (await registry.fetch_manifest(REF)).raw == model.manifest.raw
     assert origin.call_count == 1
-    assert registry.mirror_failure == "stalled: no data for 0.1s"
+    assert registry.mirror_failure is not None
+    assert re.fullmatch(r"stalled: no data for \d+\.\ds", registry.mirror_failure)
 
 
 class CountingSends:
