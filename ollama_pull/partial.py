@@ -72,9 +72,9 @@ class BlobFile:
 
     def __init__(self, store: Store, layer: Layer, claim: BlobClaim, *, resume: bool) -> None:
         self.layer = layer
-        self.path = store.partial_path(layer.digest)
+        self.path = claim.path
         self.final_path = store.blob_path(layer.digest)
-        self._state_path = store.parts_state_path(layer.digest)
+        self._store = store
         self._claim = claim
         self._fd = claim.fd
         self._hash = hashlib.sha256()
@@ -92,7 +92,7 @@ class BlobFile:
         if not self._claim.fresh:
             with storage_errors(f"open {self.path}"):
                 # Chunk progress describes a sparse file; what this writes is a contiguous prefix.
-                self._state_path.unlink(missing_ok=True)
+                self._store.parts_state_path(self.layer.digest).unlink(missing_ok=True)
                 if not resume:
                     os.ftruncate(self._fd, 0)
         self._started = True
@@ -192,7 +192,7 @@ class PartedBlob:
 
     def __init__(self, store: Store, layer: Layer, claim: BlobClaim, *, chunk_size: int) -> None:
         self.layer = layer
-        self.path = store.partial_path(layer.digest)
+        self.path = claim.path
         self.state_path = store.parts_state_path(layer.digest)
         self.final_path = store.blob_path(layer.digest)
         self.chunks = plan_chunks(layer.size, chunk_size)

@@ -44,7 +44,8 @@ def claim() -> Iterator[Claim]:
     claims: list[BlobClaim] = []
 
     def take(store: Store, layer: Layer) -> BlobClaim:
-        claims.append(BlobClaim(os.open(store.partial_path(layer.digest), os.O_RDWR | os.O_CREAT, 0o644)))
+        path = store.partial_path(layer.digest)
+        claims.append(BlobClaim(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), path))
         return claims[-1]
 
     yield take
@@ -119,7 +120,7 @@ def test_only_a_partial_file_the_claim_did_not_make_is_searched_for_chunk_progre
         unlink(target, missing_ok=missing_ok)
 
     monkeypatch.setattr(Path, "unlink", recording)
-    claim = BlobClaim(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), fresh=fresh)
+    claim = BlobClaim(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), path, fresh=fresh)
     blob = store.open_blob(layer, claim, resume=False)
     blob.write_last([data])
     assert blob.committed

@@ -162,9 +162,9 @@ async def test_a_claim_cancelled_while_its_file_opens_leaks_no_descriptor_and_no
     release = threading.Event()
     real_claim = store_module._claim
 
-    def slow_claim(store: Store, layer: Layer, fd: int | None) -> tuple[int, bool | None, bool]:
+    def slow_claim(store: Store, layer: Layer, path: Path, fd: int | None) -> tuple[int, bool | None, bool]:
         release.wait(5)
-        got = real_claim(store, layer, fd)
+        got = real_claim(store, layer, path, fd)
         opened.append(got[0])
         return got
 
