@@ -738,6 +738,8 @@ def _run_until_signalled(main: Coroutine[Any, Any, None]) -> signal.Signals | No
     return received[0] if received else None
 
 
+# Allocations between two collections of the youngest generation (Python's default: 700); see main().
+YOUNG_COLLECTION_THRESHOLD = 20_000
 LOOP_VARIABLE = "OLLAMA_PULL_EVENT_LOOP"
 
 
@@ -771,6 +773,10 @@ def main() -> None:
             setattr(sys, name, open(os.devnull, "w"))  # noqa: SIM115 - open for the life of the process
 
     # What is loaded by now lives as long as the process: frozen, the cyclic collector stops walking it again
-    # and again while a pull allocates (it was 3% of the CPU of a pull of many small blobs).
+    # and again while a pull allocates (it was 3% of the CPU of a pull of many small blobs). A pull allocates
+    # and frees a few hundred objects per blob, nearly none of them in cycles: collecting the youngest
+    # generation every 20,000 allocations instead of 700 took 4,096 blobs of 64 KiB x0.96 (14 alternated
+    # runs), with no more memory; 100,000 was no faster.
     gc.freeze()
+    gc.set_threshold(YOUNG_COLLECTION_THRESHOLD)
     app(prog_name="ollama-pull")

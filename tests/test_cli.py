@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ollama_pull import __version__
-from ollama_pull.cli import ExitCode, app, exit_code_for
+from ollama_pull.cli import YOUNG_COLLECTION_THRESHOLD, ExitCode, app, exit_code_for
 from ollama_pull.errors import (
     AuthenticationError,
     BlobError,
@@ -204,6 +204,21 @@ def test_rich_renderer_shows_overall_and_a_few_blob_bars() -> None:
     output = console.file.getvalue()  # type: ignore[attr-defined]
     # The summary comes after the last frame of the bars.
     assert "pulled m:latest" in output.rstrip().splitlines()[-1]
+
+
+def test_the_cli_freezes_what_it_loaded_and_collects_the_youngest_objects_less_often() -> None:
+    probe = (
+        "import gc, sys\n"
+        "from ollama_pull.cli import main\n"
+        "sys.argv = ['ollama-pull', '--version']\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(gc.get_threshold()[0], gc.get_freeze_count() > 0)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines()[-1] == f"{YOUNG_COLLECTION_THRESHOLD} True"
 
 
 def test_version_and_help_do_not_load_the_download_stack() -> None:
