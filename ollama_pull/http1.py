@@ -271,16 +271,14 @@ class _Body:
         else:
             self._reusable = False
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        # The framing's own generator, not one that passes its pieces on: every level of async generators costs
+        # each piece a resumption. Each marks the body complete when it has read the whole of it.
         if self._chunked:
-            pieces = self._dechunked()
-        elif self._length is None:
-            pieces = self._until_close()
-        else:
-            pieces = self._counted(self._length)
-        async for piece in pieces:
-            yield piece
-        self._complete = True
+            return self._dechunked()
+        if self._length is None:
+            return self._until_close()
+        return self._counted(self._length)
 
     async def _read(self) -> bytes:
         if self._rest:
@@ -305,10 +303,12 @@ class _Body:
             yield data
         if self._rest:
             self._reusable = False
+        self._complete = True
 
     async def _until_close(self) -> AsyncIterator[bytes]:
         while data := await self._read():
             yield data
+        self._complete = True
 
     async def _dechunked(self) -> AsyncIterator[bytes]:
         while True:
@@ -321,6 +321,7 @@ class _Body:
                 # Trailer fields, if any, up to the empty line that ends the message; we have no use for them.
                 while await self._line():
                     pass
+                self._complete = True
                 return
             while remaining:
                 data = await self._read()
