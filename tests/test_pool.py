@@ -4,6 +4,9 @@ connections it opens, which request gets one, and in what order those that wait 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import httpx2
 import pytest
@@ -30,6 +33,33 @@ def holding(until: asyncio.Event, paths: list[str]) -> Handler:
             pass
 
     return answer
+
+
+@dataclass
+class Held:
+    """A client with a pool of one connection, which carries ``holder``, a request to ``/holder`` that the server
+    answers once ``released`` is set; ``paths`` are the requests the server has seen, in order."""
+
+    client: httpx2.AsyncClient
+    url: str
+    released: asyncio.Event
+    paths: list[str]
+    holder: asyncio.Task[httpx2.Response]
+
+
+@asynccontextmanager
+async def holding_the_one_connection() -> AsyncIterator[Held]:
+    released = asyncio.Event()
+    paths: list[str] = []
+    async with (
+        serving(holding(released, paths)) as port,
+        httpx2.AsyncClient(transport=DirectTransport(1, verify=True)) as client,
+    ):
+        url = f"http://127.0.0.1:{port}"
+        holder = asyncio.create_task(client.get(f"{url}/holder"))
+        while not paths:
+            await asyncio.sleep(0.01)
+        yield Held(client, url, released, paths, holder)
 
 
 async def test_requests_beyond_the_pools_size_wait_and_are_served_in_the_order_they_came(
@@ -68,23 +98,17 @@ async def test_a_full_pool_closes_an_idle_connection_to_another_host_for_a_new_o
 
 
 async def test_a_waiting_request_that_is_cancelled_gives_its_turn_to_the_next() -> None:
-    released = asyncio.Event()
-    paths: list[str] = []
-    transport = DirectTransport(1, verify=True)
-    async with serving(holding(released, paths)) as port, httpx2.AsyncClient(transport=transport) as client:
-        holder = asyncio.create_task(client.get(f"http://127.0.0.1:{port}/holder"))
-        while not paths:
-            await asyncio.sleep(0.01)
-        cancelled = asyncio.create_task(client.get(f"http://127.0.0.1:{port}/cancelled"))
-        after = asyncio.create_task(client.get(f"http://127.0.0.1:{port}/after"))
+    async with holding_the_one_connection() as held:
+        cancelled = asyncio.create_task(held.client.get(f"{held.url}/cancelled"))
+        after = asyncio.create_task(held.client.get(f"{held.url}/after"))
         await asyncio.sleep(0.01)
         cancelled.cancel()
-        released.set()
+        held.released.set()
         async with asyncio.timeout(10):
-            assert (await holder).content == (await after).content == b"ok"
+            assert (await held.holder).content == (await after).content == b"ok"
         with pytest.raises(asyncio.CancelledError):
             await cancelled
-    assert paths == ["/holder", "/after"]
+    assert held.paths == ["/holder", "/after"]
 
 
 async def test_a_connection_handed_to_a_request_cancelled_before_it_ran_goes_to_the_next() -> None:
@@ -104,20 +128,14 @@ async def test_a_connection_handed_to_a_request_cancelled_before_it_ran_goes_to_
 
 
 async def test_no_connection_free_within_the_pool_timeout_is_a_pool_timeout() -> None:
-    released = asyncio.Event()
-    paths: list[str] = []
-    transport = DirectTransport(1, verify=True)
-    async with serving(holding(released, paths)) as port, httpx2.AsyncClient(transport=transport) as client:
-        holder = asyncio.create_task(client.get(f"http://127.0.0.1:{port}/holder"))
-        while not paths:
-            await asyncio.sleep(0.01)
+    async with holding_the_one_connection() as held:
         with pytest.raises(httpx2.PoolTimeout, match="no connection came free"):
-            await client.get(f"http://127.0.0.1:{port}/late", timeout=httpx2.Timeout(10.0, pool=0.05))
-        released.set()
-        assert (await holder).content == b"ok"
+            await held.client.get(f"{held.url}/late", timeout=httpx2.Timeout(10.0, pool=0.05))
+        held.released.set()
+        assert (await held.holder).content == b"ok"
         # The request that gave up left no turn behind: the next one is served at once.
-        assert (await client.get(f"http://127.0.0.1:{port}/next")).content == b"ok"
-    assert paths == ["/holder", "/next"]
+        assert (await held.client.get(f"{held.url}/next")).content == b"ok"
+    assert held.paths == ["/holder", "/next"]
 
 
 async def test_a_client_closed_while_a_response_is_open_closes_its_connection_for_good() -> None:
