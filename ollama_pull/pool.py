@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
+from collections.abc import Iterable
 
 import httpcore2
 
@@ -143,6 +144,6 @@ class ConnectionPool:
         await _close(connections)
 
 
-async def _close(connections: list[Http1Connection] | set[Http1Connection]) -> None:
+async def _close(connections: Iterable[Http1Connection]) -> None:
     for connection in connections:
         await connection.aclose()

@@ -278,7 +278,7 @@ async def _claimed(
     path = store.partial_path(layer.digest)
 
     def undo(got: tuple[int, bool | None, bool]) -> None:
-        _release(store, layer, got[0], locked=got[1] is not None)
+        _release(store, layer, path, got[0], locked=got[1] is not None)
 
     with storage_errors(f"open {path}"):
         fd, present, fresh = await finished_in_thread(functools.partial(_claim, store, layer, path, None), undo)
@@ -304,10 +304,10 @@ async def _claimed(
             try:
                 yield claim
             finally:
-                claim.release(before=functools.partial(_tidy, store, layer))
+                claim.release(before=functools.partial(_tidy, store, layer, path))
     finally:
         if fd >= 0:
-            _release(store, layer, fd, locked=present is not None)
+            _release(store, layer, path, fd, locked=present is not None)
 
 
 class BlobClaim:
@@ -347,21 +347,20 @@ class BlobClaim:
                 os.close(self.fd)
 
 
-def _release(store: Store, layer: Layer, fd: int, *, locked: bool) -> None:
+def _release(store: Store, layer: Layer, path: Path, fd: int, *, locked: bool) -> None:
     """Let go of a claim not yet handed out: tidy up (see :func:`_tidy`) if the lock is ours, then close."""
     try:
         if locked:
-            _tidy(store, layer, fd)
+            _tidy(store, layer, path, fd)
     finally:
         os.close(fd)
 
 
-def _tidy(store: Store, layer: Layer, fd: int) -> None:
+def _tidy(store: Store, layer: Layer, path: Path, fd: int) -> None:
     """A claim that wrote nothing (an import that stopped at another blob, a cancel before the first byte, or
     while the claim's own thread ran) removes its empty partial file, while the lock is still ours. The size
     first: a blob that took its name is rarely empty, and a stat of the name it left was 7% of the event loop's
-    time on 4,096 small blobs."""
-    path = store.partial_path(layer.digest)
+    time on 4,096 small blobs. ``path`` is the partial file's, as the claim built it."""
     with contextlib.suppress(OSError):
         if os.fstat(fd).st_size == 0 and _names(path, fd):
             store.parts_state_path(layer.digest).unlink(missing_ok=True)
