@@ -716,7 +716,13 @@ def _run_until_signalled(main: Coroutine[Any, Any, None]) -> signal.Signals | No
     except BaseException:
         main.close()
         raise
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    # A signal we were started with ignored stays ignored: a shell starts a script's background jobs with SIGINT
+    # ignored, so that a Ctrl-C meant for the script leaves them running.
+    previous = {
+        signum: handler
+        for signum in (signal.SIGINT, signal.SIGTERM)
+        if (handler := signal.getsignal(signum)) != signal.SIG_IGN
+    }
     for signum in previous:
         signal.signal(signum, on_signal)
     # The loop is ours, so we tell sniffio which library runs it, as its API asks of whoever runs a loop.

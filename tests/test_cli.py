@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -251,6 +253,31 @@ def test_the_cli_tells_sniffio_that_asyncio_runs_its_loop_and_undoes_it_after() 
     assert _run_until_signalled(work()) is None
     assert seen == ["asyncio"]
     assert sniffio.thread_local.name is None
+
+
+def test_a_signal_the_cli_was_started_with_ignored_stays_ignored() -> None:
+    # What a shell does for a script's background jobs: a Ctrl-C meant for the script must leave them running.
+    import asyncio
+
+    from ollama_pull.cli import _run_until_signalled
+
+    seen: list[object] = []
+
+    async def work() -> None:
+        seen.append(signal.getsignal(signal.SIGINT))
+        os.kill(os.getpid(), signal.SIGINT)
+        # A handler, had one been installed, would have cancelled this task by now.
+        for _ in range(3):
+            await asyncio.sleep(0)
+        seen.append("finished")
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert _run_until_signalled(work()) is None
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert seen == [signal.SIG_IGN, "finished"]
 
 
 @pytest.mark.parametrize("choice", ["", "asyncio", "uvloop"])
