@@ -7,7 +7,9 @@ and :func:`verify` re-hashes a model already in the store against its manifest.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
+import gc
 import threading
 import time
 from dataclasses import dataclass
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import httpx2
 
-from .engine import Clock, Downloader, DownloadSettings
+from .engine import Clock, Downloader, DownloadSettings, DownloadStats
 from .errors import CorruptModel
 from .events import (
     EventCallback,
@@ -28,6 +30,7 @@ from .events import (
 )
 from .manifest import Layer, Manifest
 from .network import make_client
+from .processes import MIN_BLOBS, Helper, HelperJob, divided, download_shared, helpers_for, start_helpers
 from .reference import ModelReference, parse_reference
 from .registry import RegistryClient
 from .store import Store, open_store
@@ -95,9 +98,11 @@ class Puller:
         self.settings = settings
         self._clock = clock
         self._own_client = client is None
+        self._insecure = insecure
+        self._mirror = mirror
+        self._ca_cert = Path(ca_cert) if ca_cert is not None else None
         if client is None:
-            cert = Path(ca_cert) if ca_cert is not None else None
-            client = make_client(insecure=insecure, concurrency=settings.concurrency, ca_cert=cert)
+            client = make_client(insecure=insecure, concurrency=settings.concurrency, ca_cert=self._ca_cert)
         self.client = client
         self.registry = RegistryClient(
             client,
@@ -128,17 +133,22 @@ class Puller:
         ref = _reference(reference)
         store = self.store
         started = self._clock()
-        plan = await self.resolve(ref, on_event=on_event)
-        store.check_space(plan.missing_bytes)
-        store.prepare()
-        async with store.store_lock(exclusive=False):
-            # A prune may have run while we fetched the manifest: look at the store again under the lock.
-            plan = _compare(ref, plan.manifest, store)
-            on_event(plan.event())
-            downloader = Downloader(self.registry, store, settings=self.settings, on_event=on_event, clock=self._clock)
-            stats = await downloader.download(ref, plan.missing, model=ref.short)
-            on_event(WritingManifest(ref.short, str(store.manifest_path(ref))))
-            path = store.write_manifest(ref, plan.manifest.raw)
+        # A client of the caller's cannot be handed to another process.
+        helpers = await start_helpers(helpers_for(self.settings) if self._own_client else 0)
+        try:
+            plan = await self.resolve(ref, on_event=on_event)
+            store.check_space(plan.missing_bytes)
+            store.prepare()
+            async with store.store_lock(exclusive=False):
+                # A prune may have run while we fetched the manifest: look at the store again under the lock.
+                plan = _compare(ref, plan.manifest, store)
+                on_event(plan.event())
+                stats = await self._download(ref, plan.missing, on_event, helpers)
+                on_event(WritingManifest(ref.short, str(store.manifest_path(ref))))
+                path = store.write_manifest(ref, plan.manifest.raw)
+        finally:
+            for helper in helpers:
+                await helper.close()
         result = PullResult(
             reference=ref,
             manifest_digest=plan.manifest.digest,
@@ -162,6 +172,30 @@ class Puller:
             )
         )
         return result
+
+    async def _download(
+        self, ref: ModelReference, missing: tuple[Layer, ...], on_event: EventCallback, helpers: list[Helper]
+    ) -> DownloadStats:
+        if len(missing) < MIN_BLOBS:
+            # Closed unused: a helper's share would cost more than it saves.
+            helpers = []
+        settings = divided(self.settings, len(helpers) + 1)
+        downloader = Downloader(self.registry, self.store, settings=settings, on_event=on_event, clock=self._clock)
+        if not helpers:
+            return await downloader.download(ref, missing, model=ref.short)
+        job = HelperJob(
+            models_dir=self.store.root,
+            insecure=self._insecure,
+            settings=dataclasses.replace(settings, processes=1),
+            mirror=self._mirror,
+            ca_cert=self._ca_cert,
+            reference=ref,
+            model=ref.short,
+            layers=missing,
+            uvloop=type(asyncio.get_running_loop()).__module__.startswith("uvloop"),
+            collector=gc.get_threshold(),
+        )
+        return await download_shared(downloader, job, helpers, on_event)
 
     async def _fetch_manifest(self, ref: ModelReference, on_event: EventCallback) -> Manifest:
         on_event(Resolving(ref.short))

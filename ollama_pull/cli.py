@@ -260,6 +260,15 @@ def pull(
     retries: Annotated[
         int, typer.Option("--retries", min=1, max=100, help="Attempts per blob before the pull fails.")
     ] = 6,
+    processes: Annotated[
+        int,
+        typer.Option(
+            "--processes",
+            min=1,
+            max=64,
+            help="Processes that share a pull of 16 blobs or more, at most one per CPU; 1 keeps every pull in one.",
+        ),
+    ] = 2,
     max_rate: Annotated[
         str | None,
         typer.Option(
@@ -306,7 +315,7 @@ def pull(
     if prune and not models and not file:
         session.deprecated("--prune without models", "ollama-pull prune")
         session.finish(_prune(session, dry_run=dry_run))
-    settings = _settings(concurrency, retries, stall_timeout, max_rate)
+    settings = _settings(concurrency, retries, stall_timeout, max_rate, processes)
     references = session.references(models, file)
     puller = session.puller(settings, insecure=insecure, mirror=mirror, ca_cert=ca_cert)
     session.finish(_pull(session, references, puller, prune=prune))
@@ -592,7 +601,9 @@ def _renderer(
     return PlainRenderer(sys.stderr, sys.stdout, dry_run=dry_run)
 
 
-def _settings(concurrency: int, retries: int, stall_timeout: float, max_rate: str | None) -> DownloadSettings:
+def _settings(
+    concurrency: int, retries: int, stall_timeout: float, max_rate: str | None, processes: int
+) -> DownloadSettings:
     from .engine import DownloadSettings
     from .ratelimit import parse_rate
 
@@ -601,6 +612,7 @@ def _settings(concurrency: int, retries: int, stall_timeout: float, max_rate: st
         attempts=retries,
         stall_timeout=stall_timeout,
         max_rate=parse_rate(max_rate) if max_rate else None,
+        processes=processes,
     )
 
 

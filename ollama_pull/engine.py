@@ -28,7 +28,7 @@ from .ratelimit import RateLimiter
 from .reference import ModelReference
 from .registry import RegistryClient, UnusableBlobResponse
 from .retry import Backoff, FailureKind, RetryBudget, describe_transport_error
-from .store import BlobClaim, Store, finished_in_thread
+from .store import BlobClaim, BlobHeld, Store, finished_in_thread
 from .units import format_rate
 from .worker import in_thread
 
@@ -76,12 +76,16 @@ class DownloadSettings:
     backoff: Backoff = Backoff()
     # Bytes per second across every stream of the pull; None for no limit.
     max_rate: float | None = None
+    # Processes that share a pull of many blobs, at most one per CPU (see ollama_pull.processes).
+    processes: int = 1
 
 
 @dataclass(frozen=True)
 class DownloadStats:
     downloaded_blobs: int
     downloaded_bytes: int
+    # Blobs left to another process that held them, in a download ``shared`` with other processes.
+    deferred: tuple[Layer, ...] = ()
 
 
 class _AttemptFailed(Exception):
@@ -189,29 +193,63 @@ class Downloader:
         self._downloaded_blobs = 0
         self._limiter = RateLimiter(settings.max_rate, clock=clock, sleep=sleep) if settings.max_rate else None
 
-    async def download(self, reference: ModelReference, layers: Sequence[Layer], *, model: str) -> DownloadStats:
-        """Download every layer; on the first blob that fails for good, cancel the rest and raise its error."""
+    async def download(
+        self, reference: ModelReference, layers: Sequence[Layer], *, model: str, shared: bool = False
+    ) -> DownloadStats:
+        """Download every layer; on the first blob that fails for good, cancel the rest and raise its error.
+
+        ``shared``: other processes of the same pull download the same layers into the store, from another end
+        of the list (:mod:`ollama_pull.processes`). A blob one of them holds is left to it, and returned as
+        ``deferred``, instead of waited for; a blob found in the store is not reported, since its downloader was.
+        The counts are of this downloader's whole life."""
         # One slot per stream: a blob holds one while it downloads, and the extra streams of a large blob take
         # more, chunk by chunk, so the connections of the whole pull stay within ``concurrency``.
         slots = asyncio.Semaphore(self.settings.concurrency)
+        deferred: list[Layer] = []
         try:
             async with asyncio.TaskGroup() as group:
                 for layer in layers:
-                    group.create_task(self._download_blob(reference, layer, model, slots))
+                    group.create_task(self._download_blob(reference, layer, model, slots, deferred if shared else None))
         except BaseExceptionGroup as failures:
-            raise _first_error(failures) from None
-        return DownloadStats(downloaded_blobs=self._downloaded_blobs, downloaded_bytes=self._downloaded_bytes)
+            raise first_error(failures) from None
+        return DownloadStats(self._downloaded_blobs, self._downloaded_bytes, tuple(deferred))
 
     async def _download_blob(
-        self, reference: ModelReference, layer: Layer, model: str, slots: asyncio.Semaphore
+        self,
+        reference: ModelReference,
+        layer: Layer,
+        model: str,
+        slots: asyncio.Semaphore,
+        deferred: list[Layer] | None,
+    ) -> None:
+        async with slots:
+            if deferred is not None and self.store.has_blob(layer):
+                # Another process of the pull downloaded it while this one waited for a slot: a look at its name
+                # costs far less than a claim, which creates a partial file, locks it and removes it again
+                # (4,096 small blobs in two processes: 4.0 s with claims, against 3.5 s in one process).
+                return
+            try:
+                await self._claim_and_download(reference, layer, model, slots, deferred)
+            except BlobHeld:
+                assert deferred is not None
+                deferred.append(layer)
+
+    async def _claim_and_download(
+        self,
+        reference: ModelReference,
+        layer: Layer,
+        model: str,
+        slots: asyncio.Semaphore,
+        deferred: list[Layer] | None,
     ) -> None:
         def waiting() -> None:
             self._emit(BlobWaiting(model, layer.digest, layer.label))
 
-        async with slots, self.store.claim_blob(layer, on_wait=waiting) as claim:
+        async with self.store.claim_blob(layer, on_wait=waiting, wait=deferred is None) as claim:
             if claim is None:
-                # Another process sharing the store downloaded it while we waited for its lock.
-                self._emit(BlobFinished(model, layer.digest, layer.size, 0.0))
+                if deferred is None:
+                    # Another process sharing the store downloaded it while we waited for its lock.
+                    self._emit(BlobFinished(model, layer.digest, layer.size, 0.0))
                 return
             state = _BlobState(layer, self._retry_budget())
             seconds: float | None = None
@@ -342,7 +380,7 @@ class Downloader:
                 for _ in range(streams - 1):
                     group.create_task(self._extra_stream(run))
         except BaseExceptionGroup as failures:
-            raise _first_error(failures) from None
+            raise first_error(failures) from None
 
     async def _follow_hash(self, blob: PartedBlob, landed: asyncio.Event, group: asyncio.TaskGroup) -> None:
         flushing: asyncio.Task[None] | None = None
@@ -578,7 +616,7 @@ class Downloader:
                 write(batch)
 
 
-def _first_error(failures: BaseExceptionGroup[BaseException]) -> BaseException:
+def first_error(failures: BaseExceptionGroup[BaseException]) -> BaseException:
     """The error to report from a TaskGroup: one of ours if any (a bug's exception is never hidden)."""
     leaves: list[BaseException] = []
     pending: list[BaseException] = [failures]

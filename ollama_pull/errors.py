@@ -28,7 +28,20 @@ from __future__ import annotations
 
 
 class OllamaPullError(Exception):
-    """Base class of every error ollama-pull raises on purpose."""
+    """Base class of every error ollama-pull raises on purpose.
+
+    Each one pickles whole (its class, message and attributes), whatever its constructor takes: a helper process
+    of a pull sends its error to the parent, which raises it as its own (:mod:`ollama_pull.processes`)."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return _rebuilt, (type(self), self.args, self.__dict__)
+
+
+def _rebuilt(kind: type[OllamaPullError], args: tuple[object, ...], state: dict[str, object]) -> OllamaPullError:
+    error = kind.__new__(kind)
+    error.args = args
+    error.__dict__.update(state)
+    return error
 
 
 class InvalidReference(OllamaPullError, ValueError):

@@ -163,7 +163,7 @@ class Store:
             self.blobs_dir.mkdir(parents=True, exist_ok=True)
 
     def claim_blob(
-        self, layer: Layer, *, on_wait: Callable[[], None] | None = None
+        self, layer: Layer, *, on_wait: Callable[[], None] | None = None, wait: bool = True
     ) -> contextlib.AbstractAsyncContextManager[BlobClaim | None]:
         """The blob's partial file, created if need be, open and under an exclusive flock until the claim lets go
         of it, so that no other process sharing the store writes the blob meanwhile; None when the blob is in the
@@ -172,8 +172,8 @@ class Store:
         Whoever writes through the claim renames the file into place or removes it before letting go, at the
         latest when the context ends. ``on_wait`` is called once if another process holds the blob, before
         waiting for it. Opening, locking and the presence check share one worker thread's trip when the lock is
-        free at once."""
-        return _claimed(self, layer, on_wait)
+        free at once. Without ``wait``, a blob another process holds raises :class:`BlobHeld` instead."""
+        return _claimed(self, layer, on_wait, wait)
 
     def store_lock(self, *, exclusive: bool) -> contextlib.AbstractAsyncContextManager[None]:
         """Pulls share this lock for their whole run; pruning takes it alone, so it never removes a blob that a
@@ -273,7 +273,7 @@ async def _flock(path: Path, *, exclusive: bool, poll: float = _POLL) -> AsyncIt
 
 @contextlib.asynccontextmanager
 async def _claimed(
-    store: Store, layer: Layer, on_wait: Callable[[], None] | None, poll: float = _POLL
+    store: Store, layer: Layer, on_wait: Callable[[], None] | None, wait: bool, poll: float = _POLL
 ) -> AsyncIterator[BlobClaim | None]:
     path = store.partial_path(layer.digest)
 
@@ -284,6 +284,8 @@ async def _claimed(
         fd, present, fresh = await finished_in_thread(functools.partial(_claim, store, layer, path, None), undo)
     try:
         while present is None:
+            if not wait:
+                raise BlobHeld(layer.digest)
             if on_wait is not None:
                 on_wait()
                 on_wait = None
@@ -308,6 +310,14 @@ async def _claimed(
     finally:
         if fd >= 0:
             _release(store, layer, path, fd, locked=present is not None)
+
+
+class BlobHeld(Exception):
+    """Another process holds the blob, and the claim was not to wait for it."""
+
+    def __init__(self, digest: str) -> None:
+        super().__init__(f"another process is downloading {digest}")
+        self.digest = digest
 
 
 class BlobClaim:
