@@ -67,7 +67,7 @@ def workload_table(result: WorkloadResult) -> str:
     lines = [
         f"### {result.name}: {result.model.describe()}",
         "",
-        "| tool | ok runs | median wall s | walls s | median CPU s | CPU s/GiB | peak RSS MiB | MiB/s "
+        "| tool | ok runs | median wall s | walls s | median CPU s | CPU s/GiB | peak memory MiB | MiB/s "
         "| ollama-pull / tool |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -205,7 +205,7 @@ def render(
         targets.append(at_most("big-limited", "wall <= 1.3 x aria2c -x 16", ratio, 1.3, " x", w.failures(OLLAMA)))
     for w in [*workloads, *scaling]:
         peak = w.peak_rss_mib(OLLAMA)
-        targets.append(at_most(w.name, "peak RSS <= 100 MiB", peak, MEMORY_TARGET_MIB, " MiB", digits=1))
+        targets.append(at_most(w.name, "peak memory <= 100 MiB", peak, MEMORY_TARGET_MIB, " MiB", digits=1))
     if rerun:
         median = statistics.median(m.wall for m in rerun[0])
         text = "re-run of many, all present: wall < 0.5 s"
@@ -260,7 +260,7 @@ def render(
         out.append(
             f"- Re-run of `many` with every blob present: median {statistics.median(m.wall for m in reruns):.3f} s "
             f"wall, {statistics.median(m.cpu for m in reruns):.3f} s CPU, peak RSS "
-            f"{max(m.max_rss_kib for m in reruns) / KIB:.1f} MiB (runs: {walls}); blob requests nginx saw during "
+            f"{max(m.memory_kib for m in reruns) / KIB:.1f} MiB (runs: {walls}); blob requests nginx saw during "
             f"the re-runs: {blob_requests}."
         )
     if startup:
@@ -296,7 +296,9 @@ def render(
         "200 rather than a redirect it downloads every body twice (its `resolve` GETs and drains the body first). "
         f"`N bodies` is OLLAMA_MAX_TRANSFER_STREAMS (Ollama's default {GO_DEFAULT_STREAMS}).",
         "- Where ollama-pull's time goes, and why the targets it misses are missed: bench/PROFILE.md.",
-        "- Peak RSS is the child's `ru_maxrss` from `wait4`, the largest over the runs; CPU is user + system. "
+        "- Peak memory is the larger of the child's `ru_maxrss` from `wait4` (per process) and the summed PSS of "
+        "its process tree, sampled every 5 ms (ollama-pull may run a helper process beside itself), the largest "
+        "over the runs; CPU is user + system, helpers included (the tool reaps them). "
         "Each tool is forked by a small launcher (Linux keeps a peak RSS across exec, so a tool forked by the "
         "harness would inherit the harness's): no figure can read below that launcher's, "
         f"{rss_floor.max_rss_kib / KIB:.1f} MiB here (measured with `true`).",
