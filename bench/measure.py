@@ -27,22 +27,24 @@ class Measurement:
     max_rss_kib: int
     exit_code: int
     timed_out: bool
-    # The most the tool's processes held together, each counting its share of the pages they share (PSS),
-    # sampled every 5 ms; for one process it stays below the peak RSS, for a tool with helpers it can exceed it.
-    summed_pss_kib: int = 0
+    # The most the tool's processes held together, sampled every 5 ms: their private resident pages summed, and
+    # the largest one's shared (file) pages once. For one process it is its RSS, seen less often than wait4
+    # sees it; for a tool with helpers it can exceed every single process's peak.
+    tree_kib: int = 0
 
     @property
     def memory_kib(self) -> int:
-        """The figure the memory budget is held to: the peak RSS, or the processes' summed PSS if larger."""
-        return max(self.max_rss_kib, self.summed_pss_kib)
+        """The figure the memory budget is held to: the peak RSS, or the process tree's if larger."""
+        return max(self.max_rss_kib, self.tree_kib)
 
 
 # Why a launcher: Linux carries a process's peak RSS across exec, and a child of this harness starts as a
 # (v)fork of it, so its ru_maxrss would never read below the harness's own peak (tens of MiB), which hides
 # what curl and aria2c really use. This small interpreter forks the tool itself, so the floor is its own
 # small resident set (reported as "RSS floor" in the results), then waits with wait4 and writes what it saw.
-# While it waits it samples the summed PSS of the tool's process tree: wait4's peak is per process, and
-# ollama-pull may run a helper process beside itself.
+# While it waits it samples the resident memory of the tool's process tree: wait4's peak is per process, and
+# ollama-pull may run a helper process beside itself. From statm, which the kernel keeps as counters: PSS
+# (smaps_rollup) walks the page tables under the process's mmap lock, and every 5 ms that slowed the tool.
 LAUNCHER = """
 import os, signal, sys, time
 def tree(pid):
@@ -54,15 +56,17 @@ def tree(pid):
     except OSError:
         pass
     return found
-def pss(pid):
+PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
+def statm(pid):
     try:
-        with open(f"/proc/{pid}/smaps_rollup") as handle:
-            for line in handle:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+        with open(f"/proc/{pid}/statm") as handle:
+            resident, shared = (int(field) for field in handle.read().split()[1:3])
+    except (OSError, ValueError):
+        return 0, 0
+    return (resident - shared) * PAGE_KIB, shared * PAGE_KIB
+def resident(pids):
+    pages = [statm(pid) for pid in pids]
+    return sum(private for private, _ in pages) + max((shared for _, shared in pages), default=0)
 result, timeout, argv = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
 timed_out = 0
 def expire(signum, frame):
@@ -90,7 +94,7 @@ while True:
         continue
     if done:
         break
-    summed = max(summed, sum(pss(each) for each in tree(pid)))
+    summed = max(summed, resident(tree(pid)))
     time.sleep(0.005)
 wall = time.perf_counter() - started
 signal.setitimer(signal.ITIMER_REAL, 0)

@@ -30,7 +30,7 @@ from .events import (
 )
 from .manifest import Layer, Manifest
 from .network import make_client
-from .processes import MIN_BLOBS, Helper, HelperJob, divided, download_shared, helpers_for, start_helpers
+from .processes import Helper, HelperJob, divided, download_shared, helpers_for, start_helpers, worth_helpers
 from .reference import ModelReference, parse_reference
 from .registry import RegistryClient
 from .store import Store, open_store
@@ -133,22 +133,16 @@ class Puller:
         ref = _reference(reference)
         store = self.store
         started = self._clock()
-        # A client of the caller's cannot be handed to another process.
-        helpers = await start_helpers(helpers_for(self.settings) if self._own_client else 0)
-        try:
-            plan = await self.resolve(ref, on_event=on_event)
-            store.check_space(plan.missing_bytes)
-            store.prepare()
-            async with store.store_lock(exclusive=False):
-                # A prune may have run while we fetched the manifest: look at the store again under the lock.
-                plan = _compare(ref, plan.manifest, store)
-                on_event(plan.event())
-                stats = await self._download(ref, plan.missing, on_event, helpers)
-                on_event(WritingManifest(ref.short, str(store.manifest_path(ref))))
-                path = store.write_manifest(ref, plan.manifest.raw)
-        finally:
-            for helper in helpers:
-                await helper.close()
+        plan = await self.resolve(ref, on_event=on_event)
+        store.check_space(plan.missing_bytes)
+        store.prepare()
+        async with store.store_lock(exclusive=False):
+            # A prune may have run while we fetched the manifest: look at the store again under the lock.
+            plan = _compare(ref, plan.manifest, store)
+            on_event(plan.event())
+            stats = await self._download(ref, plan.missing, on_event)
+            on_event(WritingManifest(ref.short, str(store.manifest_path(ref))))
+            path = store.write_manifest(ref, plan.manifest.raw)
         result = PullResult(
             reference=ref,
             manifest_digest=plan.manifest.digest,
@@ -174,11 +168,20 @@ class Puller:
         return result
 
     async def _download(
+        self, ref: ModelReference, missing: tuple[Layer, ...], on_event: EventCallback
+    ) -> DownloadStats:
+        # A client of the caller's cannot be handed to another process.
+        wanted = helpers_for(self.settings) if self._own_client and worth_helpers(missing) else 0
+        helpers = await start_helpers(wanted)
+        try:
+            return await self._download_with(ref, missing, on_event, helpers)
+        finally:
+            for helper in helpers:
+                await helper.close()
+
+    async def _download_with(
         self, ref: ModelReference, missing: tuple[Layer, ...], on_event: EventCallback, helpers: list[Helper]
     ) -> DownloadStats:
-        if len(missing) < MIN_BLOBS:
-            # Closed unused: a helper's share would cost more than it saves.
-            helpers = []
         settings = divided(self.settings, len(helpers) + 1)
         downloader = Downloader(self.registry, self.store, settings=settings, on_event=on_event, clock=self._clock)
         if not helpers:

@@ -64,7 +64,7 @@ async def _serve(job: HelperJob, out: FrameWriter) -> None:
 def main() -> None:
     header = sys.stdin.buffer.read(FRAME.size)
     if len(header) < FRAME.size:
-        # Started ahead of time and not needed after all (too few blobs missing): nothing to do.
+        # The parent went away before it sent the job: nothing to do.
         return
     (size,) = FRAME.unpack(header)
     job: HelperJob = pickle.loads(sys.stdin.buffer.read(size))

@@ -4,11 +4,11 @@ On a model of many blobs the event loop's one thread is the limit: receiving, fr
 of 0.5-3.5 MiB, three quarters of its time is uvloop's own C: the reads and their copies). A second process on a
 second core halved that work: 256 blobs x0.83 wall, 4,096 blobs of 64 KiB x0.75; on one core it cost x1.1-1.2
 (bench/PROFILE.md). So a pull of enough blobs starts a helper per extra core, ``python -m ollama_pull.helper``,
-and gives it the puller's options (store, TLS, mirror, settings with the connections and ``--max-rate`` divided)
-and the blobs, through its stdin.
+once its plan is known, and gives it the puller's options (store, TLS, mirror, settings with the connections
+and ``--max-rate`` divided) and the blobs, through its stdin.
 
 Each process downloads a share of the list first, then the rest from the far end, where the rest's owners get
-last: a process that falls behind (a helper starts 0.15 s after its parent) is helped. A claim that finds a blob
+last: a process that falls behind (a helper's interpreter takes 0.15 s to start) is helped. A claim that finds a blob
 another process holds leaves it and goes on (``shared`` in :meth:`ollama_pull.engine.Downloader.download`); the
 store's per-blob locks keep processes apart, as they do for separate pulls sharing a store. What the parent left
 to others and is still missing once they end, it downloads then, waiting for any lock as usual.
@@ -44,6 +44,10 @@ T = TypeVar("T")
 # A pull of fewer missing blobs than this stays in one process: a helper's start-up (an interpreter, its imports,
 # a token) would cost more than its share saves.
 MIN_BLOBS = 16
+# Nor does a pull whose blobs average this much or more: what limits it is bytes more than blobs, and a helper
+# gained little there for its memory (256 blobs of 0.5-3.5 MiB: x0.96 wall, peak memory 71-77 -> 93-100 MiB),
+# where on 4,096 blobs of 64 KiB it gained x0.87 for 20 MiB.
+MAX_MEAN_BLOB = 1024 * 1024
 # Each frame on a helper's stdout: its length, then a pickled list of messages.
 FRAME = struct.Struct(">I")
 
@@ -76,6 +80,12 @@ class HelperFailed(OllamaPullError):
 HELPER_COMMAND = (sys.executable, "-m", "ollama_pull.helper")
 
 
+def worth_helpers(layers: Sequence[Layer]) -> bool:
+    """Whether a pull of these missing blobs is one that helpers speed up (:data:`MIN_BLOBS`,
+    :data:`MAX_MEAN_BLOB`)."""
+    return len(layers) >= MIN_BLOBS and sum(layer.size for layer in layers) < MAX_MEAN_BLOB * len(layers)
+
+
 def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -95,8 +105,7 @@ def divided(settings: DownloadSettings, processes: int) -> DownloadSettings:
 
 
 class Helper:
-    """One helper process, started before it has work, so that its interpreter and imports (0.15 s) overlap the
-    parent's manifest fetch; then given a job, or closed unused."""
+    """One helper process: started, given its job, and waited for."""
 
     def __init__(self, process: asyncio.subprocess.Process) -> None:
         self._process = process

@@ -14,7 +14,8 @@ from ollama_pull import processes
 from ollama_pull.engine import Downloader, DownloadSettings
 from ollama_pull.errors import BlobError, IntegrityError, InvalidReference, OllamaPullError, StorageError
 from ollama_pull.events import BlobFinished, Event
-from ollama_pull.processes import HelperFailed, divided, helpers_for, share_first
+from ollama_pull.manifest import Layer
+from ollama_pull.processes import HelperFailed, divided, helpers_for, share_first, worth_helpers
 from ollama_pull.store import BlobHeld, Store
 
 from .fakes import BASE, FAST, REF, make_model, no_sleep, registry_for
@@ -45,6 +46,20 @@ def test_a_pull_starts_one_helper_per_cpu_beyond_its_own_up_to_its_processes(mon
     assert helpers_for(DownloadSettings(processes=1)) == 0
     monkeypatch.setattr(processes, "usable_cpus", lambda: 1)
     assert helpers_for(DownloadSettings(processes=2)) == 0
+
+
+def test_helpers_are_for_many_missing_blobs_that_are_small_on_average() -> None:
+    def blobs(count: int, size: int) -> list[Layer]:
+        return [Layer("application/vnd.ollama.image.tensor", f"sha256:{index:064x}", size) for index in range(count)]
+
+    assert worth_helpers(blobs(4096, 64 * 1024))
+    assert worth_helpers(blobs(16, 1024 * 1024 - 1))
+    assert not worth_helpers(blobs(15, 64 * 1024))
+    assert not worth_helpers(blobs(256, 2 * 1024 * 1024))
+    # One large blob among small ones tips the average.
+    assert not worth_helpers(
+        [*blobs(16, 64 * 1024), Layer("application/vnd.ollama.image.model", "sha256:" + "f" * 64, 1 << 30)]
+    )
 
 
 def test_each_process_gets_its_part_of_the_connections_and_of_the_rate() -> None:
