@@ -266,7 +266,8 @@ def pull(
             "--processes",
             min=1,
             max=64,
-            help="Processes that share a pull of 16 blobs or more, at most one per CPU; 1 keeps every pull in one.",
+            help="Processes that share a pull of 16 blobs or more under 1 MiB on average, at most one per CPU; "
+            "1 keeps every pull in one.",
         ),
     ] = 2,
     max_rate: Annotated[

@@ -23,9 +23,11 @@ async def _serve(job: HelperJob, out: FrameWriter) -> None:
     loop = asyncio.get_running_loop()
     me = asyncio.current_task()
     assert me is not None
-    # SIGTERM from the parent that cancels; SIGINT from a terminal's Ctrl-C, which reaches the whole group.
+    # SIGTERM from the parent that cancels; SIGINT from a terminal's Ctrl-C, which reaches the whole group. One
+    # the helper was started with ignored stays so, as its parent's does (a shell's background job).
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, me.cancel)
+        if signal.getsignal(signum) != signal.SIG_IGN:
+            loop.add_signal_handler(signum, me.cancel)
     # The end of stdin: the parent is gone, and nobody is left to report to.
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)

@@ -111,9 +111,9 @@ class Helper:
         self._process = process
 
     @classmethod
-    async def start(cls, command: Sequence[str] = HELPER_COMMAND) -> Helper:
+    async def start(cls) -> Helper:
         process = await asyncio.create_subprocess_exec(
-            *command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+            *HELPER_COMMAND, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
         )
         return cls(process)
 

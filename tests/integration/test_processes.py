@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import gc
 import pickle
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -153,7 +154,11 @@ async def test_a_pull_of_few_blobs_starts_no_helper(registry: FaultRegistry, mod
     assert seen.helpers == []
 
 
-def test_a_helper_whose_parent_is_gone_stops_and_cleans_up(registry: FaultRegistry, models: Path) -> None:
+def downloading_helper(
+    registry: FaultRegistry, models: Path, *, ignore_sigint: bool = False
+) -> subprocess.Popen[bytes]:
+    """A helper on its own, given a job of slow blobs, once its first frame says it is downloading; with
+    ``ignore_sigint``, started with SIGINT ignored, as a shell starts a script's background job."""
     model = registry.add_synthetic_model("library/demo", blobs=4, blob_size=256 * 1024)
     registry.inject("blobs", Fault("slow", rate=32 * 1024, times=100))
     ref = parse_reference(reference(registry, model))
@@ -173,19 +178,40 @@ def test_a_helper_whose_parent_is_gone_stops_and_cleans_up(registry: FaultRegist
         collector=gc.get_threshold(),
     )
     body = pickle.dumps(job)
-    helper = subprocess.Popen(
-        [sys.executable, "-m", "ollama_pull.helper"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-    )
+    previous = signal.getsignal(signal.SIGINT)
+    if ignore_sigint:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        helper = subprocess.Popen(
+            [sys.executable, "-m", "ollama_pull.helper"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert helper.stdin is not None
     assert helper.stdout is not None
     helper.stdin.write(FRAME.pack(len(body)) + body)
     helper.stdin.flush()
-    # The first frame: the helper has started downloading.
     (size,) = FRAME.unpack(helper.stdout.read(FRAME.size))
     assert any(kind == "event" for kind, _ in pickle.loads(helper.stdout.read(size)))
+    return helper
+
+
+def test_a_helper_whose_parent_is_gone_stops_and_cleans_up(registry: FaultRegistry, models: Path) -> None:
+    helper = downloading_helper(registry, models)
+    assert helper.stdin is not None
     helper.stdin.close()
     assert helper.wait(timeout=30) == 1
     assert partial_files(models) == []
+
+
+def test_a_helper_started_with_sigint_ignored_keeps_it_ignored(registry: FaultRegistry, models: Path) -> None:
+    helper = downloading_helper(registry, models, ignore_sigint=True)
+    assert helper.stdin is not None
+    helper.send_signal(signal.SIGINT)
+    with pytest.raises(subprocess.TimeoutExpired):
+        helper.wait(timeout=0.5)
+    helper.stdin.close()
+    assert helper.wait(timeout=30) == 1
 
 
 async def _resolve(puller: Puller, ref: ModelReference) -> Plan:
