@@ -222,6 +222,9 @@ class Downloader:
         slots: asyncio.Semaphore,
         deferred: list[Layer] | None,
     ) -> None:
+        def waiting() -> None:
+            self._emit(BlobWaiting(model, layer.digest, layer.label))
+
         async with slots:
             if deferred is not None and self.store.has_blob(layer):
                 # Another process of the pull downloaded it while this one waited for a slot: a look at its name
@@ -229,42 +232,29 @@ class Downloader:
                 # (4,096 small blobs in two processes: 4.0 s with claims, against 3.5 s in one process).
                 return
             try:
-                await self._claim_and_download(reference, layer, model, slots, deferred)
+                async with self.store.claim_blob(layer, on_wait=waiting, wait=deferred is None) as claim:
+                    if claim is None:
+                        if deferred is None:
+                            # Another process sharing the store downloaded it while we waited for its lock.
+                            self._emit(BlobFinished(model, layer.digest, layer.size, 0.0))
+                        return
+                    state = _BlobState(layer, self._retry_budget())
+                    seconds: float | None = None
+                    if layer.size >= self.settings.split_min_size:
+                        try:
+                            seconds = await self._download_parted(reference, state, model, slots, claim)
+                        except _RangesIgnored:
+                            reason = "the server ignores Range requests: downloading in one stream"
+                            self._emit(BlobRetry(model, layer.digest, state.tries.attempt, reason, 0.0))
+                    if seconds is None:
+                        seconds = await self._download_whole(reference, state, model, claim)
+                        # A chunked blob's streams gave their own samples: its overall speed is not one connection's.
+                        self.speeds.add(layer.size, seconds)
+                    self._downloaded_blobs += 1
+                    self._emit(BlobFinished(model, layer.digest, layer.size, seconds))
             except BlobHeld:
                 assert deferred is not None
                 deferred.append(layer)
-
-    async def _claim_and_download(
-        self,
-        reference: ModelReference,
-        layer: Layer,
-        model: str,
-        slots: asyncio.Semaphore,
-        deferred: list[Layer] | None,
-    ) -> None:
-        def waiting() -> None:
-            self._emit(BlobWaiting(model, layer.digest, layer.label))
-
-        async with self.store.claim_blob(layer, on_wait=waiting, wait=deferred is None) as claim:
-            if claim is None:
-                if deferred is None:
-                    # Another process sharing the store downloaded it while we waited for its lock.
-                    self._emit(BlobFinished(model, layer.digest, layer.size, 0.0))
-                return
-            state = _BlobState(layer, self._retry_budget())
-            seconds: float | None = None
-            if layer.size >= self.settings.split_min_size:
-                try:
-                    seconds = await self._download_parted(reference, state, model, slots, claim)
-                except _RangesIgnored:
-                    reason = "the server ignores Range requests: downloading in one stream"
-                    self._emit(BlobRetry(model, layer.digest, state.tries.attempt, reason, 0.0))
-            if seconds is None:
-                seconds = await self._download_whole(reference, state, model, claim)
-                # A chunked blob's streams gave their own samples: its overall speed is not one connection's.
-                self.speeds.add(layer.size, seconds)
-            self._downloaded_blobs += 1
-            self._emit(BlobFinished(model, layer.digest, layer.size, seconds))
 
     def _announce(self, state: _BlobState, model: str, completed: int) -> None:
         """Say the blob started, once, even when it falls back from chunks to one stream."""
