@@ -6,14 +6,13 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
-import pickle
 import signal
 import sys
 
 from .api import Puller
 from .engine import Downloader
 from .errors import OllamaPullError
-from .processes import FRAME, FrameWriter, HelperJob
+from .processes import FrameWriter, HelperJob, read_frame
 
 # Events go to the parent at most this often, a frame each: one per event would be a system call per progress step.
 _SEND_EVERY = 0.05
@@ -64,12 +63,10 @@ async def _serve(job: HelperJob, out: FrameWriter) -> None:
 
 
 def main() -> None:
-    header = sys.stdin.buffer.read(FRAME.size)
-    if len(header) < FRAME.size:
+    job = read_frame(sys.stdin.buffer)
+    if not isinstance(job, HelperJob):
         # The parent went away before it sent the job: nothing to do.
         return
-    (size,) = FRAME.unpack(header)
-    job: HelperJob = pickle.loads(sys.stdin.buffer.read(size))
     # What stays alive for the whole download (modules, the job) is left out of every collection.
     gc.freeze()
     gc.set_threshold(*job.collector)

@@ -31,7 +31,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar, cast
+from typing import BinaryIO, TypeVar, cast
 
 from .engine import Downloader, DownloadSettings, DownloadStats, first_error
 from .errors import OllamaPullError
@@ -124,8 +124,7 @@ class Helper:
         assert process.stdout is not None
         try:
             # Kept open afterwards: its end tells the helper that we are gone.
-            body = pickle.dumps(job)
-            process.stdin.write(FRAME.pack(len(body)) + body)
+            process.stdin.write(frame(job))
             await process.stdin.drain()
             outcome: DownloadStats | BaseException | None = None
             while (messages := await _read_frame(process.stdout)) is not None:
@@ -202,6 +201,22 @@ def _plus(a: DownloadStats, b: DownloadStats) -> DownloadStats:
     return DownloadStats(a.downloaded_blobs + b.downloaded_blobs, a.downloaded_bytes + b.downloaded_bytes)
 
 
+def frame(value: object) -> bytes:
+    """``value`` pickled, after its length: what goes either way between a pull and its helper."""
+    body = pickle.dumps(value)
+    return FRAME.pack(len(body)) + body
+
+
+def read_frame(stream: BinaryIO) -> object | None:
+    """The next frame's value from a blocking stream, or None at its end."""
+    header = stream.read(FRAME.size)
+    if len(header) < FRAME.size:
+        return None
+    (size,) = FRAME.unpack(header)
+    value: object = pickle.loads(stream.read(size))
+    return value
+
+
 async def _read_frame(stream: asyncio.StreamReader) -> list[tuple[str, object]] | None:
     try:
         (size,) = FRAME.unpack(await stream.readexactly(FRAME.size))
@@ -228,7 +243,6 @@ class FrameWriter:
 
     def send(self) -> None:
         if self._pending:
-            body = pickle.dumps(self._pending)
+            self._write(frame(self._pending))
             self._pending = []
-            self._write(FRAME.pack(len(body)) + body)
             self._flush()

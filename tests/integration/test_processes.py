@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
-import pickle
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from ollama_pull.api import Plan, Puller
 from ollama_pull.engine import DownloadSettings, DownloadStats
 from ollama_pull.errors import IntegrityError
 from ollama_pull.events import BlobFinished, BlobStarted, Event, EventCallback
-from ollama_pull.processes import FRAME, Helper, HelperJob
+from ollama_pull.processes import Helper, HelperJob, frame, read_frame
 from ollama_pull.reference import ModelReference, parse_reference
 from tests.fault_registry import Fault, FaultRegistry, ModelFixture
 
@@ -177,7 +176,6 @@ def downloading_helper(
         uvloop=False,
         collector=gc.get_threshold(),
     )
-    body = pickle.dumps(job)
     previous = signal.getsignal(signal.SIGINT)
     if ignore_sigint:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -189,10 +187,11 @@ def downloading_helper(
         signal.signal(signal.SIGINT, previous)
     assert helper.stdin is not None
     assert helper.stdout is not None
-    helper.stdin.write(FRAME.pack(len(body)) + body)
+    helper.stdin.write(frame(job))
     helper.stdin.flush()
-    (size,) = FRAME.unpack(helper.stdout.read(FRAME.size))
-    assert any(kind == "event" for kind, _ in pickle.loads(helper.stdout.read(size)))
+    messages = read_frame(helper.stdout)
+    assert isinstance(messages, list)
+    assert any(kind == "event" for kind, _ in messages)
     return helper
 
 
