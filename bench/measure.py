@@ -27,9 +27,9 @@ class Measurement:
     max_rss_kib: int
     exit_code: int
     timed_out: bool
-    # The most the tool's processes held together, sampled every 5 ms: their private resident pages summed, and
-    # the largest one's shared (file) pages once. For one process it is its RSS, seen less often than wait4
-    # sees it; for a tool with helpers it can exceed every single process's peak.
+    # The most the tool's processes held together, sampled every 20 ms: their private resident pages summed, and
+    # the largest one's shared pages once. For one process it is its RSS, seen less often than wait4 sees it;
+    # for a tool with helpers it can exceed every single process's peak.
     tree_kib: int = 0
 
     @property
@@ -43,8 +43,9 @@ class Measurement:
 # what curl and aria2c really use. This small interpreter forks the tool itself, so the floor is its own
 # small resident set (reported as "RSS floor" in the results), then waits with wait4 and writes what it saw.
 # While it waits it samples the resident memory of the tool's process tree: wait4's peak is per process, and
-# ollama-pull may run a helper process beside itself. From statm, which the kernel keeps as counters: PSS
-# (smaps_rollup) walks the page tables under the process's mmap lock, and every 5 ms that slowed the tool.
+# ollama-pull may run a helper process beside itself. From smaps_rollup, whose shared pages include those a
+# forked helper still shares with its parent (statm counts them as each one's own, twice); it walks the page
+# tables under the process's mmap lock, which slowed the tool when read every 5 ms, and not every 20 ms.
 LAUNCHER = """
 import os, signal, sys, time
 def tree(pid):
@@ -56,16 +57,20 @@ def tree(pid):
     except OSError:
         pass
     return found
-PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
-def statm(pid):
+def rollup(pid):
+    private = shared = 0
     try:
-        with open(f"/proc/{pid}/statm") as handle:
-            resident, shared = (int(field) for field in handle.read().split()[1:3])
+        with open(f"/proc/{pid}/smaps_rollup") as handle:
+            for line in handle:
+                if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                    private += int(line.split()[1])
+                elif line.startswith(("Shared_Clean:", "Shared_Dirty:")):
+                    shared += int(line.split()[1])
     except (OSError, ValueError):
         return 0, 0
-    return (resident - shared) * PAGE_KIB, shared * PAGE_KIB
+    return private, shared
 def resident(pids):
-    pages = [statm(pid) for pid in pids]
+    pages = [rollup(pid) for pid in pids]
     return sum(private for private, _ in pages) + max((shared for _, shared in pages), default=0)
 result, timeout, argv = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
 timed_out = 0
@@ -86,7 +91,7 @@ if pid == 0:
     finally:
         os._exit(127)
 signal.setitimer(signal.ITIMER_REAL, timeout)
-summed = 0
+summed = ticks = 0
 while True:
     try:
         done, status, usage = os.wait4(pid, os.WNOHANG)
@@ -94,7 +99,10 @@ while True:
         continue
     if done:
         break
-    summed = max(summed, resident(tree(pid)))
+    # Its end seen within 5 ms, its memory read every 20 ms.
+    if ticks % 4 == 0:
+        summed = max(summed, resident(tree(pid)))
+    ticks += 1
     time.sleep(0.005)
 wall = time.perf_counter() - started
 signal.setitimer(signal.ITIMER_REAL, 0)

@@ -297,8 +297,9 @@ def render(
         f"`N bodies` is OLLAMA_MAX_TRANSFER_STREAMS (Ollama's default {GO_DEFAULT_STREAMS}).",
         "- Where ollama-pull's time goes, and why the targets it misses are missed: bench/PROFILE.md.",
         "- Peak memory is the larger of the child's `ru_maxrss` from `wait4` (per process) and the resident "
-        "memory of its process tree, sampled every 5 ms from statm (private pages summed, shared pages once; "
-        "ollama-pull may run a helper process beside itself), the largest over the runs; CPU is user + system, "
+        "memory of its process tree, sampled every 20 ms from smaps_rollup (private pages summed, shared pages "
+        "once, which counts once the pages a forked helper still shares with its parent; ollama-pull may run a "
+        "helper process beside itself), the largest over the runs; CPU is user + system, "
         "helpers included (the tool reaps them). "
         "Each tool is forked by a small launcher (Linux keeps a peak RSS across exec, so a tool forked by the "
         "harness would inherit the harness's): no figure can read below that launcher's, "
