@@ -30,7 +30,7 @@ from .events import (
 )
 from .manifest import Layer, Manifest
 from .network import make_client
-from .processes import Helper, HelperJob, divided, download_shared, helpers_for, start_helpers, worth_helpers
+from .processes import Helper, HelperJob, divided, download_shared, helpers_for, start_helpers
 from .reference import ModelReference, parse_reference
 from .registry import RegistryClient
 from .store import Store, open_store
@@ -171,8 +171,8 @@ class Puller:
         self, ref: ModelReference, missing: tuple[Layer, ...], on_event: EventCallback
     ) -> DownloadStats:
         # A client of the caller's cannot be handed to another process.
-        wanted = helpers_for(self.settings) if self._own_client and worth_helpers(missing) else 0
-        helpers = await start_helpers(wanted)
+        wanted = helpers_for(self.settings) if self._own_client else 0
+        helpers = await start_helpers(wanted, missing)
         try:
             return await self._download_with(ref, missing, on_event, helpers)
         finally:

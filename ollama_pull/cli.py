@@ -319,7 +319,11 @@ def pull(
     settings = _settings(concurrency, retries, stall_timeout, max_rate, processes)
     references = session.references(models, file)
     puller = session.puller(settings, insecure=insecure, mirror=mirror, ca_cert=ca_cert)
-    session.finish(_pull(session, references, puller, prune=prune))
+    from .processes import forked_helpers, helpers_for
+
+    # Forked here, before the event loop and any thread: ready the moment a plan wants them.
+    with forked_helpers(0 if dry_run else helpers_for(settings)):
+        session.finish(_pull(session, references, puller, prune=prune))
 
 
 @app.command("list")

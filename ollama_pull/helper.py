@@ -1,5 +1,6 @@
-"""A helper process of a pull (``python -m ollama_pull.helper``): downloads its share of the blobs into the store
-and reports to the parent over stdout (see :mod:`ollama_pull.processes`)."""
+"""A helper process of a pull, spawned (``python -m ollama_pull.helper``: its job on stdin, its reports on stdout)
+or forked (two pipes): downloads its share of the blobs into the store and reports to the parent (see
+:mod:`ollama_pull.processes`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import gc
 import os
 import signal
 import sys
+from typing import BinaryIO
 
 from .api import Puller
 from .engine import Downloader
@@ -18,7 +20,7 @@ from .processes import FrameWriter, HelperJob, read_frame
 _SEND_EVERY = 0.05
 
 
-async def _serve(job: HelperJob, out: FrameWriter) -> None:
+async def _serve(job: HelperJob, out: FrameWriter, job_input: BinaryIO) -> None:
     loop = asyncio.get_running_loop()
     me = asyncio.current_task()
     assert me is not None
@@ -27,9 +29,9 @@ async def _serve(job: HelperJob, out: FrameWriter) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         if signal.getsignal(signum) != signal.SIG_IGN:
             loop.add_signal_handler(signum, me.cancel)
-    # The end of stdin: the parent is gone, and nobody is left to report to.
+    # The end of the job's pipe: the parent is gone, and nobody is left to report to.
     reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), job_input)
     watch = asyncio.ensure_future(reader.read())
 
     def gone(_: object) -> None:
@@ -62,15 +64,16 @@ async def _serve(job: HelperJob, out: FrameWriter) -> None:
         watch.cancel()
 
 
-def main() -> None:
-    job = read_frame(sys.stdin.buffer)
+def serve(job_input: BinaryIO, output: BinaryIO) -> int:
+    """Read the job, download it, report; the exit code (1: cancelled)."""
+    job = read_frame(job_input)
     if not isinstance(job, HelperJob):
-        # The parent went away before it sent the job: nothing to do.
-        return
+        # The parent went away, or needed no helper after all, before it sent a job: nothing to do.
+        return 0
     # What stays alive for the whole download (modules, the job) is left out of every collection.
     gc.freeze()
     gc.set_threshold(*job.collector)
-    out = FrameWriter(sys.stdout.buffer.write, sys.stdout.buffer.flush)
+    out = FrameWriter(output.write, output.flush)
     loop_factory = None
     if job.uvloop:
         import uvloop
@@ -79,10 +82,15 @@ def main() -> None:
     code = 0
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            runner.run(_serve(job, out))
+            runner.run(_serve(job, out, job_input))
     except asyncio.CancelledError:
         code = 1
-    sys.stdout.flush()
+    output.flush()
+    return code
+
+
+def main() -> None:
+    code = serve(sys.stdin.buffer, sys.stdout.buffer)
     # Every file is closed and every frame sent: the interpreter's own shutdown (50-100 ms of finalizing modules)
     # would only keep the parent waiting for our end of the pipe.
     os._exit(code)

@@ -1,10 +1,16 @@
-"""Several processes for one pull, the parts that need no second process: errors that cross a process boundary,
-how many helpers and what each gets, claims that do not wait, and the engine's shared mode."""
+"""Several processes for one pull, the parts that need no registry: errors that cross a process boundary, how many
+helpers and what each gets, when a spare is forked, a helper that is gone, claims that do not wait, and the
+engine's shared mode."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pickle
+import signal
+import sys
+import threading
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -15,7 +21,18 @@ from ollama_pull.engine import Downloader, DownloadSettings
 from ollama_pull.errors import BlobError, IntegrityError, InvalidReference, OllamaPullError, StorageError
 from ollama_pull.events import BlobFinished, Event
 from ollama_pull.manifest import Layer
-from ollama_pull.processes import HelperFailed, divided, helpers_for, share_first, worth_helpers
+from ollama_pull.processes import (
+    Helper,
+    HelperFailed,
+    HelperJob,
+    Spare,
+    divided,
+    forked_helpers,
+    helpers_for,
+    share_first,
+    worth_helpers,
+    worth_spawning,
+)
 from ollama_pull.store import BlobHeld, Store
 
 from .fakes import BASE, FAST, REF, make_model, no_sleep, registry_for
@@ -48,16 +65,18 @@ def test_a_pull_starts_one_helper_per_cpu_beyond_its_own_up_to_its_processes(mon
     assert helpers_for(DownloadSettings(processes=2)) == 0
 
 
-def test_helpers_are_for_many_missing_blobs_that_are_small_on_average() -> None:
-    def blobs(count: int, size: int) -> list[Layer]:
-        return [Layer("application/vnd.ollama.image.tensor", f"sha256:{index:064x}", size) for index in range(count)]
+def blobs(count: int, size: int) -> list[Layer]:
+    return [Layer("application/vnd.ollama.image.tensor", f"sha256:{index:064x}", size) for index in range(count)]
 
-    assert worth_helpers(blobs(4096, 64 * 1024))
-    assert worth_helpers(blobs(16, 1024 * 1024 - 1))
+
+def test_helpers_are_for_many_missing_blobs_and_spawned_ones_for_small_blobs_only() -> None:
+    assert worth_helpers(blobs(16, 1 << 30))
     assert not worth_helpers(blobs(15, 64 * 1024))
-    assert not worth_helpers(blobs(256, 2 * 1024 * 1024))
+    assert worth_spawning(blobs(4096, 64 * 1024))
+    assert worth_spawning(blobs(16, 1024 * 1024 - 1))
+    assert not worth_spawning(blobs(256, 2 * 1024 * 1024))
     # One large blob among small ones tips the average.
-    assert not worth_helpers(
+    assert not worth_spawning(
         [*blobs(16, 64 * 1024), Layer("application/vnd.ollama.image.model", "sha256:" + "f" * 64, 1 << 30)]
     )
 
@@ -82,7 +101,84 @@ async def test_a_helper_that_cannot_start_leaves_the_pull_in_fewer_processes(mon
         raise FileNotFoundError("no interpreter")
 
     monkeypatch.setattr(processes.asyncio, "create_subprocess_exec", cannot)
-    assert await processes.start_helpers(3) == []
+    assert await processes.start_helpers(3, blobs(16, 64 * 1024)) == []
+
+
+async def spawned(command: tuple[str, ...], monkeypatch: pytest.MonkeyPatch) -> Helper:
+    monkeypatch.setattr(processes, "HELPER_COMMAND", command)
+    return await Helper.start()
+
+
+async def adopted(command: tuple[str, ...], _monkeypatch: pytest.MonkeyPatch) -> Helper:
+    return await Helper.adopt(spare_of(command))
+
+
+def spare_of(command: tuple[str, ...]) -> Spare:
+    """A spare as the CLI's fork makes one, but of any program: its job pipe as its stdin, its frames' as its
+    stdout."""
+    jobs_read, jobs_write = os.pipe()
+    events_read, events_write = os.pipe()
+    pid = os.posix_spawn(
+        command[0],
+        command,
+        os.environ,
+        file_actions=[(os.POSIX_SPAWN_DUP2, jobs_read, 0), (os.POSIX_SPAWN_DUP2, events_write, 1)],
+    )
+    os.close(jobs_read)
+    os.close(events_write)
+    return Spare(pid, os.pidfd_open(pid), jobs_write, events_read)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("make", [spawned, adopted])
+async def test_a_helper_gone_before_its_job_is_a_failed_helper_not_a_broken_pipe(
+    make: Callable[[tuple[str, ...], pytest.MonkeyPatch], Awaitable[Helper]],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    helper = await make((sys.executable, "-c", "import os; os._exit(3)"), monkeypatch)
+    # A job larger than a pipe holds: its write fails once the helper has gone.
+    layers = tuple(blobs(4096, 1))
+    job = HelperJob(tmp_path, False, DownloadSettings(), None, None, REF, "m", layers, False, (700, 10, 10))
+    with pytest.raises(HelperFailed, match="exit code 3"):
+        await helper.run(job, lambda _event: None)
+    assert helper.returncode == 3
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("make", [spawned, adopted])
+async def test_a_closed_helper_is_stopped_and_waited_for(
+    make: Callable[[tuple[str, ...], pytest.MonkeyPatch], Awaitable[Helper]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    helper = await make((sys.executable, "-c", "import time; time.sleep(60)"), monkeypatch)
+    await asyncio.wait_for(helper.close(), 10)
+    assert helper.returncode == -signal.SIGTERM
+
+
+def test_no_spare_is_forked_beside_a_thread_in_a_loop_or_off_linux(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_fork() -> int:
+        raise AssertionError("forked")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    try:
+        with forked_helpers(1):
+            pass
+    finally:
+        stop.set()
+        thread.join()
+    monkeypatch.setattr(threading, "active_count", lambda: 1)
+
+    async def in_a_loop() -> None:
+        with forked_helpers(1):
+            pass
+
+    asyncio.run(in_a_loop())
+    monkeypatch.setattr(sys, "platform", "darwin")
+    with forked_helpers(1):
+        pass
 
 
 @pytest.mark.anyio

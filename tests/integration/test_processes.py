@@ -1,14 +1,17 @@
 """Helper processes against the project's registry on 127.0.0.1: the work shared, a helper's error raised as the
-parent's, a cancel that stops the helpers and leaves nothing unverified, a helper whose parent is gone."""
+parent's, a cancel that stops the helpers and leaves nothing unverified, a helper whose parent is gone; spawned
+helpers in this process, and the CLI's forked ones (spares) in a CLI of its own."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import gc
+import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +25,7 @@ from ollama_pull.processes import Helper, HelperJob, frame, read_frame
 from ollama_pull.reference import ModelReference, parse_reference
 from tests.fault_registry import Fault, FaultRegistry, ModelFixture
 
-from .conftest import assert_store_holds, reference
+from .conftest import assert_store_holds, reference, start_cli, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
@@ -40,7 +43,7 @@ class Seen:
     helpers: list[Helper] = dataclasses.field(default_factory=list)
 
     def exited(self) -> bool:
-        return all(helper._process.returncode is not None for helper in self.helpers)
+        return all(helper.returncode is not None for helper in self.helpers)
 
 
 @pytest.fixture
@@ -216,3 +219,104 @@ def test_a_helper_started_with_sigint_ignored_keeps_it_ignored(registry: FaultRe
 async def _resolve(puller: Puller, ref: ModelReference) -> Plan:
     async with puller:
         return await puller.resolve(ref)
+
+
+# 64 KiB blobs at two seconds each.
+SLOWER = 32 * 1024
+# The CLI forks a spare only where it may use a second CPU.
+needs_two_cpus = pytest.mark.skipif(processes.usable_cpus() < 2, reason="a helper needs a second CPU")
+
+
+def children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as handle:
+        return [int(child) for child in handle.read().split()]
+
+
+def proc(pid: int, name: str) -> bytes:
+    with open(f"/proc/{pid}/{name}", "rb") as handle:
+        return handle.read()
+
+
+def running(pid: int) -> bool:
+    """Alive: neither gone nor ended and waiting to be reaped (a zombie)."""
+    try:
+        return proc(pid, "stat").rsplit(b")", 1)[1].split()[0] != b"Z"
+    except FileNotFoundError:
+        return False
+
+
+def connected(pid: int) -> bool:
+    try:
+        return any(os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:") for fd in os.listdir(f"/proc/{pid}/fd"))
+    except FileNotFoundError:
+        return False
+
+
+def forked_helper_at_work(
+    registry: FaultRegistry, models: Path, rate: int
+) -> tuple[ModelFixture, subprocess.Popen[str], int]:
+    """The CLI pulling 24 blobs of 64 KiB at ``rate`` bytes a second each, with one stream in each process, once
+    its helper has connections of its own."""
+    model = registry.add_synthetic_model("library/demo", blobs=24, blob_size=64 * 1024)
+    registry.inject("blobs", Fault("slow", rate=rate, times=100))
+    process = start_cli(models, "--insecure", "-j", "2", reference(registry, model), capture=True)
+    wait_for(lambda: children(process.pid) != [], process=process)
+    [helper] = children(process.pid)
+    # A copy of the CLI, not a new interpreter.
+    assert proc(helper, "cmdline") == proc(process.pid, "cmdline")
+    wait_for(lambda: connected(helper), process=process)
+    return model, process, helper
+
+
+@needs_two_cpus
+def test_the_cli_forks_its_helper_and_every_blob_comes_once(registry: FaultRegistry, models: Path) -> None:
+    model, process, helper = forked_helper_at_work(registry, models, 256 * 1024)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr
+    assert not running(helper)
+    assert_store_holds(models, registry, model)
+    for digest in model.blobs:
+        assert len(registry.blob_requests(digest)) == 1, digest
+
+
+@needs_two_cpus
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signalled_cli_stops_its_forked_helper_and_keeps_nothing_unverified(
+    registry: FaultRegistry, models: Path, signum: signal.Signals, code: int
+) -> None:
+    # Two seconds a blob: the whole pull would take 24 s, so a helper that went on with its share would show.
+    _, process, helper = forked_helper_at_work(registry, models, SLOWER)
+    process.send_signal(signum)
+    started = time.monotonic()
+    _, stderr = process.communicate(timeout=30)
+    assert time.monotonic() - started < 10
+    assert process.returncode == code, stderr
+    assert not running(helper)
+    assert partial_files(models) == []
+    assert not (models / "manifests").exists()
+
+
+@needs_two_cpus
+def test_a_forked_helper_whose_cli_is_killed_stops(registry: FaultRegistry, models: Path) -> None:
+    _, process, helper = forked_helper_at_work(registry, models, SLOWER)
+    process.kill()
+    process.communicate(timeout=30)
+    # Sooner than its share of 12 blobs would take.
+    wait_for(lambda: not running(helper), timeout=10)
+
+
+@needs_two_cpus
+def test_a_spare_the_plan_does_not_want_ends_before_the_pull_does(registry: FaultRegistry, models: Path) -> None:
+    model = registry.add_synthetic_model("library/demo", blobs=3, blob_size=256 * 1024)
+    registry.inject("blobs", Fault("slow", rate=256 * 1024, times=100))
+    process = start_cli(models, "--insecure", reference(registry, model), capture=True)
+    wait_for(lambda: children(process.pid) != [], process=process)
+    [spare] = children(process.pid)
+    # Ended (a zombie until the CLI reaps it on its way out) while the pull still runs: before the manifest,
+    # which comes last, a second or so after the plan.
+    wait_for(lambda: not running(spare), process=process)
+    assert not (models / "manifests").exists()
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr
+    assert_store_holds(models, registry, model)
+    assert not os.path.exists(f"/proc/{spare}")
