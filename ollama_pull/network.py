@@ -34,12 +34,13 @@ from .huggingface import HuggingFaceToken
 from .pool import ConnectionPool
 
 # Reading stops while more than this is buffered and unread, and starts again once the reader has taken it all:
-# it bounds each connection's buffer at this plus one read of the transport (256 KiB). At one read's worth, a
-# reader that keeps up never stops the socket: stopping at 64 KiB paused and resumed it after nearly every
-# read, two epoll_ctl calls that were a fifth of the event loop's time on a 1 GiB blob (big 2.27 s -> 2.15 s,
-# many 1.56 s -> 1.40 s, 4 alternated runs each). It costs memory: many's peak rose from 77-83 MiB to 87-95 MiB
-# in bench/run.py, the closest of any workload to its 100 MiB budget.
-_PAUSE_AT = 256 * 1024
+# it bounds each connection's buffer at this plus one read of the transport (256 KiB). Stopping at 64 KiB
+# paused and resumed the socket after nearly every read, two epoll_ctl calls that were a fifth of the event
+# loop's time on a 1 GiB blob (256 KiB: big 2.27 s -> 2.15 s, many 1.56 s -> 1.40 s, 4 alternated runs each).
+# Since reads reach the reader whole and the body path has fewer hops, 128 KiB is no slower than 256 KiB (big
+# x0.983, many x1.007 in one process, x0.960 with a forked helper, many at 20 MB/s per connection x0.969; 5-6
+# alternated runs each) and holds 5-10 MiB less: many with a helper peaked at 74-78 MiB against 83-89 MiB.
+_PAUSE_AT = 128 * 1024
 
 
 class _Receiver(asyncio.Protocol):
