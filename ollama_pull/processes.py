@@ -363,7 +363,13 @@ async def start_helpers(count: int, layers: Sequence[Layer]) -> list[Helper]:
     helpers: list[Helper] = []
     if worth_helpers(layers):
         while _spares and len(helpers) < count:
-            helpers.append(await Helper.adopt(_spares.pop()))
+            spare = _spares.pop()
+            try:
+                helpers.append(await Helper.adopt(spare))
+            except BaseException:
+                # Cancelled on the way: still a spare, which the end of the block ends.
+                _spares.append(spare)
+                raise
         if worth_spawning(layers):
             while len(helpers) < count:
                 try:

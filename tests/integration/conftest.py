@@ -56,10 +56,16 @@ def run_cli(models: Path, *args: str, timeout: float = 60) -> Run:
 
 
 def start_cli(
-    models: Path, *args: str, capture: bool = False, env: Mapping[str, str] | None = None
+    models: Path,
+    *args: str,
+    capture: bool = False,
+    env: Mapping[str, str] | None = None,
+    own_group: bool = False,
 ) -> subprocess.Popen[str]:
-    """The CLI in the background (``env`` on top of the test's environment). Without ``capture`` its output goes
-    nowhere: a pipe nobody reads until the end could fill up and block the pull mid-test."""
+    """The CLI in the background (``env`` on top of the test's environment); with ``own_group``, in a process
+    group of its own, as a terminal's foreground job is, for a Ctrl-C that reaches every process of it. Without
+    ``capture`` its output goes nowhere: a pipe nobody reads until the end could fill up and block the pull
+    mid-test."""
     pipe = subprocess.PIPE if capture else subprocess.DEVNULL
     return subprocess.Popen(
         cli_command(*args),
@@ -68,6 +74,7 @@ def start_cli(
         stdout=pipe,
         stderr=pipe,
         text=True,
+        process_group=0 if own_group else None,
     )
 
 

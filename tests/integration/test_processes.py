@@ -253,13 +253,13 @@ def connected(pid: int) -> bool:
 
 
 def forked_helper_at_work(
-    registry: FaultRegistry, models: Path, rate: int
+    registry: FaultRegistry, models: Path, rate: int, *, own_group: bool = False
 ) -> tuple[ModelFixture, subprocess.Popen[str], int]:
     """The CLI pulling 24 blobs of 64 KiB at ``rate`` bytes a second each, with one stream in each process, once
     its helper has connections of its own."""
     model = registry.add_synthetic_model("library/demo", blobs=24, blob_size=64 * 1024)
     registry.inject("blobs", Fault("slow", rate=rate, times=100))
-    process = start_cli(models, "--insecure", "-j", "2", reference(registry, model), capture=True)
+    process = start_cli(models, "--insecure", "-j", "2", reference(registry, model), capture=True, own_group=own_group)
     wait_for(lambda: children(process.pid) != [], process=process)
     [helper] = children(process.pid)
     # A copy of the CLI, not a new interpreter.
@@ -280,13 +280,24 @@ def test_the_cli_forks_its_helper_and_every_blob_comes_once(registry: FaultRegis
 
 
 @needs_two_cpus
-@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize(
+    ("signum", "code", "group"),
+    [
+        pytest.param(signal.SIGINT, 130, False, id="SIGINT"),
+        pytest.param(signal.SIGTERM, 143, False, id="SIGTERM"),
+        # A terminal's Ctrl-C, which reaches the helper too.
+        pytest.param(signal.SIGINT, 130, True, id="SIGINT-to-the-group"),
+    ],
+)
 def test_a_signalled_cli_stops_its_forked_helper_and_keeps_nothing_unverified(
-    registry: FaultRegistry, models: Path, signum: signal.Signals, code: int
+    registry: FaultRegistry, models: Path, signum: signal.Signals, code: int, group: bool
 ) -> None:
     # Two seconds a blob: the whole pull would take 24 s, so a helper that went on with its share would show.
-    _, process, helper = forked_helper_at_work(registry, models, SLOWER)
-    process.send_signal(signum)
+    _, process, helper = forked_helper_at_work(registry, models, SLOWER, own_group=group)
+    if group:
+        os.killpg(process.pid, signum)
+    else:
+        process.send_signal(signum)
     started = time.monotonic()
     _, stderr = process.communicate(timeout=30)
     assert time.monotonic() - started < 10
