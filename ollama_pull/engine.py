@@ -38,10 +38,12 @@ Sleep = Callable[[float], Awaitable[None]]
 KIB = 1024
 MIB = 1024 * KIB
 # Bytes handed to the writing thread at a time: large enough that the hand-off costs little per byte, small
-# enough that 64 streams each holding two batches stay below the memory budget (64 MiB at most). Against 256 KiB:
-# 256 blobs of 0.5-3.5 MiB x0.95 (6 alternated runs), a 1 GiB blob's engine time 1.75 s -> 1.6 s; 1 MiB was no
-# faster than 512 KiB on either and took 14-25 MiB more.
-_WRITE_BATCH = 512 * KIB
+# enough that 64 streams each holding two batches stay well below the memory budget (32 MiB at most). 512 KiB
+# once measured x0.95 against 256 KiB on 256 blobs of 0.5-3.5 MiB; on today's body path the two are level
+# (alternated runs: 256 blobs with a forked helper 1.26 s and 1.21 s, then x1.026 over 8 runs; in one process
+# 1.35 s and 1.37 s; a 1 GiB blob 2.43 s and 2.44 s), and 256 KiB holds 3-10 MiB less at the peak, where a
+# loaded machine took 256 blobs with a helper to 101.7 MiB. 1 MiB was no faster and took 14-25 MiB more.
+_WRITE_BATCH = 256 * KIB
 # A slow stream hands over what it has after this long anyway, so the file on disk (what a resume finds) keeps up.
 _WRITE_DELAY = 0.25
 # A blob in chunks is written back to disk behind the hash every this many bytes (see _follow_hash).
