@@ -51,7 +51,8 @@ MIN_BLOBS = 16
 # Nor is a helper spawned for a pull whose blobs average this much or more: what limits it is bytes more than
 # blobs, and a spawned helper gained little there for its memory (256 blobs of 0.5-3.5 MiB: x0.96 wall, peak
 # memory 71-77 -> 93-100 MiB), where on 4,096 blobs of 64 KiB it gained x0.87 for 20 MiB. A forked spare, which
-# starts at once and shares its parent's pages, took the 256 blobs x0.90 for 80-87 MiB (bench/PROFILE.md).
+# starts at once and shares its parent's pages, took the 256 blobs x0.875, the pair peaking at 68-76 MiB once
+# the buffers were trimmed (bench/PROFILE.md).
 MAX_MEAN_BLOB = 1024 * 1024
 # Each frame on a helper's stdout: its length, then a pickled list of messages.
 FRAME = struct.Struct(">I")
