@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx2
 
+from .commits import GroupCommit
 from .errors import BlobError, IntegrityError, OllamaPullError, TokenServiceError
 from .events import BlobFinished, BlobProgress, BlobRetry, BlobStarted, BlobWaiting, EventCallback, ignore_event
 from .manifest import Layer
@@ -194,6 +195,7 @@ class Downloader:
         self._downloaded_bytes = 0
         self._downloaded_blobs = 0
         self._limiter = RateLimiter(settings.max_rate, clock=clock, sleep=sleep) if settings.max_rate else None
+        self._commits = GroupCommit()
 
     async def download(
         self, reference: ModelReference, layers: Sequence[Layer], *, model: str, shared: bool = False
@@ -214,6 +216,8 @@ class Downloader:
                     group.create_task(self._download_blob(reference, layer, model, slots, deferred if shared else None))
         except BaseExceptionGroup as failures:
             raise first_error(failures) from None
+        finally:
+            await self._commits.wait()
         return DownloadStats(self._downloaded_blobs, self._downloaded_bytes, tuple(deferred))
 
     async def _download_blob(
@@ -296,24 +300,20 @@ class Downloader:
         self._announce(state, model, blob.offset)
         try:
             while True:
-                started = self._clock()
                 try:
                     seconds, _received = await self._watched(
                         lambda watch: self._stream_whole(reference, blob, state, model, watch)
                     )
                 except _AttemptFailed as failed:
-                    if blob.committed:
-                        # The last write verified the blob and named it; only closing the response failed after.
-                        return self._clock() - started
                     # Every byte came but the response failed (a lying Content-Length): a Range past the end would
                     # only get a 416, so that attempt is taken again whole.
                     if failed.restart or blob.offset >= layer.size:
                         blob.restart()
                     await self._retry(layer.digest, state.tries, failed, model)
                     continue
-                if not blob.committed:
-                    await in_thread(blob.commit)
-                return seconds
+                break
+            await self._commits.commit(blob)
+            return seconds
         finally:
             if not blob.committed:
                 blob.close(keep=resumable)
@@ -502,7 +502,6 @@ class Downloader:
                     blob.write_all,
                     lambda: self._report(state, model, blob.offset),
                     too_much=f"the server sent more than the manifest's {layer.size} bytes",
-                    write_last=blob.write_last,
                 )
         except httpx2.RequestError as exc:
             raise _AttemptFailed(describe_transport_error(exc)) from exc
@@ -552,14 +551,12 @@ class Downloader:
         landed: Callable[[], None],
         *,
         too_much: str,
-        write_last: Callable[[list[bytes]], None] | None = None,
     ) -> None:
         """Write a response's raw body, at most ``room`` bytes of it, keeping the watchdog and the limiter fed.
 
         Writing (and hashing, for a blob in one stream) happens in a worker thread, a batch at a time, while the
         event loop reads the next batch: file writes cost about as much CPU as receiving, and the thread runs them
-        on another core. One batch is in flight per stream, so memory stays bounded. Once the body has ended, its
-        last batch (empty, if the body ended on a full one) goes to ``write_last`` when given.
+        on another core. One batch is in flight per stream, so memory stays bounded.
         """
         batch: list[bytes] = []
         batched = 0
@@ -593,8 +590,8 @@ class Downloader:
                     watch.throttled = False
                     watch.last_read = self._clock()
             watch.received_all = True
-            if batch or write_last is not None:
-                await hand_over(write_last or write)
+            if batch:
+                await hand_over(write)
             if writing is not None:
                 await asyncio.shield(writing)
             landed()

@@ -23,12 +23,13 @@ import hashlib
 import json
 import os
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from .errors import StorageError
 from .manifest import Layer
-from .store import READ_SIZE, BlobClaim, Store, hash_file, storage_errors
+from .store import READ_SIZE, BlobClaim, Store, hash_file, storage_error, storage_errors
 
 # Save progress each time this fraction of the blob has landed: what a kill -9 can cost, at most.
 _SAVE_FRACTION = 0.01
@@ -127,14 +128,6 @@ class BlobFile:
                 self._hash.update(piece)
                 self.offset += len(piece)
 
-    def write_last(self, pieces: list[bytes]) -> None:
-        """Write the last bytes of a response and, when they complete the blob and it verifies, commit it: one
-        hand-off to a worker thread for both, the bulk of a small blob's. Whether it did is ``committed``; a
-        blob that does not verify is left as it is, for the caller to judge by ``mismatch()``."""
-        self.write_all(pieces)
-        if self.mismatch() is None:
-            self.commit()
-
     def mismatch(self) -> str | None:
         """Why the bytes written are not the blob, or None when they are."""
         if self.offset != self.layer.size:
@@ -147,18 +140,51 @@ class BlobFile:
     def commit(self) -> None:
         """Make the verified bytes durable, then give them the blob's name (still under the claim's lock, so
         that nobody who waited for it writes into the file after it has its name)."""
-        with self._lock, storage_errors(f"finish {self.final_path}"):
-            if self._closed:
-                return
-            if not self._started:
-                # An empty blob has had no bytes to empty its file for.
-                self._start(resume=False)
-            os.fsync(self._fd)
-            os.replace(self.path, self.final_path)
-            self.committed = True
-            self._closed = True
-            # Named: nobody who waited for the lock can take this file for the partial one any more.
-            self._claim.release()
+        failure = BlobFile.commit_all([self], fsync_each)[0]
+        if failure is not None:
+            raise failure
+
+    @staticmethod
+    def commit_all(blobs: Sequence[BlobFile], sync: Callable[[list[int]], None]) -> list[StorageError | None]:
+        """Commit verified blobs of one store together: one ``sync`` of all their descriptors, then each gets its
+        name (a group commit: :mod:`ollama_pull.commits`). Says, for each blob, what stopped it or None; a blob
+        given up meanwhile is left alone. Every blob's lock is held throughout, so none is truncated, removed
+        or given up between its sync and its name."""
+        with contextlib.ExitStack() as held:
+            for blob in blobs:
+                held.enter_context(blob._lock)
+            outcomes: dict[int, StorageError | None] = {}
+            live: list[BlobFile] = []
+            for blob in blobs:
+                if blob._closed:
+                    continue
+                try:
+                    if not blob._started:
+                        # An empty blob has had no bytes to empty its file for.
+                        blob._start(resume=False)
+                except StorageError as exc:
+                    outcomes[id(blob)] = exc
+                else:
+                    live.append(blob)
+            try:
+                sync([blob._fd for blob in live])
+            except OSError as exc:
+                outcomes.update((id(blob), storage_error(f"finish {blob.final_path}", exc)) for blob in live)
+            else:
+                outcomes.update((id(blob), blob._name()) for blob in live)
+            return [outcomes.get(id(blob)) for blob in blobs]
+
+    def _name(self) -> StorageError | None:
+        try:
+            with storage_errors(f"finish {self.final_path}"):
+                os.replace(self.path, self.final_path)
+        except StorageError as exc:
+            return exc
+        self.committed = True
+        self._closed = True
+        # Named: nobody who waited for the lock can take this file for the partial one any more.
+        self._claim.release()
+        return None
 
     def close(self, *, keep: bool) -> None:
         """Give up the file: keep it for a later resume, or remove it."""
@@ -377,6 +403,12 @@ class PartedBlob:
 if TYPE_CHECKING:
     # Both kinds keep to the interface: mypy checks it here.
     _KINDS: tuple[type[PartialFile], ...] = (BlobFile, PartedBlob)
+
+
+def fsync_each(fds: list[int]) -> None:
+    """Make each file's written bytes durable, one at a time."""
+    for fd in fds:
+        os.fsync(fd)
 
 
 def write_pieces(fd: int, pieces: list[bytes], position: int | None = None) -> int:

@@ -68,14 +68,21 @@ def storage_errors(action: str) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        hint = {
-            errno.ENOSPC: "the disk is full: free some space and run again",
-            errno.EDQUOT: "the disk quota is exhausted: free some space and run again",
-            errno.EACCES: "permission denied: check the owner of the models directory or pass --models-dir",
-            errno.EPERM: "permission denied: check the owner of the models directory or pass --models-dir",
-            errno.EROFS: "the filesystem is read-only: pass a writable --models-dir",
-        }.get(exc.errno or 0, exc.strerror or str(exc))
-        raise StorageError(f"cannot {action}: {hint}") from exc
+        raise storage_error(action, exc) from exc
+
+
+def storage_error(action: str, exc: OSError) -> StorageError:
+    """The :class:`StorageError` for ``exc``, met while doing ``action``."""
+    hint = {
+        errno.ENOSPC: "the disk is full: free some space and run again",
+        errno.EDQUOT: "the disk quota is exhausted: free some space and run again",
+        errno.EACCES: "permission denied: check the owner of the models directory or pass --models-dir",
+        errno.EPERM: "permission denied: check the owner of the models directory or pass --models-dir",
+        errno.EROFS: "the filesystem is read-only: pass a writable --models-dir",
+    }.get(exc.errno or 0, exc.strerror or str(exc))
+    error = StorageError(f"cannot {action}: {hint}")
+    error.__cause__ = exc
+    return error
 
 
 class Store:

@@ -122,8 +122,8 @@ def test_only_a_partial_file_the_claim_did_not_make_is_searched_for_chunk_progre
     monkeypatch.setattr(Path, "unlink", recording)
     claim = BlobClaim(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), path, fresh=fresh)
     blob = store.open_blob(layer, claim, resume=False)
-    blob.write_last([data])
-    assert blob.committed
+    blob.write_all([data])
+    blob.commit()
     assert store.blob_path(layer.digest).read_bytes() == data
     # A file the claim made has no progress beside it: looking for some is a search of blobs/ under its lock.
     assert looked == ([] if fresh else [state])
@@ -135,39 +135,10 @@ def test_an_empty_blob_is_committed_without_a_write(tmp_path: Path, claim: Claim
     store.prepare()
     layer = layer_for(b"")
     blob = store.open_blob(layer, claim(store, layer), resume=False)
-    blob.write_last([])
+    blob.commit()
     assert blob.committed
     assert store.blob_path(layer.digest).read_bytes() == b""
     assert not store.partial_path(layer.digest).exists()
-
-
-@pytest.mark.parametrize(
-    ("last", "committed"),
-    [
-        # Each row: the last bytes of a response after the blob's first 4, and whether the same call names it.
-        (b" blob", True),
-        (b" blub", False),  # every byte, but not the blob's: the caller restarts it
-        (b" bl", False),  # the body ended short: the caller resumes from here
-    ],
-)
-def test_the_last_write_names_the_blob_only_when_it_completes_and_verifies(
-    tmp_path: Path, last: bytes, committed: bool, claim: Claim
-) -> None:
-    store = Store(tmp_path)
-    store.prepare()
-    data = b"good blob"
-    layer = layer_for(data)
-    blob = store.open_blob(layer, claim(store, layer), resume=False)
-    blob.write_all([data[:4]])
-    blob.write_last([last])
-    assert blob.committed is committed
-    assert (blob.mismatch() is None) is committed
-    assert store.has_blob(layer) is committed
-    assert store.partial_path(layer.digest).exists() is not committed
-    blob.close(keep=False)
-    assert [path.name for path in store.blobs_dir.iterdir()] == (
-        [store.blob_path(layer.digest).name] if committed else []
-    )
 
 
 def test_resume_rehashes_the_kept_prefix(tmp_path: Path, claim: Claim) -> None:
@@ -562,7 +533,8 @@ def test_a_named_blob_lets_go_of_its_claim_in_the_thread_that_named_it(tmp_path:
     layer = layer_for(data)
     named = claim(store, layer)
     blob = store.open_blob(layer, named, resume=False)
-    blob.write_last([data])
+    blob.write_all([data])
+    blob.commit()
     assert blob.committed
     assert named.released
     # One that is given up instead stays claimed: the claim removes or keeps it, under its lock.
