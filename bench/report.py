@@ -284,7 +284,8 @@ def render(
         "non-zero, times out or leaves a file of the wrong size is listed as failed and left out of medians; "
         "a failed ollama-pull run fails its targets.",
         "- aria2c verifies each file's SHA-256 itself (`checksum=`); curl verifies nothing and is the floor of "
-        "what loopback and the disk allow. ollama-pull also fsyncs every blob before naming it; the peers do not.",
+        "what loopback and the disk allow. ollama-pull also makes every blob durable before naming it (an fsync, "
+        "or one syncfs for the blobs that verify together); the peers do not.",
         "- The page cache cannot be dropped reliably on a shared machine: nginx serves the tree from cache (it "
         "was just written), each run's output directory is deleted right after it is measured, and `sync` runs "
         "before each run so that no write-back from one run lands in the next.",
