@@ -8,12 +8,14 @@ in a worker thread while the blobs that verify meanwhile queue for the next: the
 fewer syncs each, and a blob that finishes alone is fsynced alone, with no wait added.
 
 syncfs has reported write-back errors only since Linux 5.8: before, it returned 0 whatever happened to the bytes.
-On older kernels, and off Linux, the blobs of a batch are fsynced one by one (still one hand-off per batch).
+On older kernels, off Linux, and on filesystems where syncfs may not make the bytes as durable as fsync does, the
+blobs of a batch are fsynced one by one (still one hand-off per batch).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import os
 import re
@@ -27,6 +29,12 @@ from .worker import in_thread
 _Outcomes = list[StorageError | None]
 # The first kernel whose syncfs says when a write-back failed.
 _SYNCFS_REPORTS = (5, 8)
+# Filesystems whose syncfs writes back and flushes what an fsync of each file would: local ones, and tmpfs, which
+# has nothing to flush. Over NFS, SMB, 9p or FUSE (before Linux 5.15), syncfs may hand the pages to the client or
+# the daemon without the commit that an fsync asks of the server, and overlayfs's depends on the kernel.
+_SYNCFS_FILESYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "bcachefs", "jfs", "tmpfs"})
+# What a sandbox (a seccomp filter, gVisor) answers for a system call it does not allow or have.
+_REFUSED = frozenset({errno.ENOSYS, errno.EPERM})
 
 
 @functools.cache
@@ -52,13 +60,34 @@ def _syncfs() -> Callable[[int], None] | None:
     return syncfs
 
 
+@functools.cache
+def _filesystem(device: int, mounts: str = "/proc/self/mountinfo") -> str | None:
+    """The type of the filesystem mounted from ``device`` (a file's ``st_dev``), as the kernel lists its mounts."""
+    wanted = f"{os.major(device)}:{os.minor(device)}"
+    try:
+        with open(mounts, encoding="utf-8", errors="replace") as listing:
+            for line in listing:
+                # ID, parent ID, major:minor, root, mount point, options, optional fields, "-", type, source, ...
+                fields = line.split()
+                if len(fields) > 7 and fields[2] == wanted and "-" in fields[6:-1]:
+                    return fields[fields.index("-", 6) + 1]
+    except OSError:
+        return None
+    return None
+
+
 def sync_files(fds: list[int]) -> None:
     """Make the written bytes of every file in ``fds``, all on one filesystem, durable."""
     syncfs = _syncfs() if len(fds) > 1 else None
-    if syncfs is None:
-        fsync_each(fds)
-    else:
-        syncfs(fds[0])
+    if syncfs is not None and _filesystem(os.fstat(fds[0]).st_dev) in _SYNCFS_FILESYSTEMS:
+        try:
+            syncfs(fds[0])
+        except OSError as exc:
+            if exc.errno not in _REFUSED:
+                raise
+        else:
+            return
+    fsync_each(fds)
 
 
 class GroupCommit:

@@ -61,6 +61,10 @@ class Syncs:
         self.go_on = threading.Event()
         self.failure: OSError | None = None
 
+    @staticmethod
+    def fail(code: int) -> None:
+        raise OSError(code, os.strerror(code))
+
     def __call__(self, fds: list[int]) -> None:
         self.calls.append(list(fds))
         if len(self.calls) == 1:
@@ -159,18 +163,78 @@ async def test_wait_returns_only_once_the_running_batch_has_ended(written: Calla
     await committing
 
 
-def test_one_file_is_fsynced_and_several_take_one_syncfs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+@pytest.fixture
+def files(tmp_path: Path) -> Iterator[list[int]]:
+    fds = [os.open(tmp_path / f"file-{number}", os.O_RDWR | os.O_CREAT, 0o644) for number in range(3)]
+    yield fds
+    for fd in fds:
+        os.close(fd)
+
+
+@pytest.fixture
+def recorded(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Every fsync and syncfs, recorded instead of made, on a filesystem that syncfs is trusted on."""
     calls: list[tuple[str, int]] = []
     monkeypatch.setattr(commits, "_syncfs", lambda: lambda fd: calls.append(("syncfs", fd)))
+    monkeypatch.setattr(commits, "_filesystem", lambda _device: "ext4")
     monkeypatch.setattr(os, "fsync", lambda fd: calls.append(("fsync", fd)))
-    sync_files([3])
-    sync_files([4, 5, 6])
-    assert calls == [("fsync", 3), ("syncfs", 4)]
-    # Where syncfs cannot be trusted, every file is fsynced.
-    calls.clear()
+    return calls
+
+
+def test_one_file_is_fsynced_and_several_take_one_syncfs(files: list[int], recorded: list[tuple[str, int]]) -> None:
+    sync_files(files[:1])
+    sync_files(files)
+    assert recorded == [("fsync", files[0]), ("syncfs", files[0])]
+
+
+@pytest.mark.parametrize("filesystem", ["nfs4", "fuse.sshfs", "overlay", "cifs", None])
+def test_files_where_syncfs_may_not_reach_the_disk_are_fsynced_each(
+    files: list[int], recorded: list[tuple[str, int]], monkeypatch: pytest.MonkeyPatch, filesystem: str | None
+) -> None:
+    monkeypatch.setattr(commits, "_filesystem", lambda _device: filesystem)
+    sync_files(files)
+    assert recorded == [("fsync", fd) for fd in files]
+
+
+def test_where_syncfs_cannot_be_trusted_every_file_is_fsynced(
+    files: list[int], recorded: list[tuple[str, int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(commits, "_syncfs", lambda: None)
-    sync_files([4, 5])
-    assert calls == [("fsync", 4), ("fsync", 5)]
+    sync_files(files[:2])
+    assert recorded == [("fsync", files[0]), ("fsync", files[1])]
+
+
+@pytest.mark.parametrize("code", [errno.ENOSYS, errno.EPERM])
+def test_a_syncfs_a_sandbox_refuses_falls_back_to_fsync(
+    files: list[int], recorded: list[tuple[str, int]], monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    def refused(_fd: int) -> None:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(commits, "_syncfs", lambda: refused)
+    sync_files(files)
+    assert recorded == [("fsync", fd) for fd in files]
+    # Any other failure is the bytes' own, and fails them.
+    monkeypatch.setattr(commits, "_syncfs", lambda: lambda _fd: Syncs.fail(errno.EIO))
+    with pytest.raises(OSError, match="Input/output error"):
+        sync_files(files)
+
+
+def test_the_filesystem_of_a_device_is_read_from_the_mount_table(tmp_path: Path) -> None:
+    table = tmp_path / "mountinfo"
+    table.write_text(
+        "22 27 0:21 / /proc rw,relatime - proc proc rw\n"
+        "27 1 254:0 / / rw,relatime shared:1 master:2 - ext4 /dev/vda rw,discard\n"
+        "40 27 254:0 /srv /mnt/bind rw,relatime - ext4 /dev/vda rw\n"
+        "41 27 0:52 / /mnt/with\\040space rw - fuse.sshfs host:/ rw\n"
+    )
+    filesystem = commits._filesystem.__wrapped__
+    assert filesystem(os.makedev(254, 0), str(table)) == "ext4"
+    assert filesystem(os.makedev(0, 52), str(table)) == "fuse.sshfs"
+    assert filesystem(os.makedev(8, 1), str(table)) is None
+    assert filesystem(os.makedev(254, 0), str(tmp_path / "absent")) is None
+    if sys.platform == "linux":
+        assert commits._filesystem(tmp_path.stat().st_dev) is not None
 
 
 @pytest.mark.parametrize(("release", "trusted"), [("5.4.0-150-generic", False), ("5.8.0", True), ("6.18.44-fc", True)])
@@ -183,10 +247,10 @@ def test_syncfs_is_trusted_only_on_kernels_that_report_write_back_errors(
     assert (commits._syncfs.__wrapped__() is not None) is trusted
 
 
-@pytest.mark.skipif(sys.platform != "linux" or os.uname().release < "5.8", reason="needs a syncfs that reports")
 def test_syncfs_makes_files_durable_and_reports_a_bad_descriptor(tmp_path: Path) -> None:
     syncfs = commits._syncfs()
-    assert syncfs is not None
+    if syncfs is None:
+        pytest.skip("no syncfs that reports a failed write-back here")
     fds = [os.open(tmp_path / name, os.O_RDWR | os.O_CREAT, 0o644) for name in ("a", "b")]
     try:
         for fd in fds:
@@ -223,6 +287,7 @@ async def test_a_pull_of_many_small_blobs_syncs_each_blob_before_its_name_in_few
         replace(source, target)
 
     monkeypatch.setattr(commits, "_syncfs", lambda: syncfs)
+    monkeypatch.setattr(commits, "_filesystem", lambda _device: "ext4")
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", renaming)
     model = make_model(*[1000 + number for number in range(32)])
