@@ -33,6 +33,12 @@ _SYNCFS_REPORTS = (5, 8)
 # has nothing to flush. Over NFS, SMB, 9p or FUSE (before Linux 5.15), syncfs may hand the pages to the client or
 # the daemon without the commit that an fsync asks of the server, and overlayfs's depends on the kernel.
 _SYNCFS_FILESYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "bcachefs", "jfs", "tmpfs"})
+# A batch whose blobs are this large on average is fsynced blob by blob, still in one hand-off. syncfs waits for
+# the write-back of every dirty page of the filesystem, the other streams' bytes too, and their writes wait
+# behind it: on 256 blobs of 0.5-3.5 MiB, a syncfs for every batch took the peak memory to 73-98 MiB (median 84)
+# against 71-80 MiB (median 76) with this rule, and was no faster (1.27 s against 1.25 s; 10 alternated runs).
+# On blobs of 64 KiB, where an fsync is mostly its flush of the disk's cache, syncfs is the whole gain.
+_TOGETHER_BELOW = 1024 * 1024
 # What a sandbox (a seccomp filter, gVisor) answers for a system call it does not allow or have.
 _REFUSED = frozenset({errno.ENOSYS, errno.EPERM})
 
@@ -121,7 +127,9 @@ class GroupCommit:
         self._queued = []
         if not batch:
             return
-        running = self._running = in_thread(BlobFile.commit_all, [blob for blob, _ in batch], self._sync)
+        blobs = [blob for blob, _ in batch]
+        small = sum(blob.layer.size for blob in blobs) < _TOGETHER_BELOW * len(blobs)
+        running = self._running = in_thread(BlobFile.commit_all, blobs, self._sync if small else fsync_each)
         running.add_done_callback(lambda _: self._settle(batch, running))
 
     def _settle(self, batch: list[tuple[BlobFile, asyncio.Future[None]]], running: asyncio.Future[_Outcomes]) -> None:

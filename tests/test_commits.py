@@ -101,6 +101,26 @@ async def test_blobs_that_verify_while_a_batch_syncs_are_synced_together_by_the_
         assert not blob.path.exists()
 
 
+async def test_a_batch_of_large_blobs_is_fsynced_blob_by_blob(
+    written: Callable[[bytes], BlobFile], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A syncfs would wait for every dirty page of the filesystem, the other streams' too.
+    fsynced: list[int] = []
+    monkeypatch.setattr(os, "fsync", fsynced.append)
+    syncs = Syncs()
+    syncs.go_on.set()
+    group = GroupCommit(syncs)
+    small = [written(b"blob %d" % number) for number in range(2)]
+    await asyncio.gather(*(group.commit(blob) for blob in small))
+    assert fsynced == []
+    monkeypatch.setattr(commits, "_TOGETHER_BELOW", len(b"blob 0"))
+    large = [written(b"large blob %d" % number) for number in range(2)]
+    await asyncio.gather(*(group.commit(blob) for blob in large))
+    assert sorted(fsynced) == sorted(blob._claim.fd for blob in large)
+    assert sorted(fd for call in syncs.calls for fd in call) == sorted(blob._claim.fd for blob in small)
+    assert all(blob.committed for blob in [*small, *large])
+
+
 async def test_a_failed_sync_fails_every_blob_of_its_batch_and_names_none(
     written: Callable[[bytes], BlobFile],
 ) -> None:
