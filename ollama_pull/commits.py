@@ -135,15 +135,13 @@ class GroupCommit:
     def _settle(self, batch: list[tuple[BlobFile, asyncio.Future[None]]], running: asyncio.Future[_Outcomes]) -> None:
         self._running = None
         error = running.exception()
-        outcomes: _Outcomes = [None] * len(batch) if error is not None else running.result()
+        outcomes: list[BaseException | None] = [error] * len(batch) if error is not None else [*running.result()]
         for (_blob, done), failure in zip(batch, outcomes, strict=True):
             if done.cancelled():
                 continue
-            if error is not None:
-                done.set_exception(error)
-            elif failure is not None:
-                done.set_exception(failure)
-            else:
+            if failure is None:
                 done.set_result(None)
+            else:
+                done.set_exception(failure)
         if self._queued:
             self._next()

@@ -153,9 +153,9 @@ class BlobFile:
         with contextlib.ExitStack() as held:
             for blob in blobs:
                 held.enter_context(blob._lock)
-            outcomes: dict[int, StorageError | None] = {}
-            live: list[BlobFile] = []
-            for blob in blobs:
+            outcomes: list[StorageError | None] = [None] * len(blobs)
+            live: list[int] = []
+            for index, blob in enumerate(blobs):
                 if blob._closed:
                     continue
                 try:
@@ -163,16 +163,18 @@ class BlobFile:
                         # An empty blob has had no bytes to empty its file for.
                         blob._start(resume=False)
                 except StorageError as exc:
-                    outcomes[id(blob)] = exc
+                    outcomes[index] = exc
                 else:
-                    live.append(blob)
+                    live.append(index)
             try:
-                sync([blob._fd for blob in live])
+                sync([blobs[index]._fd for index in live])
             except OSError as exc:
-                outcomes.update((id(blob), storage_error(f"finish {blob.final_path}", exc)) for blob in live)
+                for index in live:
+                    outcomes[index] = storage_error(f"finish {blobs[index].final_path}", exc)
             else:
-                outcomes.update((id(blob), blob._name()) for blob in live)
-            return [outcomes.get(id(blob)) for blob in blobs]
+                for index in live:
+                    outcomes[index] = blobs[index]._name()
+            return outcomes
 
     def _name(self) -> StorageError | None:
         try:

@@ -54,7 +54,7 @@ MIN_BLOBS = 16
 # starts at once and shares its parent's pages, took the 256 blobs x0.875, the pair peaking at 68-76 MiB once
 # the buffers were trimmed (bench/PROFILE.md).
 MAX_MEAN_BLOB = 1024 * 1024
-# Each frame on a helper's stdout: its length, then a pickled list of messages.
+# Each frame between a pull and its helper, either way: its length, then the pickled job or list of messages.
 FRAME = struct.Struct(">I")
 
 
