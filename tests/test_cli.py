@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 from typer.testing import CliRunner
@@ -316,6 +317,32 @@ def test_an_event_loop_the_cli_cannot_run_is_a_usage_error(
     assert result.exit_code == ExitCode.USAGE
     [line] = result.output.strip().splitlines()
     assert message in line
+
+
+def test_a_pull_loads_its_event_loop_before_it_forks_its_spares(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # A module loaded after the fork is loaded twice, once in each process, and a spare's copy is its own memory.
+    import typer
+
+    from ollama_pull import cli, processes
+
+    order: list[str] = []
+    choose = cli._loop_factory
+
+    def loop_factory() -> object:
+        order.append("event loop chosen")
+        return choose()
+
+    def forked_helpers(count: int) -> NoReturn:
+        order.append("spares forked")
+        raise typer.Exit(0)
+
+    monkeypatch.setattr(cli, "_loop_factory", loop_factory)
+    monkeypatch.setattr(processes, "forked_helpers", forked_helpers)
+    result = runner.invoke(app, ["library/demo", "--models-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert order == ["event loop chosen", "spares forked"]
 
 
 def test_without_uvloop_the_cli_runs_on_asyncios_loop(monkeypatch: pytest.MonkeyPatch) -> None:
