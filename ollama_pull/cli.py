@@ -322,8 +322,8 @@ def pull(
     from .processes import forked_helpers, helpers_for
 
     # The event loop's module is loaded before the fork, so that a spare shares it instead of loading its own
-    # copy once it has a job (9 ms, after which its first request went out 20-70 ms behind its parent's): 256
-    # blobs of 0.5-3.5 MiB x0.95-0.98, peaking 1-3 MiB lower (bench/PROFILE.md).
+    # copy once it has a job (9 ms of the 20-70 ms by which its first request followed its parent's): 256 blobs
+    # of 0.5-3.5 MiB x0.95-0.98, peaking 1-3 MiB lower (bench/PROFILE.md).
     _loop_factory()
     # Forked here, before the event loop and any thread: ready the moment a plan wants them.
     with forked_helpers(0 if dry_run else helpers_for(settings)):
