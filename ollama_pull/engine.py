@@ -21,10 +21,11 @@ from typing import Any
 import httpx2
 
 from .commits import GroupCommit
+from .drain import DRAIN, Drain
 from .errors import BlobError, IntegrityError, OllamaPullError, TokenServiceError
 from .events import BlobFinished, BlobProgress, BlobRetry, BlobStarted, BlobWaiting, EventCallback, ignore_event
 from .manifest import Layer
-from .partial import BlobFile, Chunk, PartedBlob
+from .partial import BlobFile, Chunk, PartedBlob, Pieces
 from .ratelimit import RateLimiter
 from .reference import ModelReference
 from .registry import RegistryClient, UnusableBlobResponse
@@ -47,8 +48,14 @@ MIB = 1024 * KIB
 _WRITE_BATCH = 256 * KIB
 # A slow stream hands over what it has after this long anyway, so the file on disk (what a resume finds) keeps up.
 _WRITE_DELAY = 0.25
-# A blob in chunks is written back to disk behind the hash every this many bytes (see _follow_hash).
+# A blob in chunks is written back to disk behind the hash every this many bytes (see _follow_hash), and one in
+# one stream behind its writes (_WriteBack).
 _FLUSH_EVERY = 64 * MIB
+# A large blob in one stream is split into chunks once its receiving thread has waited on the network for more
+# than this share of a window (_LinkProbe). On loopback it waits for 1-2% of the time; at 20 MiB/s a connection,
+# for nearly all of it.
+_PROBE_WINDOW = 0.25
+_WAITING_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -164,6 +171,55 @@ class _ChunkRun:
     queued: set[asyncio.Task[None]] = field(default_factory=set)
 
 
+class _WriteBack:
+    """A growing file written back to disk behind the download, every ``_FLUSH_EVERY`` bytes, one flush at a
+    time in a worker thread, instead of all at once in the fsync before its rename."""
+
+    def __init__(self, flush: Callable[[], None], start: int) -> None:
+        self._flush = flush
+        self._flushed = start
+        self._running: asyncio.Future[None] | None = None
+
+    def landed(self, end: int) -> None:
+        if end - self._flushed >= _FLUSH_EVERY and (self._running is None or self._running.done()):
+            if self._running is not None:
+                self._running.result()
+            self._running = in_thread(self._flush)
+            self._flushed = end
+
+    async def wait(self, *, check: bool = True) -> None:
+        """Wait for the flush under way; ``check``: raise what it raised."""
+        running = self._running
+        if running is not None:
+            await asyncio.wait({running})
+            self._running = None
+            if check:
+                running.result()
+            elif not running.cancelled():
+                running.exception()
+
+
+class _SplitWanted(Exception):
+    """The link does not keep up with one stream: the rest of the blob is to come in chunks."""
+
+
+class _LinkProbe:
+    """Whether one stream's thread waits on the network for most of the time: then the link, not this machine,
+    is the limit, and more streams may get more of it (a server or CDN that caps each connection). Judged over
+    windows of ``_PROBE_WINDOW`` seconds, so that a link that slows down later is caught too."""
+
+    def __init__(self) -> None:
+        self._elapsed = 0.0
+        self._waited = 0.0
+
+    def link_is_slower(self, elapsed: float, waited: float) -> bool:
+        if elapsed - self._elapsed < _PROBE_WINDOW:
+            return False
+        share = (waited - self._waited) / (elapsed - self._elapsed)
+        self._elapsed, self._waited = elapsed, waited
+        return share > _WAITING_SHARE
+
+
 class _RangesIgnored(Exception):
     """The server answered a ranged request with the whole blob: it can only be fetched in one stream."""
 
@@ -245,22 +301,52 @@ class Downloader:
                             self._emit(BlobFinished(model, layer.digest, layer.size, 0.0))
                         return
                     state = _BlobState(layer, self._retry_budget())
-                    seconds: float | None = None
-                    if layer.size >= self.settings.split_min_size:
-                        try:
-                            seconds = await self._download_parted(reference, state, model, slots, claim)
-                        except _RangesIgnored:
-                            reason = "the server ignores Range requests: downloading in one stream"
-                            self._emit(BlobRetry(model, layer.digest, state.tries.attempt, reason, 0.0))
-                    if seconds is None:
-                        seconds = await self._download_whole(reference, state, model, claim)
-                        # A chunked blob's streams gave their own samples: its overall speed is not one connection's.
-                        self.speeds.add(layer.size, seconds)
+                    seconds = await self._download_one(reference, state, model, slots, claim)
                     self._downloaded_blobs += 1
                     self._emit(BlobFinished(model, layer.digest, layer.size, seconds))
             except BlobHeld:
                 assert deferred is not None
                 deferred.append(layer)
+
+    async def _download_one(
+        self, reference: ModelReference, state: _BlobState, model: str, slots: asyncio.Semaphore, claim: BlobClaim
+    ) -> float:
+        """A large blob starts in one stream where a drain can tell the link's speed from ours, stays in one while
+        the link keeps up with it, and is split into chunks over several streams once it does not (a link that
+        caps each connection, or one slower than we are). Elsewhere, and where a download in chunks was cut
+        short, a large blob comes in chunks at once."""
+        layer = state.layer
+        if layer.size >= self.settings.split_min_size:
+            probed = (
+                self._limiter is None
+                and self.registry.drains_blobs(reference)
+                and not self.store.parts_state_path(layer.digest).exists()
+            )
+            try:
+                if probed:
+                    return self._sampled(layer, await self._download_whole(reference, state, model, claim, probe=True))
+            except _SplitWanted:
+                pass
+            seconds = await self._download_parted_or_whole(reference, state, model, slots, claim)
+            if seconds is not None:
+                # Its streams gave their own samples: a chunked blob's overall speed is not one connection's.
+                return seconds
+        return self._sampled(layer, await self._download_whole(reference, state, model, claim))
+
+    def _sampled(self, layer: Layer, seconds: float) -> float:
+        self.speeds.add(layer.size, seconds)
+        return seconds
+
+    async def _download_parted_or_whole(
+        self, reference: ModelReference, state: _BlobState, model: str, slots: asyncio.Semaphore, claim: BlobClaim
+    ) -> float | None:
+        """The blob in chunks; None when the server ignores Range, and it must come in one stream after all."""
+        try:
+            return await self._download_parted(reference, state, model, slots, claim)
+        except _RangesIgnored:
+            reason = "the server ignores Range requests: downloading in one stream"
+            self._emit(BlobRetry(model, state.layer.digest, state.tries.attempt, reason, 0.0))
+            return None
 
     def _announce(self, state: _BlobState, model: str, completed: int) -> None:
         """Say the blob started, once, even when it falls back from chunks to one stream."""
@@ -284,10 +370,11 @@ class Downloader:
         await self._sleep(delay)
 
     async def _download_whole(
-        self, reference: ModelReference, state: _BlobState, model: str, claim: BlobClaim
+        self, reference: ModelReference, state: _BlobState, model: str, claim: BlobClaim, *, probe: bool = False
     ) -> float:
         """The blob in one stream. A failed attempt leaves a verified prefix (hashed as written) that the next one
-        continues with Range; the partial file outlives the run only for a blob large enough to be worth it."""
+        continues with Range; the partial file outlives the run only for a blob large enough to be worth it.
+        ``probe``: raise :class:`_SplitWanted`, keeping the prefix, when the link does not keep up with one stream."""
         layer = state.layer
         resumable = layer.size >= self.settings.resume_min_size
         if resumable:
@@ -298,11 +385,12 @@ class Downloader:
             # Nothing to read back: the file is emptied in the thread that writes the first bytes.
             blob = self.store.open_blob(layer, claim, resume=False)
         self._announce(state, model, blob.offset)
+        write_back = _WriteBack(blob.flush, blob.offset)
         try:
             while True:
                 try:
                     seconds, _received = await self._watched(
-                        lambda watch: self._stream_whole(reference, blob, state, model, watch)
+                        lambda watch: self._stream_whole(reference, blob, state, model, watch, write_back, probe)
                     )
                 except _AttemptFailed as failed:
                     # Every byte came but the response failed (a lying Content-Length): a Range past the end would
@@ -312,11 +400,14 @@ class Downloader:
                     await self._retry(layer.digest, state.tries, failed, model)
                     continue
                 break
+            await write_back.wait()
             await self._commits.commit(blob)
             return seconds
         finally:
+            await write_back.wait(check=False)
             if not blob.committed:
-                blob.close(keep=resumable)
+                # A probed blob split into chunks goes on from its prefix, in the same file.
+                blob.close(keep=resumable or probe)
 
     async def _download_parted(
         self, reference: ModelReference, state: _BlobState, model: str, slots: asyncio.Semaphore, claim: BlobClaim
@@ -486,9 +577,21 @@ class Downloader:
                 )
 
     async def _stream_whole(
-        self, reference: ModelReference, blob: BlobFile, state: _BlobState, model: str, watch: _Watch
+        self,
+        reference: ModelReference,
+        blob: BlobFile,
+        state: _BlobState,
+        model: str,
+        watch: _Watch,
+        write_back: _WriteBack,
+        probe: bool,
     ) -> None:
         layer = blob.layer
+
+        def landed() -> None:
+            write_back.landed(blob.offset)
+            self._report(state, model, blob.offset)
+
         try:
             async with self.registry.stream_blob(reference, layer.digest, offset=blob.offset) as response:
                 if response.status_code == 200 and blob.offset:
@@ -500,8 +603,9 @@ class Downloader:
                     watch,
                     layer.size - blob.offset,
                     blob.write_all,
-                    lambda: self._report(state, model, blob.offset),
+                    landed,
                     too_much=f"the server sent more than the manifest's {layer.size} bytes",
+                    probe=_LinkProbe() if probe else None,
                 )
         except httpx2.RequestError as exc:
             raise _AttemptFailed(describe_transport_error(exc)) from exc
@@ -547,17 +651,26 @@ class Downloader:
         response: httpx2.Response,
         watch: _Watch,
         room: int,
-        write: Callable[[list[bytes]], None],
+        write: Callable[[Pieces], None],
         landed: Callable[[], None],
         *,
         too_much: str,
+        probe: _LinkProbe | None = None,
     ) -> None:
         """Write a response's raw body, at most ``room`` bytes of it, keeping the watchdog and the limiter fed.
+        With a ``probe``, raise :class:`_SplitWanted` as soon as the link is found slower than the stream.
 
         Writing (and hashing, for a blob in one stream) happens in a worker thread, a batch at a time, while the
         event loop reads the next batch: file writes cost about as much CPU as receiving, and the thread runs them
         on another core. One batch is in flight per stream, so memory stays bounded.
         """
+        drain = response.extensions.get(DRAIN)
+        if isinstance(drain, Drain) and self._limiter is None:
+            await self._drain(drain, watch, room, write, landed, too_much=too_much, probe=probe)
+            return
+        if probe is not None:
+            # A redirect took the blob where no drain reaches (TLS, say): the rest comes in chunks.
+            raise _SplitWanted
         batch: list[bytes] = []
         batched = 0
         writing: asyncio.Future[None] | None = None
@@ -603,6 +716,33 @@ class Downloader:
             if batch and written:
                 # Bytes received before a failure or a cancel are as good as any: keep them for the resume.
                 write(batch)
+
+    async def _drain(
+        self,
+        drain: Drain,
+        watch: _Watch,
+        room: int,
+        write: Callable[[Pieces], None],
+        landed: Callable[[], None],
+        *,
+        too_much: str,
+        probe: _LinkProbe | None,
+    ) -> None:
+        """A body written by a thread of its own straight from the socket (:mod:`ollama_pull.drain`); what it
+        receives reaches the watchdog and the progress a tenth of a second at a time."""
+        if drain.length > room:
+            raise _AttemptFailed(too_much, integrity=True, restart=True)
+
+        def received(count: int) -> None:
+            watch.last_read = self._clock()
+            watch.received += count
+            self._downloaded_bytes += count
+            landed()
+            if probe is not None and probe.link_is_slower(drain.elapsed, drain.waited):
+                raise _SplitWanted
+
+        await drain.into(write, received)
+        watch.received_all = True
 
 
 def first_error(failures: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -19,8 +19,11 @@ import re
 import ssl
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from typing import cast
 
 import httpcore2
+
+from .drain import DRAIN, DRAIN_MIN, Drain, Lender
 
 # The most a response head may take, as h11 bounds it (its max_incomplete_event_size): a server that sends more
 # without ending its head is not speaking HTTP.
@@ -86,12 +89,11 @@ class Http1Connection:
         except BaseException:
             await self.aclose()
             raise
-        return httpcore2.Response(
-            status=head.status,
-            headers=head.headers,
-            content=body,
-            extensions={"http_version": b"HTTP/" + head.version, "reason_phrase": head.reason},
-        )
+        extensions: dict[str, object] = {"http_version": b"HTTP/" + head.version, "reason_phrase": head.reason}
+        drain = body.drain()
+        if drain is not None:
+            extensions[DRAIN] = drain
+        return httpcore2.Response(status=head.status, headers=head.headers, content=body, extensions=extensions)
 
     async def _connect(self, request: httpcore2.Request, timeout: float | None) -> httpcore2.AsyncNetworkStream:
         host = self._origin.host.decode("ascii")
@@ -270,6 +272,17 @@ class _Body:
             self._length = int(lengths.pop())
         else:
             self._reusable = False
+
+    def drain(self) -> Drain | None:
+        """A drain for a long body of known length on a connection that can lend its socket, else None."""
+        stream = self._stream
+        if self._length is None or self._length < DRAIN_MIN or not getattr(stream, "plain", False):
+            return None
+        return Drain(cast(Lender, stream), self._rest, self._length, self._drained)
+
+    def _drained(self, complete: bool) -> None:
+        self._rest = b""
+        self._complete = complete
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         # The framing's own generator, not one that passes its pieces on: every level of async generators costs

@@ -87,6 +87,21 @@ class _Receiver(asyncio.Protocol):
         self._writing_paused = False
         self._wake()
 
+    def lend(self) -> list[bytes]:
+        """Stop reading the connection for someone who reads its socket itself; what was received is theirs."""
+        if not self._reading_paused and self._transport is not None:
+            self._reading_paused = True
+            self._transport.pause_reading()
+        chunks = list(self._chunks)
+        self._chunks.clear()
+        self._buffered = 0
+        return chunks
+
+    def take_back(self) -> None:
+        if self._reading_paused and self._transport is not None:
+            self._reading_paused = False
+            self._transport.resume_reading()
+
     def switch(self, transport: asyncio.Transport) -> None:
         """Follow the connection onto a TLS transport, which delivers here from now on."""
         self._transport = transport
@@ -140,11 +155,21 @@ def _expire(waiter: asyncio.Future[None], timed_out: type[httpcore2.TimeoutExcep
 
 
 class AsyncioStream(httpcore2.AsyncNetworkStream):
-    """One connection, plain or TLS, as httpcore2 sees it."""
+    """One connection, plain or TLS, as httpcore2 sees it. A plain one lends its socket to a body's drain
+    (:mod:`ollama_pull.drain`)."""
 
-    def __init__(self, transport: asyncio.Transport, receiver: _Receiver) -> None:
+    def __init__(self, transport: asyncio.Transport, receiver: _Receiver, *, plain: bool = True) -> None:
         self._transport = transport
         self._receiver = receiver
+        self.plain = plain
+
+    def lend(self) -> tuple[list[bytes], int]:
+        if not self.plain:
+            raise RuntimeError("a TLS connection's socket carries ciphertext")
+        return self._receiver.lend(), self._transport.get_extra_info("socket").fileno()
+
+    def take_back(self) -> None:
+        self._receiver.take_back()
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         # ``max_bytes`` (httpcore2 asks for 64 KiB) is taken as a hint: a received chunk, at most the 256 KiB the
@@ -185,7 +210,7 @@ class AsyncioStream(httpcore2.AsyncNetworkStream):
         if transport is None:
             raise httpcore2.ConnectError("the connection closed during the TLS handshake")
         self._receiver.switch(transport)
-        return AsyncioStream(transport, self._receiver)
+        return AsyncioStream(transport, self._receiver, plain=False)
 
     def get_extra_info(self, info: str) -> Any:
         if info == "is_readable":

@@ -25,6 +25,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from .errors import StorageError
@@ -37,6 +38,9 @@ _SAVE_FRACTION = 0.01
 _datasync = getattr(os, "fdatasync", os.fsync)
 # Linux takes at most 1024 buffers in one writev; more than this many small pieces are joined first.
 _IOV_MAX = 512
+
+# Bytes to write: what the event loop received, or views of a drain's buffer (ollama_pull.drain).
+Pieces = Sequence[bytes | memoryview]
 
 
 class PartialFile(Protocol):
@@ -115,7 +119,7 @@ class BlobFile:
         self._hash = hashlib.sha256()
         self.offset = 0
 
-    def write_all(self, pieces: list[bytes]) -> None:
+    def write_all(self, pieces: Pieces) -> None:
         """Write and hash the next bytes. Runs in a worker thread; hashlib and writes release the GIL."""
         with self._lock:
             if self._closed:
@@ -127,6 +131,14 @@ class BlobFile:
             for piece in pieces:
                 self._hash.update(piece)
                 self.offset += len(piece)
+
+    def flush(self) -> None:
+        """Write the bytes written so far back to disk, while the download goes on (see PartedBlob.flush)."""
+        with self._lock:
+            if self._closed:
+                return
+            fd = os.dup(self._fd)
+        write_back(fd, self.path)
 
     def mismatch(self) -> str | None:
         """Why the bytes written are not the blob, or None when they are."""
@@ -293,7 +305,7 @@ class PartedBlob:
         """Where the next byte of ``chunk`` goes."""
         return chunk.start + self.done[chunk.index]
 
-    def write(self, chunk: Chunk, pieces: list[bytes]) -> None:
+    def write(self, chunk: Chunk, pieces: Pieces) -> None:
         """Write the next bytes of ``chunk``. Runs in a worker thread, one call per chunk at a time."""
         position = self.position(chunk)
         with self._fd_lock:
@@ -341,11 +353,7 @@ class PartedBlob:
             if self._fd < 0:
                 return
             fd = os.dup(self._fd)
-        try:
-            with storage_errors(f"write {self.path}"):
-                _datasync(fd)
-        finally:
-            os.close(fd)
+        write_back(fd, self.path)
 
     def mismatch(self) -> str | None:
         """Once every byte is hashed: why they are not the blob, or None when they are."""
@@ -407,13 +415,22 @@ if TYPE_CHECKING:
     _KINDS: tuple[type[PartialFile], ...] = (BlobFile, PartedBlob)
 
 
+def write_back(fd: int, path: Path) -> None:
+    """Write a file's data back to disk through ``fd``, a duplicate descriptor that this closes."""
+    try:
+        with storage_errors(f"write {path}"):
+            _datasync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_each(fds: list[int]) -> None:
     """Make each file's written bytes durable, one at a time."""
     for fd in fds:
         os.fsync(fd)
 
 
-def write_pieces(fd: int, pieces: list[bytes], position: int | None = None) -> int:
+def write_pieces(fd: int, pieces: Pieces, position: int | None = None) -> int:
     """Write every byte of ``pieces`` in one system call where the kernel allows (at ``position``, if given);
     returns how many bytes that was."""
     if len(pieces) > _IOV_MAX:

@@ -23,7 +23,7 @@ from .errors import (
 )
 from .huggingface import is_hugging_face, rate_limited_message, refused_message
 from .manifest import MANIFEST_MEDIA_TYPE, MAX_MANIFEST_BYTES, Manifest, parse_manifest
-from .network import PullClient
+from .network import DirectTransport, PullClient
 from .reference import ModelReference
 from .retry import (
     RETRYABLE_STATUS,
@@ -143,6 +143,15 @@ class RegistryClient:
         a token request is what it waits for."""
         service = self.awaited_token_service()
         return f"stalled: no data for {silent:.1f}s" + (f" from the token service at {service}" if service else "")
+
+    def drains_blobs(self, reference: ModelReference) -> bool:
+        """Whether the bodies of the repository's blobs can come through a drain (:mod:`ollama_pull.drain`): our
+        own transport, to a registry (and mirror) over plain HTTP, such as a cache host next to the machine."""
+        transport = self.client.blob_transport if isinstance(self.client, PullClient) else None
+        if not isinstance(transport, DirectTransport):
+            return False
+        urls = [self.repository_url(reference), self._mirror_url(reference) or ""]
+        return all(url.startswith("http://") for url in urls if url)
 
     def _mirror_url(self, reference: ModelReference) -> str | None:
         return None if self.mirror is None or self.mirror_failure else f"{self.mirror}/v2/{reference.repository}"

@@ -1,0 +1,219 @@
+"""Long bodies drained by a thread of their own straight from the socket, against real sockets on 127.0.0.1; and
+the engine's use of them: a large blob stays in one stream while the link keeps up, and is split when it does not."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import os
+import threading
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
+
+import httpx2
+import pytest
+
+from ollama_pull import engine, pull
+from ollama_pull.drain import DRAIN, DRAIN_MIN, Drain
+from ollama_pull.engine import _LinkProbe
+from ollama_pull.network import make_client
+from ollama_pull.partial import BlobFile
+from ollama_pull.store import Store
+
+from .fakes import FAST
+from .fault_registry import Fault, FaultRegistry
+from .test_network import answering, connects, serving
+
+pytestmark = pytest.mark.anyio
+
+__all__ = ["connects"]
+
+MIB = 1024 * 1024
+BODY = os.urandom(DRAIN_MIN + 3 * MIB + 12345)
+
+
+class Collected:
+    """A drain's writer and progress: every byte written, in order, and every byte reported."""
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        self.data = bytearray()
+        self.reported = 0
+        self._fail_after = fail_after
+
+    def write(self, pieces: Sequence[memoryview]) -> None:
+        if self._fail_after is not None and len(self.data) >= self._fail_after:
+            raise OSError(28, "No space left on device")
+        for piece in pieces:
+            self.data += piece
+
+    def progress(self, count: int) -> None:
+        self.reported += count
+
+
+def drain_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name.startswith("ollama-pull-drain")]
+
+
+def head(length: int) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % length
+
+
+async def test_a_long_body_is_drained_whole_and_its_connection_reused(connects: list[tuple[str, int]]) -> None:
+    async with serving(answering(BODY)) as port, make_client(insecure=True) as client:
+        for _ in range(2):
+            async with client.stream("GET", f"http://127.0.0.1:{port}/blob") as response:
+                drain = response.extensions[DRAIN]
+                assert isinstance(drain, Drain)
+                collected = Collected()
+                await drain.into(collected.write, collected.progress)
+            assert collected.data == BODY
+            assert collected.reported == len(BODY) == drain.received
+    assert len(connects) == 1
+    assert not drain_threads()
+
+
+async def test_short_bodies_are_read_by_the_event_loop() -> None:
+    async with (
+        serving(answering(b"x" * (DRAIN_MIN - 1))) as port,
+        make_client(insecure=True) as client,
+        client.stream("GET", f"http://127.0.0.1:{port}/blob") as response,
+    ):
+        assert DRAIN not in response.extensions
+        assert len(await response.aread()) == DRAIN_MIN - 1
+
+
+async def test_a_body_cut_short_fails_after_writing_what_came(connects: list[tuple[str, int]]) -> None:
+    sent = DRAIN_MIN + MIB
+
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(head(len(BODY)) + BODY[:sent])
+        await writer.drain()
+        writer.close()
+
+    async with serving(cut) as port, make_client(insecure=True) as client:
+        async with client.stream("GET", f"http://127.0.0.1:{port}/blob") as response:
+            collected = Collected()
+            with pytest.raises(httpx2.RemoteProtocolError, match=f"received {sent} bytes, expected {len(BODY)}"):
+                await response.extensions[DRAIN].into(collected.write, collected.progress)
+        assert collected.data == BODY[:sent]
+        assert collected.reported == sent
+        # Not reusable: the next request opens a connection of its own.
+        async with client.stream("GET", f"http://127.0.0.1:{port}/blob"):
+            pass
+    assert len(connects) == 2
+
+
+async def silent_after(count: int) -> tuple[Callable[..., Awaitable[None]], asyncio.Event]:
+    """A server that sends ``count`` bytes of the body, then nothing until the event is set."""
+    release = asyncio.Event()
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(head(len(BODY)) + BODY[:count])
+        await writer.drain()
+        await release.wait()
+        writer.close()
+
+    return hold, release
+
+
+async def test_a_cancelled_drain_stops_its_threads_before_it_returns() -> None:
+    hold, release = await silent_after(MIB)
+    async with serving(hold) as port, make_client(insecure=True) as client:
+        async with client.stream("GET", f"http://127.0.0.1:{port}/blob") as response:
+            collected = Collected()
+            task = asyncio.create_task(response.extensions[DRAIN].into(collected.write, collected.progress))
+            while collected.reported < MIB:
+                await asyncio.sleep(0.01)
+            assert drain_threads()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(task, 5)
+            # Nothing runs behind the caller's back: it may close or truncate the file at once.
+            assert not drain_threads()
+            assert collected.data == BODY[:MIB]
+        release.set()
+
+
+async def test_a_write_that_fails_ends_the_drain_with_its_error() -> None:
+    async with (
+        serving(answering(BODY)) as port,
+        make_client(insecure=True) as client,
+        client.stream("GET", f"http://127.0.0.1:{port}/blob") as response,
+    ):
+        collected = Collected(fail_after=DRAIN_MIN)
+        with pytest.raises(OSError, match="No space left"):
+            await asyncio.wait_for(response.extensions[DRAIN].into(collected.write, collected.progress), 10)
+    assert not drain_threads()
+
+
+def test_the_probe_splits_once_a_window_was_mostly_spent_waiting() -> None:
+    probe = _LinkProbe()
+    window = engine._PROBE_WINDOW
+    # Too early to judge, however much it waited.
+    assert not probe.link_is_slower(window / 2, window / 2)
+    # A window of a fast link: the thread hardly waited.
+    assert not probe.link_is_slower(window, 0.01)
+    # The next window is judged on its own: it waited for most of it.
+    assert probe.link_is_slower(2 * window + 0.01, 0.01 + 0.9 * window)
+
+
+@pytest.fixture
+def registry() -> Iterator[FaultRegistry]:
+    with FaultRegistry() as server:
+        yield server
+
+
+# Large blobs: over the split size and long enough to be drained; chunks of a quarter of it.
+SPLIT = dataclasses.replace(FAST, split_min_size=DRAIN_MIN, chunk_size=2 * MIB, streams_per_blob=4)
+
+
+def big_blob_model(registry: FaultRegistry) -> tuple[str, str, bytes]:
+    data = os.urandom(4 * DRAIN_MIN + 777)
+    model = registry.add_model("ns/big", layers=[("application/vnd.ollama.image.model", data, None)])
+    return f"{registry.host}/ns/big:latest", model.layer_digests[0], data
+
+
+async def test_a_large_blob_stays_in_one_stream_while_the_link_keeps_up(
+    registry: FaultRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reference, digest, data = big_blob_model(registry)
+    # Never judged slow, however loaded the machine (the judgement has its own test above); written back to disk
+    # every MiB.
+    monkeypatch.setattr(engine, "_WAITING_SHARE", 1.0)
+    monkeypatch.setattr(engine, "_FLUSH_EVERY", MIB)
+    flushes: list[int] = []
+    flush = BlobFile.flush
+
+    def counted(self: BlobFile) -> None:
+        flushes.append(self.offset)
+        flush(self)
+
+    monkeypatch.setattr(BlobFile, "flush", counted)
+    async with make_client(insecure=True) as client:
+        await pull(reference, models_dir=tmp_path, insecure=True, settings=SPLIT, client=client)
+    assert Store(tmp_path).blob_path(digest).read_bytes() == data
+    requests = registry.blob_requests(digest)
+    assert [request.range for request in requests] == [None]
+    assert flushes
+
+
+async def test_a_large_blob_on_a_capped_link_is_split_after_its_first_stream(
+    registry: FaultRegistry, tmp_path: Path
+) -> None:
+    reference, digest, data = big_blob_model(registry)
+    registry.inject(digest, Fault("slow", rate=MIB))
+    async with make_client(insecure=True) as client:
+        await pull(reference, models_dir=tmp_path, insecure=True, settings=SPLIT, client=client)
+    store = Store(tmp_path)
+    assert hashlib.sha256(store.blob_path(digest).read_bytes()).digest() == hashlib.sha256(data).digest()
+    assert not store.parts_state_path(digest).exists()
+    first, *chunks = registry.blob_requests(digest)
+    assert first.range is None
+    assert first.bytes_sent < len(data) // 2
+    # The chunks go on from what the first stream wrote: its chunk is resumed, none before it is asked for again.
+    starts = sorted(int(request.range.removeprefix("bytes=").split("-")[0]) for request in chunks if request.range)
+    assert len(starts) == len(chunks) >= 2
+    assert starts[0] >= first.bytes_sent - SPLIT.chunk_size
