@@ -47,7 +47,8 @@ class Lender(Protocol):
     """A connection that can lend its socket: the event loop stops reading it until it is given back."""
 
     def lend(self) -> tuple[list[bytes], int]:
-        """Stop reading; return what was received and not read yet, and the socket's descriptor."""
+        """Stop reading; return what was received and not read yet, and the socket's descriptor (-1 when the
+        connection has closed)."""
         ...
 
     def take_back(self) -> None:
@@ -163,6 +164,8 @@ class Drain:
             self.received += owed
         if not remaining:
             return
+        if fd < 0:
+            raise self._cut_short(remaining)
         writer = _Writer(write)
         # A descriptor of our own for the same socket: it stays open however the event loop's side ends.
         try:
@@ -185,15 +188,18 @@ class Drain:
                     except OSError as exc:
                         raise httpx2.ReadError(str(exc) or type(exc).__name__) from exc
                     if not got:
-                        raise httpx2.RemoteProtocolError(
-                            "peer closed connection without sending complete message body: "
-                            f"received {self.length - remaining} bytes, expected {self.length}"
-                        )
+                        raise self._cut_short(remaining)
                     remaining -= got
                     self.received += got
                     buffer = writer.send(buffer, got, stop)
         finally:
             writer.close()
+
+    def _cut_short(self, remaining: int) -> httpx2.RemoteProtocolError:
+        return httpx2.RemoteProtocolError(
+            "peer closed connection without sending complete message body: "
+            f"received {self.length - remaining} bytes, expected {self.length}"
+        )
 
 
 class _Writer:

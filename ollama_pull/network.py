@@ -166,7 +166,9 @@ class AsyncioStream(httpcore2.AsyncNetworkStream):
     def lend(self) -> tuple[list[bytes], int]:
         if not self.plain:
             raise RuntimeError("a TLS connection's socket carries ciphertext")
-        return self._receiver.lend(), self._transport.get_extra_info("socket").fileno()
+        # A connection the server has closed already has no descriptor (-1): what it sent is all there is.
+        sock = self._transport.get_extra_info("socket")
+        return self._receiver.lend(), -1 if sock is None else sock.fileno()
 
     def take_back(self) -> None:
         self._receiver.take_back()

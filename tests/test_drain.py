@@ -105,6 +105,31 @@ async def test_a_body_cut_short_fails_after_writing_what_came(connects: list[tup
     assert len(connects) == 2
 
 
+async def test_a_body_whose_connection_closed_before_the_drain_fails_after_writing_what_came() -> None:
+    sent = 64 * 1024
+
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(head(len(BODY)) + BODY[:sent])
+        await writer.drain()
+        writer.close()
+
+    async with serving(cut) as port, make_client(insecure=True) as client:
+        async with client.stream("GET", f"http://127.0.0.1:{port}/blob") as response:
+            drain = response.extensions[DRAIN]
+            # The event loop sees the end of the connection before the body is lent: no socket is left to lend.
+            transport = drain._lender._transport  # type: ignore[attr-defined]
+            for _ in range(500):
+                if transport.get_extra_info("socket").fileno() < 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert transport.get_extra_info("socket").fileno() < 0
+            collected = Collected()
+            with pytest.raises(httpx2.RemoteProtocolError, match=f"received {sent} bytes"):
+                await drain.into(collected.write, collected.progress)
+        assert collected.data == BODY[:sent]
+
+
 async def silent_after(count: int) -> tuple[Callable[..., Awaitable[None]], asyncio.Event]:
     """A server that sends ``count`` bytes of the body, then nothing until the event is set."""
     release = asyncio.Event()
