@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import ipaddress
+import os
 import platform
 import ssl
 import subprocess
@@ -17,7 +19,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from ollama_pull import pull as api_pull
+from ollama_pull.drain import DRAIN, DRAIN_MIN
 from ollama_pull.network import make_client
+from ollama_pull.store import Store
+from tests.fakes import FAST
 from tests.fault_registry import FaultRegistry
 
 from .conftest import Run, assert_store_holds, cli_command, cli_env, reference
@@ -143,3 +149,27 @@ async def test_a_ca_in_the_systems_store_is_trusted_without_flags(
     async with make_client() as client:
         response = await client.get(f"{registry.url}/v2/")
     assert response.status_code in (200, 401)
+
+
+@pytest.mark.anyio
+async def test_over_tls_a_large_blob_is_read_by_the_event_loop_and_comes_in_chunks_from_the_start(
+    https_registry: tuple[FaultRegistry, Path], tmp_path: Path
+) -> None:
+    registry, ca_path = https_registry
+    data = os.urandom(2 * DRAIN_MIN + 99)
+    model = registry.add_model("ns/big", layers=[("application/vnd.ollama.image.model", data, None)])
+    digest = model.layer_digests[0]
+    async with make_client(ca_cert=ca_path) as client:
+        # A TLS socket carries ciphertext: no thread of ours may read it, so no body is offered to a drain.
+        async with client.stream("GET", f"{registry.url}/v2/ns/big/blobs/{digest}") as response:
+            assert DRAIN not in response.extensions
+            assert await response.aread() == data
+        registry.reset_log()
+        settings = dataclasses.replace(FAST, split_min_size=DRAIN_MIN, chunk_size=DRAIN_MIN // 2)
+        await api_pull(f"{registry.host}/ns/big", models_dir=tmp_path, settings=settings, client=client)
+    assert Store(tmp_path).blob_path(digest).read_bytes() == data
+    # No one stream first, as over plain HTTP: with nothing to tell the link's speed from ours, every request is
+    # a chunk.
+    ranges = [request.range for request in registry.blob_requests(digest)]
+    assert len(ranges) == 5
+    assert all(ranges)
