@@ -3,10 +3,10 @@
 On the event loop a body arrives 256 KiB at a time, each read a fresh ``bytes`` object that travels through the
 protocol, the framing and the engine before a worker thread writes it: on one 1 GiB blob the loop's thread was
 busy for every byte while the machine's second core waited (bench/PROFILE.md). A body of known length on a plain
-TCP connection can instead be drained by a thread that owns the socket for that long: it receives into one
-reused buffer and hands each read to the writer (which writes, and hashes a blob in one stream), with no event
-loop in between. The event loop stops reading the connection first and takes it back after the body's last
-byte, so the connection is reused as before.
+TCP connection can instead be drained by a thread that owns the socket for that long: it receives into two
+reused buffers in turn and hands each read to a second thread that writes it (and hashes it, for a blob in one
+stream), with no event loop in between. The event loop stops reading the connection first and takes it back
+after the body's last byte, so the connection is reused as before.
 
 The engine sees a :class:`Drain` in a response's extensions (``response.extensions[DRAIN]``) when the body
 qualifies, and either drains it or reads the body as usual. A TLS connection's bytes pass through the event
@@ -35,10 +35,10 @@ DRAIN_MIN = 4 * 1024 * 1024
 # One receive takes at most this much, into one of a few buffers reused for the whole body.
 _BUFFER = 512 * 1024
 _BUFFERS = 2
-# How often a thread waiting on the other looks whether it was told to stop.
+# How often a waiting thread (on the network, or on the other thread) looks whether it was told to stop.
 _WAIT = 0.05
 # How often the awaiting task passes on what the thread has received (progress, and the stall watchdog).
-REPORT_EVERY = 0.1
+_REPORT_EVERY = 0.1
 
 Writer = Callable[[Sequence[memoryview]], None]
 
@@ -78,38 +78,35 @@ class Drain:
 
     async def into(self, write: Writer, progress: Callable[[int], None]) -> None:
         """Drain the body through ``write``; ``progress`` is told, on the loop, of the bytes received since it
-        was last told. Cancelled, the thread stops within one receive and this returns only once it has."""
+        was last told. Cancelled, the threads stop within a twentieth of a second (or the write under way), and
+        this returns only once they have."""
         if self._used:
             raise RuntimeError("a body is drained once")
         self._used = True
         pending, fd = self._lender.lend()
         if self._rest:
             pending.insert(0, self._rest)
-        wake_read, wake_write = os.pipe()
         stop = threading.Event()
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         thread = threading.Thread(
-            target=self._run, args=(loop, done, pending, fd, write, stop, wake_read), name="ollama-pull-drain"
+            target=self._run, args=(loop, done, pending, fd, write, stop), name="ollama-pull-drain"
         )
         complete = False
         try:
             thread.start()
             while not done.done():
-                await asyncio.wait({done}, timeout=REPORT_EVERY)
+                await asyncio.wait({done}, timeout=_REPORT_EVERY)
                 self._tell(progress)
             done.result()
             complete = True
         finally:
             if not done.done():
                 stop.set()
-                os.write(wake_write, b"x")
                 await asyncio.wait({done})
             if thread.is_alive():
                 # It has settled ``done`` and has nothing left to do but end: no thread outlives the body.
                 thread.join()
-            os.close(wake_read)
-            os.close(wake_write)
             self._ended(complete)
             if complete:
                 self._lender.take_back()
@@ -137,12 +134,11 @@ class Drain:
         fd: int,
         write: Writer,
         stop: threading.Event,
-        wake: int,
     ) -> None:
         error: BaseException | None = None
         self._started = time.monotonic()
         try:
-            self._pump(pending, fd, write, stop, wake)
+            self._pump(pending, fd, write, stop)
         except _Stop:
             pass
         except BaseException as exc:  # noqa: BLE001 - every outcome goes back to the awaiting task
@@ -151,7 +147,7 @@ class Drain:
             # A closed loop has nobody awaiting the outcome any more.
             loop.call_soon_threadsafe(_settle, done, error)
 
-    def _pump(self, pending: list[bytes], fd: int, write: Writer, stop: threading.Event, wake: int) -> None:
+    def _pump(self, pending: list[bytes], fd: int, write: Writer, stop: threading.Event) -> None:
         remaining = self.length
         if pending:
             # Received by the event loop before the body was lent: beyond the body's end is none of ours.
@@ -166,14 +162,17 @@ class Drain:
             return
         if fd < 0:
             raise self._cut_short(remaining)
-        writer = _Writer(write)
-        # A descriptor of our own for the same socket: it stays open however the event loop's side ends.
         try:
-            with socket.socket(fileno=os.dup(fd)) as sock:
-                sock.setblocking(False)
-                poller = select.poll()
-                poller.register(sock, select.POLLIN)
-                poller.register(wake, select.POLLIN)
+            # A descriptor of our own for the same socket: it stays open however the event loop's side ends.
+            sock = socket.socket(fileno=os.dup(fd))
+        except OSError as exc:
+            raise httpx2.ReadError(str(exc) or type(exc).__name__) from exc
+        with sock:
+            sock.setblocking(False)
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            writer = _Writer(write)
+            try:
                 buffer = writer.buffer()
                 while remaining:
                     if stop.is_set():
@@ -182,7 +181,7 @@ class Drain:
                         got = sock.recv_into(buffer, min(remaining, _BUFFER))
                     except BlockingIOError:
                         began = time.monotonic()
-                        poller.poll()
+                        poller.poll(_WAIT * 1000)
                         self.waited += time.monotonic() - began
                         continue
                     except OSError as exc:
@@ -192,8 +191,8 @@ class Drain:
                     remaining -= got
                     self.received += got
                     buffer = writer.send(buffer, got, stop)
-        finally:
-            writer.close()
+            finally:
+                writer.close()
 
     def _cut_short(self, remaining: int) -> httpx2.RemoteProtocolError:
         return httpx2.RemoteProtocolError(
