@@ -28,6 +28,8 @@ from typing import Protocol
 
 import httpx2
 
+from .worker import settle
+
 # The response extension that carries a body's drain.
 DRAIN = "ollama_pull.drain"
 # Bodies at least this long are offered: below it, a thread's start costs more than the loop's reads.
@@ -145,7 +147,7 @@ class Drain:
             error = exc
         with contextlib.suppress(RuntimeError):
             # A closed loop has nobody awaiting the outcome any more.
-            loop.call_soon_threadsafe(_settle, done, error)
+            loop.call_soon_threadsafe(settle, done, (error is None, error))
 
     def _pump(self, pending: list[bytes], fd: int, write: Writer, stop: threading.Event) -> None:
         remaining = self.length
@@ -245,12 +247,3 @@ class _Writer:
                 except BaseException as exc:  # noqa: BLE001 - raised in the receiving thread
                     self._error = exc
             self._empty.put(buffer)
-
-
-def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:
-    if done.cancelled():
-        return
-    if error is None:
-        done.set_result(None)
-    else:
-        done.set_exception(error)

@@ -65,12 +65,14 @@ class _Threads:
                 outcome = (False, exc)
             # A closed loop (RuntimeError) has nobody awaiting the outcome any more.
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_settle, future, outcome)
+                loop.call_soon_threadsafe(settle, future, outcome)
             # Not kept alive until the next job arrives.
             del loop, future, call, args, outcome
 
 
-def _settle(future: asyncio.Future[Any], outcome: tuple[bool, Any]) -> None:
+def settle(future: asyncio.Future[Any], outcome: tuple[bool, Any]) -> None:
+    """Give ``future`` the outcome of a call made in another thread, (True, result) or (False, exception), on
+    its loop's thread; a future cancelled meanwhile has nobody waiting for it."""
     if future.cancelled():
         return
     succeeded, value = outcome

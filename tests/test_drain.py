@@ -23,7 +23,7 @@ from ollama_pull.store import Store
 
 from .fakes import FAST
 from .fault_registry import Fault, FaultRegistry
-from .test_network import answering, connects, serving
+from .test_network import Handler, answering, connects, serving
 
 pytestmark = pytest.mark.anyio
 
@@ -83,8 +83,8 @@ async def test_short_bodies_are_read_by_the_event_loop() -> None:
         assert len(await response.aread()) == DRAIN_MIN - 1
 
 
-async def test_a_body_cut_short_fails_after_writing_what_came(connects: list[tuple[str, int]]) -> None:
-    sent = DRAIN_MIN + MIB
+def cut_after(sent: int) -> Handler:
+    """A server that sends ``sent`` bytes of the body, then closes the connection."""
 
     async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
@@ -92,7 +92,12 @@ async def test_a_body_cut_short_fails_after_writing_what_came(connects: list[tup
         await writer.drain()
         writer.close()
 
-    async with serving(cut) as port, make_client(insecure=True) as client:
+    return cut
+
+
+async def test_a_body_cut_short_fails_after_writing_what_came(connects: list[tuple[str, int]]) -> None:
+    sent = DRAIN_MIN + MIB
+    async with serving(cut_after(sent)) as port, make_client(insecure=True) as client:
         async with client.stream("GET", f"http://127.0.0.1:{port}/blob") as response:
             collected = Collected()
             with pytest.raises(httpx2.RemoteProtocolError, match=f"received {sent} bytes, expected {len(BODY)}"):
@@ -107,14 +112,7 @@ async def test_a_body_cut_short_fails_after_writing_what_came(connects: list[tup
 
 async def test_a_body_whose_connection_closed_before_the_drain_fails_after_writing_what_came() -> None:
     sent = 64 * 1024
-
-    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(head(len(BODY)) + BODY[:sent])
-        await writer.drain()
-        writer.close()
-
-    async with serving(cut) as port, make_client(insecure=True) as client:
+    async with serving(cut_after(sent)) as port, make_client(insecure=True) as client:
         async with client.stream("GET", f"http://127.0.0.1:{port}/blob") as response:
             drain = response.extensions[DRAIN]
             # The event loop sees the end of the connection before the body is lent: no socket is left to lend.
