@@ -1,10 +1,11 @@
 """Ctrl-C and SIGTERM while a request other than a blob's is in flight: a token request, the manifest fetch, a
-request to the mirror, the origin's answer after the mirror's refusal. Each stops within a second, with one
-line and an empty store."""
+request to the mirror, the origin's answer after the mirror's refusal; and while a thread of ours drains a blob's
+body. Each stops within a second, with one line and an empty store."""
 
 from __future__ import annotations
 
 import importlib.util
+import random
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -13,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from ollama_pull.drain import DRAIN_MIN
 from tests.fault_registry import Fault, FaultRegistry
 
-from .conftest import partial_files, reference, start_cli, wait_for
+from .conftest import bytes_landed, partial_files, reference, start_cli, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -96,3 +98,34 @@ def test_a_signal_mid_request_stops_at_once_and_leaves_nothing(
     assert not (models / "manifests").exists()
     assert partial_files(models) == []
     assert not (models / "blobs").exists() or not any((models / "blobs").iterdir())
+
+
+@pytest.mark.parametrize(("signum", "code"), SIGNALS)
+def test_a_signal_while_a_thread_drains_a_body_stops_at_once_and_leaves_nothing(
+    models: Path, signum: signal.Signals, code: int
+) -> None:
+    with FaultRegistry() as registry:
+        # Long enough to be drained by a thread of its own (ollama_pull.drain), which the server leaves waiting
+        # half way.
+        model = registry.add_model(
+            "library/big",
+            layers=[("application/vnd.ollama.image.model", random.Random(7).randbytes(DRAIN_MIN * 2), None)],
+        )
+        registry.inject(model.layer_digests[0], Fault("stall_during", at=0.5, seconds=30))
+        process = start_cli(models, "--insecure", reference(registry, model), capture=True)
+        try:
+            wait_for(lambda: bytes_landed(models), process=process)
+            started = time.monotonic()
+            process.send_signal(signum)
+            _, stderr = process.communicate(timeout=10)
+            stopped = time.monotonic() - started
+        finally:
+            process.kill()
+    assert process.returncode == code, stderr
+    assert stopped < 1.0
+    # The plan's line, then the interruption's, and nothing else.
+    _plan, line = stderr.strip().splitlines()
+    assert line.startswith("interrupted: ")
+    assert not (models / "manifests").exists()
+    assert partial_files(models) == []
+    assert not any(path.name == model.layer_digests[0].replace(":", "-") for path in (models / "blobs").iterdir())
