@@ -89,6 +89,14 @@ def wait_for(
         time.sleep(0.01)
 
 
+def stop_with(process: subprocess.Popen[str], signum: signal.Signals) -> tuple[str, float]:
+    """Send ``signum`` to a running CLI: what it wrote to stderr, and the seconds it took to end."""
+    started = time.monotonic()
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=10)
+    return stderr, time.monotonic() - started
+
+
 def partial_files(models: Path) -> list[Path]:
     blobs = models / "blobs"
     return [p for p in blobs.iterdir() if p.name.endswith("-partial")] if blobs.exists() else []

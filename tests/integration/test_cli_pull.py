@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from .conftest import (
     reference,
     run_cli,
     start_cli,
+    stop_with,
     wait_for,
 )
 from .test_hostile_servers import report
@@ -228,10 +228,7 @@ def test_ctrl_c_or_sigterm_stops_at_once_and_the_rerun_completes(
     process = start_cli(models, "--insecure", reference(registry, model), capture=True)
     try:
         wait_for(lambda: bytes_landed(models), process=process)
-        started = time.monotonic()
-        process.send_signal(signum)
-        _, stderr = process.communicate(timeout=10)
-        stopped = time.monotonic() - started
+        stderr, stopped = stop_with(process, signum)
     finally:
         process.kill()
     assert process.returncode == code

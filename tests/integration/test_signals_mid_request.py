@@ -17,7 +17,7 @@ import pytest
 from ollama_pull.drain import DRAIN_MIN
 from tests.fault_registry import Fault, FaultRegistry
 
-from .conftest import bytes_landed, partial_files, reference, start_cli, wait_for
+from .conftest import bytes_landed, partial_files, reference, start_cli, stop_with, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -85,10 +85,7 @@ def test_a_signal_mid_request_stops_at_once_and_leaves_nothing(
         wait_for(in_flight, process=process)
         # The request has arrived and the server sits on it; give the client a moment to be waiting on it.
         time.sleep(0.1)
-        started = time.monotonic()
-        process.send_signal(signum)
-        _, stderr = process.communicate(timeout=10)
-        stopped = time.monotonic() - started
+        stderr, stopped = stop_with(process, signum)
     finally:
         process.kill()
     assert process.returncode == code, stderr
@@ -115,10 +112,7 @@ def test_a_signal_while_a_thread_drains_a_body_stops_at_once_and_leaves_nothing(
         process = start_cli(models, "--insecure", reference(registry, model), capture=True)
         try:
             wait_for(lambda: bytes_landed(models), process=process)
-            started = time.monotonic()
-            process.send_signal(signum)
-            _, stderr = process.communicate(timeout=10)
-            stopped = time.monotonic() - started
+            stderr, stopped = stop_with(process, signum)
         finally:
             process.kill()
     assert process.returncode == code, stderr
