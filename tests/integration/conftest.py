@@ -97,6 +97,18 @@ def stop_with(process: subprocess.Popen[str], signum: signal.Signals) -> tuple[s
     return stderr, time.monotonic() - started
 
 
+def interrupted_once_bytes_land(models: Path, signum: signal.Signals, *args: str) -> tuple[int, str, float]:
+    """Run the CLI with ``args``, send it ``signum`` once a partial file holds bytes: its exit code, what it
+    wrote to stderr, and the seconds it took to end after the signal."""
+    process = start_cli(models, *args, capture=True)
+    try:
+        wait_for(lambda: bytes_landed(models), process=process)
+        stderr, stopped = stop_with(process, signum)
+    finally:
+        process.kill()
+    return process.returncode, stderr, stopped
+
+
 def partial_files(models: Path) -> list[Path]:
     blobs = models / "blobs"
     return [p for p in blobs.iterdir() if p.name.endswith("-partial")] if blobs.exists() else []

@@ -15,11 +15,11 @@ from .conftest import (
     assert_store_holds,
     bytes_landed,
     interrupted_large_pull,
+    interrupted_once_bytes_land,
     partial_files,
     reference,
     run_cli,
     start_cli,
-    stop_with,
     wait_for,
 )
 from .test_hostile_servers import report
@@ -225,13 +225,8 @@ def test_ctrl_c_or_sigterm_stops_at_once_and_the_rerun_completes(
 ) -> None:
     model = tensor_model(registry, blobs=4, size=512 * 1024)
     registry.inject("blobs", Fault("slow", rate=64 * 1024, times=4))
-    process = start_cli(models, "--insecure", reference(registry, model), capture=True)
-    try:
-        wait_for(lambda: bytes_landed(models), process=process)
-        stderr, stopped = stop_with(process, signum)
-    finally:
-        process.kill()
-    assert process.returncode == code
+    returncode, stderr, stopped = interrupted_once_bytes_land(models, signum, "--insecure", reference(registry, model))
+    assert returncode == code
     assert stopped < 1.0
     assert "Traceback" not in stderr
     assert "interrupted" in stderr

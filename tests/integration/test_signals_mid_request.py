@@ -17,7 +17,7 @@ import pytest
 from ollama_pull.drain import DRAIN_MIN
 from tests.fault_registry import Fault, FaultRegistry
 
-from .conftest import bytes_landed, partial_files, reference, start_cli, stop_with, wait_for
+from .conftest import interrupted_once_bytes_land, partial_files, reference, start_cli, stop_with, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -109,13 +109,10 @@ def test_a_signal_while_a_thread_drains_a_body_stops_at_once_and_leaves_nothing(
             layers=[("application/vnd.ollama.image.model", random.Random(7).randbytes(DRAIN_MIN * 2), None)],
         )
         registry.inject(model.layer_digests[0], Fault("stall_during", at=0.5, seconds=30))
-        process = start_cli(models, "--insecure", reference(registry, model), capture=True)
-        try:
-            wait_for(lambda: bytes_landed(models), process=process)
-            stderr, stopped = stop_with(process, signum)
-        finally:
-            process.kill()
-    assert process.returncode == code, stderr
+        returncode, stderr, stopped = interrupted_once_bytes_land(
+            models, signum, "--insecure", reference(registry, model)
+        )
+    assert returncode == code, stderr
     assert stopped < 1.0
     # The plan's line, then the interruption's, and nothing else.
     _plan, line = stderr.strip().splitlines()
