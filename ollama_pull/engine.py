@@ -48,8 +48,7 @@ MIB = 1024 * KIB
 _WRITE_BATCH = 256 * KIB
 # A slow stream hands over what it has after this long anyway, so the file on disk (what a resume finds) keeps up.
 _WRITE_DELAY = 0.25
-# A blob in chunks is written back to disk behind the hash every this many bytes (see _follow_hash), and one in
-# one stream behind its writes (_WriteBack).
+# A growing blob is written back to disk every this many bytes (_WriteBack).
 _FLUSH_EVERY = 64 * MIB
 # A large blob in one stream is split into chunks once its receiving thread has waited on the network for more
 # than this share of a window (_LinkProbe). On loopback it waits for 1-2% of the time; at 20 MiB/s a connection,
@@ -172,8 +171,9 @@ class _ChunkRun:
 
 
 class _WriteBack:
-    """A growing file written back to disk behind the download, every ``_FLUSH_EVERY`` bytes, one flush at a
-    time in a worker thread, instead of all at once in the fsync before its rename."""
+    """A growing file written back to disk behind the download (behind the hash, for a blob in chunks), every
+    ``_FLUSH_EVERY`` bytes, one flush at a time in a worker thread, instead of all at once in the fsync before
+    its rename."""
 
     def __init__(self, flush: Callable[[], None], start: int) -> None:
         self._flush = flush
@@ -322,11 +322,11 @@ class Downloader:
                 and self.registry.drains_blobs(reference)
                 and not self.store.parts_state_path(layer.digest).exists()
             )
-            try:
-                if probed:
+            if probed:
+                try:
                     return self._sampled(layer, await self._download_whole(reference, state, model, claim, probe=True))
-            except _SplitWanted:
-                pass
+                except _SplitWanted:
+                    pass
             seconds = await self._download_parted_or_whole(reference, state, model, slots, claim)
             if seconds is not None:
                 # Its streams gave their own samples: a chunked blob's overall speed is not one connection's.
@@ -457,7 +457,7 @@ class Downloader:
         streams = min(self.settings.streams_per_blob, len(run.pending))
         try:
             async with asyncio.TaskGroup() as group:
-                group.create_task(self._follow_hash(blob, run.landed, group))
+                group.create_task(self._follow_hash(blob, run.landed))
                 if streams:
                     group.create_task(self._own_stream(run))
                 for _ in range(streams - 1):
@@ -465,18 +465,19 @@ class Downloader:
         except BaseExceptionGroup as failures:
             raise first_error(failures) from None
 
-    async def _follow_hash(self, blob: PartedBlob, landed: asyncio.Event, group: asyncio.TaskGroup) -> None:
-        flushing: asyncio.Task[None] | None = None
-        flushed = blob.hashed
-        while blob.hashed < blob.layer.size:
-            await landed.wait()
-            landed.clear()
-            await in_thread(blob.hash_landed)
-            # The disk writes back while the network keeps us busy, instead of all at once in the final fsync:
-            # on a 1 GiB blob that fsync was a fifth of the wall time.
-            if blob.hashed - flushed >= _FLUSH_EVERY and (flushing is None or flushing.done()):
-                flushing = group.create_task(asyncio.to_thread(blob.flush))
-                flushed = blob.hashed
+    async def _follow_hash(self, blob: PartedBlob, landed: asyncio.Event) -> None:
+        # The disk writes back while the network keeps us busy, instead of all at once in the final fsync: on a
+        # 1 GiB blob that fsync was a fifth of the wall time.
+        write_back = _WriteBack(blob.flush, blob.hashed)
+        try:
+            while blob.hashed < blob.layer.size:
+                await landed.wait()
+                landed.clear()
+                await in_thread(blob.hash_landed)
+                write_back.landed(blob.hashed)
+            await write_back.wait()
+        finally:
+            await write_back.wait(check=False)
 
     async def _own_stream(self, run: _ChunkRun) -> None:
         """The stream in the blob's own slot: it alone is sure to get a connection, so it sees the chunks out."""

@@ -17,6 +17,7 @@ import pytest
 from ollama_pull import engine, pull
 from ollama_pull.drain import DRAIN, DRAIN_MIN, Drain
 from ollama_pull.engine import _LinkProbe
+from ollama_pull.errors import StorageError
 from ollama_pull.network import make_client
 from ollama_pull.partial import BlobFile
 from ollama_pull.store import Store
@@ -240,3 +241,30 @@ async def test_a_large_blob_on_a_capped_link_is_split_after_its_first_stream(
     starts = sorted(int(request.range.removeprefix("bytes=").split("-")[0]) for request in chunks if request.range)
     assert len(starts) == len(chunks) >= 2
     assert starts[0] >= first.bytes_sent - SPLIT.chunk_size
+
+
+async def test_a_write_back_runs_one_at_a_time_and_its_failure_fails_the_blob(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine, "_FLUSH_EVERY", 10)
+    release = threading.Event()
+    flushes: list[int] = []
+
+    def flush() -> None:
+        flushes.append(1)
+        release.wait(5)
+        raise StorageError("cannot write the blob: No space left on device")
+
+    write_back = engine._WriteBack(flush, 0)
+    write_back.landed(10)
+    # Another 10 bytes while the first flush runs: no second one beside it.
+    write_back.landed(20)
+    release.set()
+    with pytest.raises(StorageError, match="No space left"):
+        await write_back.wait()
+    assert flushes == [1]
+    # Once it has ended, the next bytes start the next flush, and its failure is raised there.
+    write_back.landed(30)
+    with pytest.raises(StorageError):
+        for _ in range(500):
+            await asyncio.sleep(0.01)
+            write_back.landed(40)
+    await write_back.wait(check=False)
