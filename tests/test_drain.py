@@ -263,8 +263,12 @@ async def test_a_write_back_runs_one_at_a_time_and_its_failure_fails_the_blob(mo
     assert flushes == [1]
     # Once it has ended, the next bytes start the next flush, and its failure is raised there.
     write_back.landed(30)
-    with pytest.raises(StorageError):
+
+    async def land_until_it_fails() -> None:
         for _ in range(500):
             await asyncio.sleep(0.01)
             write_back.landed(40)
+
+    with pytest.raises(StorageError):
+        await land_until_it_fails()
     await write_back.wait(check=False)
