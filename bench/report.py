@@ -296,6 +296,9 @@ def render(
         "ollama-pull's. It hashes every blob but fsyncs nothing, and against a registry that answers a blob GET with "
         "200 rather than a redirect it downloads every body twice (its `resolve` GETs and drains the body first). "
         f"`N bodies` is OLLAMA_MAX_TRANSFER_STREAMS (Ollama's default {GO_DEFAULT_STREAMS}).",
+        "- ollama-pull's package is byte-compiled before the first run, as pip does when it installs a wheel: the "
+        "venv's install is editable, and its bytecode would otherwise be compiled again in every run wherever "
+        "PYTHONDONTWRITEBYTECODE is set.",
         "- Where ollama-pull's time goes, and why the targets it misses are missed: bench/PROFILE.md.",
         "- Peak memory is the larger of the child's `ru_maxrss` from `wait4` (per process) and the resident "
         "memory of its process tree, sampled every 20 ms from smaps_rollup (private pages summed, shared pages "

@@ -25,7 +25,7 @@ from pathlib import Path
 # Run as a script (python bench/run.py), so its own directory is on sys.path and its modules import by name.
 from common import KIB, BenchError, StoreMismatch, log
 from dataset import FULL, QUICK, Tree, build_tree
-from host import BENCH_DIR, HOST, REPO, ensure_programs
+from host import BENCH_DIR, HOST, REPO, compile_bytecode, ensure_programs
 from measure import Bench, WorkloadResult, measure
 from peers import ARIA2, CURL_PARALLEL, CURL_SINGLE, GO, GO_PEER_VARIABLE, GO_WIDE, OLLAMA
 from report import render
@@ -73,6 +73,7 @@ def main(argv: Sequence[str]) -> int:
     started = time.perf_counter()
 
     programs = ensure_programs()
+    compile_bytecode()
     go_peer = os.environ.get(GO_PEER_VARIABLE, "").strip()
     if go_peer:
         programs["go"] = shlex.split(go_peer)[0]
