@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import gc
 import gzip
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -64,6 +65,17 @@ def ok(_request: httpx.Request, data: bytes) -> httpx.Response:
     return httpx.Response(200, stream=ChunkStream(data))
 
 
+def ranged(request: httpx.Request, data: bytes) -> httpx.Response:
+    """The blob, or the bytes its Range asks for (``bytes=<first>-<last>`` or ``bytes=<first>-``)."""
+    asked = request.headers.get("Range")
+    if asked is None:
+        return ok(request, data)
+    first, _, last = asked.removeprefix("bytes=").partition("-")
+    start, end = int(first), int(last) + 1 if last else len(data)
+    headers = {"Content-Range": f"bytes {start}-{end - 1}/{len(data)}"}
+    return httpx.Response(206, headers=headers, stream=ChunkStream(data[start:end]))
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
     return Store(tmp_path / "models")
@@ -97,6 +109,51 @@ async def test_downloads_every_blob_verified_within_the_concurrency_limit(store:
     assert_store_holds(store, model)
     assert 1 < peak <= 3
     assert retries(events) == []
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["one stream", "chunks"])
+async def test_a_blob_waiting_for_its_sync_holds_no_stream_and_one_stream_s_worth_of_blobs_wait_at_most(
+    store: Store, monkeypatch: pytest.MonkeyPatch, chunked: bool
+) -> None:
+    # One stream, and the tensors' syncs held. While the first tensor waits for its sync, the second downloads over
+    # the stream the first has given back, then waits for a sync of its own; the third waits for a claim, of which
+    # there are twice as many as streams.
+    model = make_model(30_000, 31_000, 32_000)
+    asked_meanwhile: list[str] = []
+    syncing = threading.Event()
+    asked = threading.Event()
+    go_on = threading.Event()
+    fsync = os.fsync
+
+    def held(fd: int) -> None:
+        # The config blob's sync goes through: the tensors' are held.
+        if os.fstat(fd).st_size >= 30_000:
+            syncing.set()
+            assert go_on.wait(10)
+        fsync(fd)
+
+    def handler(request: httpx.Request, data: bytes) -> httpx.Response:
+        if syncing.is_set():
+            asked_meanwhile.append(request.url.path)
+            asked.set()
+        return ranged(request, data)
+
+    monkeypatch.setattr(os, "fsync", held)
+    settings = dataclasses.replace(FAST, concurrency=1)
+    if chunked:
+        settings = dataclasses.replace(settings, split_min_size=20_000, chunk_size=8192)
+    with respx.mock(using="httpcore2") as router:
+        serve(router, model, handler)
+        pulling = asyncio.ensure_future(download(router, model, store, settings=settings))
+        try:
+            assert await asyncio.get_running_loop().run_in_executor(None, asked.wait, 10)
+            # Room for the third tensor's request, were there a claim for it.
+            await asyncio.sleep(0.2)
+            assert len(set(asked_meanwhile)) == 1
+        finally:
+            go_on.set()
+            await pulling
+    assert_store_holds(store, model)
 
 
 async def test_corrupted_bytes_are_discarded_and_the_blob_retried(store: Store) -> None:
