@@ -287,8 +287,10 @@ def render(
         "what loopback and the disk allow. ollama-pull also makes every blob durable before naming it (an fsync, "
         "or one syncfs for the blobs that verify together); the peers do not.",
         "- The page cache cannot be dropped reliably on a shared machine: nginx serves the tree from cache (it "
-        "was just written), each run's output directory is deleted right after it is measured, and `sync` runs "
-        "before each run so that no write-back from one run lands in the next.",
+        "was just written), each run's output is emptied right after it is measured (its files truncated, which "
+        "frees their pages as deleting them would; the files go with the scratch directory at the end, since "
+        "creating thousands of files just after as many were deleted took twice as long on ext4), and `sync` "
+        "runs before each run so that no write-back from one run lands in the next.",
         f"- big-limited, many-limited: nginx `limit_rate {LIMIT_RATE}` per connection ({LIMIT_RATE_BYTES // MIB} "
         "MiB/s).",
         "- x/transfer (Go) is Ollama's downloader for tensor models, driven by a small main that fetches the "
