@@ -150,8 +150,8 @@ class _Stream:
     """A blob's own place among the pull's streams, given back once: as soon as its bytes are in and verified,
     or when the blob is done with. Its commit (a sync in a batch, then its name) needs no stream, and the next
     blob's request goes out meanwhile: held through the commit, the streams of 256 blobs of 0.5-3.5 MiB at
-    20 MiB/s a connection spent a tenth of the pull queued behind syncs, at times with two requests of 64 in
-    flight (x0.94 wall without; bench/PROFILE.md)."""
+    20 MiB/s a connection queued behind syncs, at times with 1-5 requests of 64 in flight (x0.94 wall without;
+    bench/PROFILE.md)."""
 
     def __init__(self, slots: asyncio.Semaphore) -> None:
         self._slots = slots
