@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -790,8 +791,28 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
+def raise_open_files_limit() -> None:
+    """Raise the soft limit on open files to the hard one, as Go's runtime does for every program. Each stream
+    of a pull holds a connection and a partial file, and as many blobs again may wait for their syncs, each
+    with its file: at -j 512 that is over the 1,024 descriptors many systems allow by default."""
+    try:
+        import resource
+    except ImportError:  # Windows has no such limit
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # Where the hard limit is unlimited (macOS), the soft one can be at most OPEN_MAX, 10,240.
+    for wanted in (hard, 10240):
+        if soft == resource.RLIM_INFINITY or (wanted != resource.RLIM_INFINITY and wanted <= soft):
+            return
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            return
+
+
 def main() -> None:
     import gc
+
+    raise_open_files_limit()
 
     # Started with stdout or stderr closed (`ollama-pull ... >&-`), Python has None there: what would go to it
     # goes nowhere instead, as it does once a reader goes away.

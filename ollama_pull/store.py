@@ -79,6 +79,8 @@ def storage_error(action: str, exc: OSError) -> StorageError:
         errno.EACCES: "permission denied: check the owner of the models directory or pass --models-dir",
         errno.EPERM: "permission denied: check the owner of the models directory or pass --models-dir",
         errno.EROFS: "the filesystem is read-only: pass a writable --models-dir",
+        errno.EMFILE: "too many open files: pull with fewer streams (-j) or raise the limit (ulimit -n)",
+        errno.ENFILE: "the system has too many open files: pull with fewer streams (-j)",
     }.get(exc.errno or 0, exc.strerror or str(exc))
     error = StorageError(f"cannot {action}: {hint}")
     error.__cause__ = exc

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -49,6 +50,24 @@ def test_version() -> None:
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0
     assert result.output.strip() == f"ollama-pull {__version__}"
+
+
+def test_the_command_line_raises_its_open_files_limit_to_the_hard_one() -> None:
+    # At -j 512 a pull can hold more descriptors than the 1,024 many systems allow by default.
+    resource = pytest.importorskip("resource")
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip(f"the hard limit ({hard}) leaves no room to raise a soft one of 256")
+    code = (
+        "import resource, sys\n"
+        "from ollama_pull import cli\n"
+        "sys.argv = ['ollama-pull', '--version']\n"
+        "try:\n    cli.main()\nexcept SystemExit:\n    pass\n"
+        "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
+    )
+    lowered = f"ulimit -Sn 256 && exec {shlex.quote(sys.executable)} -c {shlex.quote(code)}"
+    result = subprocess.run(["bash", "-c", lowered], capture_output=True, text=True, check=True)
+    assert int(result.stdout.split()[-1]) == (hard if hard != resource.RLIM_INFINITY else 10240)
 
 
 def test_help_lists_the_commands_exit_codes_and_examples() -> None:

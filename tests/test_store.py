@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 from ollama_pull.errors import StorageError
 from ollama_pull.manifest import TENSOR_MEDIA_TYPE, Layer
 from ollama_pull.reference import parse_reference
-from ollama_pull.store import Store, default_models_dir
+from ollama_pull.store import Store, default_models_dir, storage_error
 
 
 def test_default_models_dir_follows_ollama(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -53,6 +54,18 @@ def test_unwritable_store_is_a_storage_error(tmp_path: Path) -> None:
         tmp_path.chmod(0o500)
     with pytest.raises(StorageError, match="cannot create the models directory"):
         Store(tmp_path).prepare()
+
+
+@pytest.mark.parametrize(
+    ("code", "fix"),
+    [
+        (errno.EMFILE, "too many open files: pull with fewer streams (-j) or raise the limit (ulimit -n)"),
+        (errno.ENFILE, "the system has too many open files: pull with fewer streams (-j)"),
+    ],
+)
+def test_too_many_open_files_says_what_to_do(code: int, fix: str) -> None:
+    error = storage_error("open /m/blobs/x-partial", OSError(code, os.strerror(code)))
+    assert str(error) == f"cannot open /m/blobs/x-partial: {fix}"
 
 
 def blob_layer(data: bytes) -> Layer:
