@@ -791,7 +791,7 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-def raise_open_files_limit() -> None:
+def _raise_open_files_limit() -> None:
     """Raise the soft limit on open files to the hard one, as Go's runtime does for every program. Each stream
     of a pull holds a connection and a partial file, and as many blobs again may wait for their syncs, each
     with its file: at -j 512 that is over the 1,024 descriptors many systems allow by default."""
@@ -812,7 +812,7 @@ def raise_open_files_limit() -> None:
 def main() -> None:
     import gc
 
-    raise_open_files_limit()
+    _raise_open_files_limit()
 
     # Started with stdout or stderr closed (`ollama-pull ... >&-`), Python has None there: what would go to it
     # goes nowhere instead, as it does once a reader goes away.
