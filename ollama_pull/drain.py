@@ -16,7 +16,6 @@ loop's TLS protocol, so its bodies are never offered.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import queue
 import select
@@ -28,7 +27,7 @@ from typing import Protocol
 
 import httpx2
 
-from .worker import settle
+from .worker import settle_soon
 
 # The response extension that carries a body's drain.
 DRAIN = "ollama_pull.drain"
@@ -145,9 +144,7 @@ class Drain:
             pass
         except BaseException as exc:  # noqa: BLE001 - every outcome goes back to the awaiting task
             error = exc
-        with contextlib.suppress(RuntimeError):
-            # A closed loop has nobody awaiting the outcome any more.
-            loop.call_soon_threadsafe(settle, done, (error is None, error))
+        settle_soon(loop, done, (error is None, error))
 
     def _pump(self, pending: list[bytes], fd: int, write: Writer, stop: threading.Event) -> None:
         remaining = self.length

@@ -722,9 +722,7 @@ class Downloader:
 
         try:
             async for data in response.aiter_raw():
-                watch.last_read = self._clock()
-                watch.received += len(data)
-                self._downloaded_bytes += len(data)
+                self._took(watch, len(data))
                 if len(data) > room:
                     raise _AttemptFailed(too_much, integrity=True, restart=True)
                 room -= len(data)
@@ -752,6 +750,12 @@ class Downloader:
                 # Bytes received before a failure or a cancel are as good as any: keep them for the resume.
                 write(batch)
 
+    def _took(self, watch: _Watch, count: int) -> None:
+        """``count`` bytes of a body have arrived: the watchdog and the pull's tally hear of them."""
+        watch.last_read = self._clock()
+        watch.received += count
+        self._downloaded_bytes += count
+
     async def _drain(
         self,
         drain: Drain,
@@ -769,9 +773,7 @@ class Downloader:
             raise _AttemptFailed(too_much, integrity=True, restart=True)
 
         def received(count: int) -> None:
-            watch.last_read = self._clock()
-            watch.received += count
-            self._downloaded_bytes += count
+            self._took(watch, count)
             landed()
             if probe is not None and probe.link_is_slower(drain.elapsed, drain.waited):
                 raise _SplitWanted

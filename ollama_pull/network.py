@@ -64,9 +64,8 @@ class _Receiver(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._chunks.append(data)
         self._buffered += len(data)
-        if self._buffered > _PAUSE_AT and not self._reading_paused and self._transport is not None:
-            self._reading_paused = True
-            self._transport.pause_reading()
+        if self._buffered > _PAUSE_AT and not self._reading_paused:
+            self._pause()
         self._wake()
 
     def eof_received(self) -> bool:
@@ -89,15 +88,21 @@ class _Receiver(asyncio.Protocol):
 
     def lend(self) -> list[bytes]:
         """Stop reading the connection for someone who reads its socket itself; what was received is theirs."""
-        if not self._reading_paused and self._transport is not None:
-            self._reading_paused = True
-            self._transport.pause_reading()
+        self._pause()
         chunks = list(self._chunks)
         self._chunks.clear()
         self._buffered = 0
         return chunks
 
     def take_back(self) -> None:
+        self._resume()
+
+    def _pause(self) -> None:
+        if not self._reading_paused and self._transport is not None:
+            self._reading_paused = True
+            self._transport.pause_reading()
+
+    def _resume(self) -> None:
         if self._reading_paused and self._transport is not None:
             self._reading_paused = False
             self._transport.resume_reading()
@@ -121,9 +126,8 @@ class _Receiver(asyncio.Protocol):
         if self._chunks:
             data = self._chunks.popleft()
             self._buffered -= len(data)
-            if self._reading_paused and not self._chunks and self._transport is not None:
-                self._reading_paused = False
-                self._transport.resume_reading()
+            if self._reading_paused and not self._chunks:
+                self._resume()
             return data
         if self._error is not None:
             raise httpcore2.ReadError(str(self._error) or type(self._error).__name__) from self._error

@@ -63,16 +63,21 @@ class _Threads:
                 outcome: tuple[bool, Any] = (True, call(*args))
             except BaseException as exc:  # noqa: BLE001 - every outcome goes back to the awaiting side
                 outcome = (False, exc)
-            # A closed loop (RuntimeError) has nobody awaiting the outcome any more.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(settle, future, outcome)
+            settle_soon(loop, future, outcome)
             # Not kept alive until the next job arrives.
             del loop, future, call, args, outcome
 
 
-def settle(future: asyncio.Future[Any], outcome: tuple[bool, Any]) -> None:
-    """Give ``future`` the outcome of a call made in another thread, (True, result) or (False, exception), on
-    its loop's thread; a future cancelled meanwhile has nobody waiting for it."""
+def settle_soon(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], outcome: tuple[bool, Any]) -> None:
+    """From another thread: give ``future`` the outcome of a call made there, (True, result) or (False,
+    exception), on its loop's thread."""
+    # A closed loop (RuntimeError) has nobody awaiting the outcome any more.
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(_settle, future, outcome)
+
+
+def _settle(future: asyncio.Future[Any], outcome: tuple[bool, Any]) -> None:
+    # A future cancelled meanwhile has nobody waiting for it.
     if future.cancelled():
         return
     succeeded, value = outcome
