@@ -267,8 +267,8 @@ def pull(
             "--processes",
             min=1,
             max=64,
-            help="Processes that share a pull of 16 blobs or more under 1 MiB on average, at most one per CPU; "
-            "1 keeps every pull in one.",
+            help="Processes that share a pull of 16 missing blobs or more, at most one per CPU; 1 keeps every "
+            "pull in one. Off Linux a helper is a new interpreter, started only for blobs under 1 MiB on average.",
         ),
     ] = 2,
     max_rate: Annotated[
