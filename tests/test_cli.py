@@ -108,6 +108,18 @@ def test_each_command_explains_its_own_options(command: str, options: list[str])
     assert "--verify" not in result.output
 
 
+def test_the_processes_help_says_which_pulls_the_helpers_take() -> None:
+    from ollama_pull.processes import MAX_MEAN_BLOB, MIN_BLOBS
+
+    result = runner.invoke(app, ["pull", "--help"])
+    # Rich wraps the help in a panel: its borders and line breaks fall anywhere in a sentence.
+    text = " ".join(result.output.replace("\u2502", " ").split())
+    # A forked helper takes any pull of MIN_BLOBS missing blobs or more; only a spawned one minds their size.
+    assert f"Processes that share a pull of {MIN_BLOBS} missing blobs or more, at most one per CPU" in text
+    assert MAX_MEAN_BLOB == 1024 * 1024
+    assert "Off Linux a helper is a new interpreter, started only for blobs under 1 MiB on average." in text
+
+
 @pytest.mark.parametrize("args", [["-j", "0", "m"], ["--retries", "0", "m"], ["--stall-timeout", "0", "m"], []])
 def test_bad_options_are_usage_errors(args: list[str]) -> None:
     assert runner.invoke(app, args).exit_code == ExitCode.USAGE
