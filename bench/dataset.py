@@ -114,6 +114,17 @@ class Model:
         return f"{len(self.blobs)} blobs, {self.total_bytes / MIB:.1f} MiB"
 
 
+def repository(root: Path, model: str) -> Path:
+    """Where a model's manifests and blobs lie in the tree at ``root``, as a registry's paths."""
+    return root / "v2" / NAMESPACE / model
+
+
+def served_files(root: Path, model: Model) -> list[Path]:
+    """Every file nginx serves for ``model`` from the tree at ``root``: its manifest and its blobs."""
+    path = repository(root, model.name)
+    return [path / "manifests" / TAG, *(path / "blobs" / f"sha256:{blob.hex}" for blob in model.blobs)]
+
+
 class Tree:
     """Random blobs and their manifests, laid out as the static files nginx serves."""
 
@@ -122,7 +133,7 @@ class Tree:
         self.models: dict[str, Model] = {}
 
     def repository(self, model: str) -> Path:
-        return self.root / "v2" / NAMESPACE / model
+        return repository(self.root, model)
 
     def _blob_dir(self, model: str) -> Path:
         path = self.repository(model) / "blobs"

@@ -241,8 +241,9 @@ def render(
         versions.append(f"x/transfer (Go): skipped, {GO_PEER_VARIABLE} unset")
     out.append(f"Tools: {'; '.join(versions)}  ")
     out.append(
-        f"Profile: {profile.name}, {runs} round(s) per transfer workload, tools alternating within each round; "
-        "medians. Ratios are ollama-pull's wall time over the peer's, the median over rounds of same-round pairs."
+        f"Profile: {profile.name}, {runs} round(s) per transfer workload after one untimed run of ollama-pull, "
+        "tools alternating within each round; medians. Ratios are ollama-pull's wall time over the peer's, the "
+        "median over rounds of same-round pairs."
     )
     out += ["", "## Targets", "", "| workload | target | measured | met |", "| --- | --- | --- | --- |"]
     out += [f"| {t.workload} | {t.text} | {t.measured} | {verdict(t)} |" for t in targets]
@@ -286,8 +287,12 @@ def render(
         "- aria2c verifies each file's SHA-256 itself (`checksum=`); curl verifies nothing and is the floor of "
         "what loopback and the disk allow. ollama-pull also makes every blob durable before naming it (an fsync, "
         "or one syncfs for the blobs that verify together); the peers do not.",
-        "- The page cache cannot be dropped reliably on a shared machine: nginx serves the tree from cache (it "
-        "was just written), each run's output is emptied right after it is measured (its files truncated, which "
+        "- The page cache cannot be dropped reliably on a shared machine, so every run finds the workload in it: "
+        "the harness reads the files nginx serves right before each run (this machine's kernel pages out file "
+        "pages unused for about a minute), each workload starts with an untimed run of ollama-pull (memory freed "
+        "here goes back to the hypervisor within seconds, and its first touch costs about 1.7 s per GiB, so a "
+        "round 1 that followed a smaller workload paid for it), each run's "
+        "output is emptied right after it is measured (its files truncated, which "
         "frees their pages as deleting them would; the files go with the scratch directory at the end, since "
         "creating thousands of files just after as many were deleted took twice as long on ext4), and `sync` "
         "runs before each run so that no write-back from one run lands in the next.",
