@@ -276,8 +276,8 @@ class Bench:
         # Untimed, so that round 1's first tool starts where every later run does: just after a run of this
         # workload. After a workload of fewer bytes it wrote its output into memory the kernel had handed back to
         # the hypervisor (virtio-balloon free page reporting, a second or two after it is freed), whose first touch
-        # costs about 1.7 s per GiB here: big's round 1 took ollama-pull 2.4-3.4 s against 1.6-2.2 s after
-        # (bench/PROFILE.md).
+        # costs about 1.7 s per GiB here: big's round 1 took ollama-pull 2.4-3.3 s against 1.6-2.4 s in the
+        # rounds after it (bench/PROFILE.md).
         self.one_run(name, model, tools[0], 0, limited=limited)
         for round_index in range(1, self.runs + 1):
             for tool in tools:
