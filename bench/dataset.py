@@ -122,7 +122,7 @@ def repository(root: Path, model: str) -> Path:
 def served_files(root: Path, model: Model) -> list[Path]:
     """Every file nginx serves for ``model`` from the tree at ``root``: its manifest and its blobs."""
     path = repository(root, model.name)
-    return [path / "manifests" / TAG, *(path / "blobs" / f"sha256:{blob.hex}" for blob in model.blobs)]
+    return [path / "manifests" / TAG, *(path / "blobs" / blob.digest for blob in model.blobs)]
 
 
 class Tree:
