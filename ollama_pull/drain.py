@@ -1,24 +1,32 @@
-"""Large response bodies read straight from the socket into their file, by a thread of their own.
+"""Response bodies read straight from the socket into their file, by threads instead of the event loop.
 
 On the event loop a body arrives 256 KiB at a time, each read a fresh ``bytes`` object that travels through the
 protocol, the framing and the engine before a worker thread writes it: on one 1 GiB blob the loop's thread was
-busy for every byte while the machine's second core waited (bench/PROFILE.md). A body of known length on a plain
-TCP connection can instead be drained by a thread that owns the socket for that long: it receives into two
-reused buffers in turn and hands each read to a second thread that writes it (and hashes it, for a blob in one
-stream), with no event loop in between. The event loop stops reading the connection first and takes it back
-after the body's last byte, so the connection is reused as before.
+busy for every byte while the machine's second core waited, and on 256 blobs of 0.5-3.5 MiB that path was most
+of the loop's work (bench/PROFILE.md). A body of known length on a plain TCP connection can instead be drained
+by a thread that reads the socket itself, with no event loop in between:
 
-The engine sees a :class:`Drain` in a response's extensions (``response.extensions[DRAIN]``) when the body
-qualifies, and either drains it or reads the body as usual. A TLS connection's bytes pass through the event
-loop's TLS protocol, so its bodies are never offered.
+- a long body (``OWN_THREADS_MIN`` or more) by a thread of its own, which receives into two reused buffers in
+  turn and hands each read to a second thread that writes it (and hashes it, for a blob in one stream), so that
+  receiving and hashing one large blob run side by side;
+- a shorter one by the process's one shared receiving thread, which waits on the sockets of every such body at
+  once and writes (and hashes) each read itself, from one reused buffer: a thread per body, 64 at once, cost
+  more than the event loop's reads it saved.
+
+The event loop stops reading the connection first and takes it back after the body's last byte, so the
+connection is reused as before. The engine sees a :class:`Drain` in a response's extensions
+(``response.extensions[DRAIN]``) when the body qualifies, and either drains it or reads the body as usual. A TLS
+connection's bytes pass through the event loop's TLS protocol, so its bodies are never offered.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import queue
 import select
+import selectors
 import socket
 import threading
 import time
@@ -31,8 +39,12 @@ from .worker import settle_soon
 
 # The response extension that carries a body's drain.
 DRAIN = "ollama_pull.drain"
-# Bodies at least this long are offered: below it, a thread's start costs more than the loop's reads.
-DRAIN_MIN = 4 * 1024 * 1024
+# Bodies at least this long are offered. A shorter one arrives in one or two of the event loop's reads (256 KiB),
+# often with its head: handing 64 KiB bodies to the shared thread cost 4,096 blobs of them x1.06 wall and 8% more
+# CPU (4 alternated runs).
+DRAIN_MIN = 256 * 1024
+# Bodies at least this long get threads of their own; shorter ones share the process's receiving thread.
+OWN_THREADS_MIN = 4 * 1024 * 1024
 # One receive takes at most this much, into one of a few buffers reused for the whole body.
 _BUFFER = 512 * 1024
 _BUFFERS = 2
@@ -87,15 +99,22 @@ class Drain:
         pending, fd = self._lender.lend()
         if self._rest:
             pending.insert(0, self._rest)
-        stop = threading.Event()
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
-        thread = threading.Thread(
-            target=self._run, args=(loop, done, pending, fd, write, stop), name="ollama-pull-drain"
-        )
+        self._started = time.monotonic()
+        thread: threading.Thread | None = None
+        stop: Callable[[], None]
+        if self.length < OWN_THREADS_MIN:
+            stop = _shared_receiver().start(_Body(self, pending, fd, write, loop, done))
+        else:
+            stopping = threading.Event()
+            thread = threading.Thread(
+                target=self._run, args=(loop, done, pending, fd, write, stopping), name="ollama-pull-drain"
+            )
+            thread.start()
+            stop = stopping.set
         complete = False
         try:
-            thread.start()
             while not done.done():
                 await asyncio.wait({done}, timeout=_REPORT_EVERY)
                 self._tell(progress)
@@ -103,9 +122,9 @@ class Drain:
             complete = True
         finally:
             if not done.done():
-                stop.set()
+                stop()
                 await asyncio.wait({done})
-            if thread.is_alive():
+            if thread is not None and thread.is_alive():
                 # It has settled ``done`` and has nothing left to do but end: no thread outlives the body.
                 thread.join()
             self._ended(complete)
@@ -137,7 +156,6 @@ class Drain:
         stop: threading.Event,
     ) -> None:
         error: BaseException | None = None
-        self._started = time.monotonic()
         try:
             self._pump(pending, fd, write, stop)
         except _Stop:
@@ -147,27 +165,10 @@ class Drain:
         settle_soon(loop, done, (error is None, error))
 
     def _pump(self, pending: list[bytes], fd: int, write: Writer, stop: threading.Event) -> None:
-        remaining = self.length
-        if pending:
-            # Received by the event loop before the body was lent: beyond the body's end is none of ours.
-            views = [memoryview(data) for data in pending]
-            owed = sum(len(view) for view in views)
-            if owed > remaining:
-                raise httpx2.RemoteProtocolError(f"the server sent more than the body's {self.length} bytes")
-            write(views)
-            remaining -= owed
-            self.received += owed
+        remaining = self._write_pending(pending, write)
         if not remaining:
             return
-        if fd < 0:
-            raise self._cut_short(remaining)
-        try:
-            # A descriptor of our own for the same socket: it stays open however the event loop's side ends.
-            sock = socket.socket(fileno=os.dup(fd))
-        except OSError as exc:
-            raise httpx2.ReadError(str(exc) or type(exc).__name__) from exc
-        with sock:
-            sock.setblocking(False)
+        with self._socket(fd, remaining) as sock:
             poller = select.poll()
             poller.register(sock, select.POLLIN)
             writer = _Writer(write)
@@ -192,6 +193,32 @@ class Drain:
                     buffer = writer.send(buffer, got, stop)
             finally:
                 writer.close()
+
+    def _write_pending(self, pending: list[bytes], write: Writer) -> int:
+        """Write what the event loop received before the body was lent; returns how much of the body is left."""
+        remaining = self.length
+        if pending:
+            # Beyond the body's end is none of ours.
+            views = [memoryview(data) for data in pending]
+            owed = sum(len(view) for view in views)
+            if owed > remaining:
+                raise httpx2.RemoteProtocolError(f"the server sent more than the body's {self.length} bytes")
+            write(views)
+            remaining -= owed
+            self.received += owed
+        return remaining
+
+    def _socket(self, fd: int, remaining: int) -> socket.socket:
+        """A descriptor of our own for the connection's socket, non-blocking: it stays open however the event
+        loop's side ends."""
+        if fd < 0:
+            raise self._cut_short(remaining)
+        try:
+            sock = socket.socket(fileno=os.dup(fd))
+        except OSError as exc:
+            raise httpx2.ReadError(str(exc) or type(exc).__name__) from exc
+        sock.setblocking(False)
+        return sock
 
     def _cut_short(self, remaining: int) -> httpx2.RemoteProtocolError:
         return httpx2.RemoteProtocolError(
@@ -244,3 +271,143 @@ class _Writer:
                 except BaseException as exc:  # noqa: BLE001 - raised in the receiving thread
                     self._error = exc
             self._empty.put(buffer)
+
+
+class _Body:
+    """A body in the shared receiving thread's care."""
+
+    __slots__ = ("done", "drain", "fd", "loop", "pending", "remaining", "sock", "stopped", "write")
+
+    def __init__(
+        self,
+        drain: Drain,
+        pending: list[bytes],
+        fd: int,
+        write: Writer,
+        loop: asyncio.AbstractEventLoop,
+        done: asyncio.Future[None],
+    ) -> None:
+        self.drain = drain
+        self.pending = pending
+        self.fd = fd
+        self.write = write
+        self.loop = loop
+        self.done = done
+        self.remaining = drain.length
+        self.sock: socket.socket | None = None
+        self.stopped = False
+
+
+class _SharedReceiver:
+    """One thread that drains every short body of the process: it waits on all their sockets at once, and
+    writes each read before the next from one reused buffer. A body leaves it complete, failed, or stopped."""
+
+    def __init__(self) -> None:
+        self._selector = selectors.DefaultSelector()
+        self._arrived: queue.SimpleQueue[_Body] = queue.SimpleQueue()
+        self._stopping = False
+        self._buffer = memoryview(bytearray(_BUFFER))
+        # Written to whenever a body arrives or is to stop, so that the thread need not wake up to look.
+        self._waker, self._wakes = socket.socketpair()
+        self._waker.setblocking(False)
+        self._wakes.setblocking(False)
+        self._selector.register(self._wakes, selectors.EVENT_READ)
+        threading.Thread(target=self._run, name="ollama-pull-receiver", daemon=True).start()
+
+    def start(self, body: _Body) -> Callable[[], None]:
+        """Take ``body`` on; returns what stops it."""
+        self._arrived.put(body)
+        self._wake()
+
+        def stop() -> None:
+            body.stopped = self._stopping = True
+            self._wake()
+
+        return stop
+
+    def _wake(self) -> None:
+        # A full buffer wakes the thread as well as one more byte would.
+        with contextlib.suppress(BlockingIOError):
+            self._waker.send(b"\0")
+
+    def _run(self) -> None:
+        while True:
+            for key, _ in self._selector.select():
+                if key.data is None:
+                    with contextlib.suppress(BlockingIOError):
+                        self._wakes.recv(4096)
+                else:
+                    self._guarded(self._receive, key.data)
+            while not self._arrived.empty():
+                self._guarded(self._begin, self._arrived.get())
+            if self._stopping:
+                self._stopping = False
+                for key in list(self._selector.get_map().values()):
+                    if key.data is not None and key.data.stopped:
+                        self._end(key.data, None)
+
+    def _guarded(self, step: Callable[[_Body], None], body: _Body) -> None:
+        """One step of one body; whatever it raises ends that body, not the thread the others depend on."""
+        try:
+            step(body)
+        except BaseException as exc:  # noqa: BLE001 - every outcome goes back to the awaiting task
+            self._end(body, exc)
+
+    def _begin(self, body: _Body) -> None:
+        if body.stopped:
+            self._end(body, None)
+            return
+        body.remaining = body.drain._write_pending(body.pending, body.write)
+        body.pending = []
+        if not body.remaining:
+            self._end(body, None)
+            return
+        body.sock = body.drain._socket(body.fd, body.remaining)
+        self._selector.register(body.sock, selectors.EVENT_READ, body)
+
+    def _receive(self, body: _Body) -> None:
+        """One read, once the socket has something: the selector reports it again while more is waiting."""
+        assert body.sock is not None
+        try:
+            got = body.sock.recv_into(self._buffer, min(body.remaining, _BUFFER))
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            raise httpx2.ReadError(str(exc) or type(exc).__name__) from exc
+        if not got:
+            raise body.drain._cut_short(body.remaining)
+        body.write([self._buffer[:got]])
+        body.remaining -= got
+        body.drain.received += got
+        if not body.remaining:
+            self._end(body, None)
+
+    def _end(self, body: _Body, error: BaseException | None) -> None:
+        sock = body.sock
+        if sock is not None:
+            body.sock = None
+            with contextlib.suppress(KeyError):
+                self._selector.unregister(sock)
+            sock.close()
+        settle_soon(body.loop, body.done, (error is None, error))
+
+
+_receiver: _SharedReceiver | None = None
+_receiver_lock = threading.Lock()
+
+
+def _shared_receiver() -> _SharedReceiver:
+    global _receiver
+    with _receiver_lock:
+        if _receiver is None:
+            _receiver = _SharedReceiver()
+        return _receiver
+
+
+def _after_fork() -> None:
+    # A forked child has none of its parent's threads: it starts a receiver of its own when it needs one.
+    global _receiver
+    _receiver = None
+
+
+os.register_at_fork(after_in_child=_after_fork)

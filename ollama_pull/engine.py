@@ -767,8 +767,8 @@ class Downloader:
         too_much: str,
         probe: _LinkProbe | None,
     ) -> None:
-        """A body written by a thread of its own straight from the socket (:mod:`ollama_pull.drain`); what it
-        receives reaches the watchdog and the progress a tenth of a second at a time."""
+        """A body written straight from the socket by a thread, not the event loop (:mod:`ollama_pull.drain`); what
+        it receives reaches the watchdog and the progress a tenth of a second at a time."""
         if drain.length > room:
             raise _AttemptFailed(too_much, integrity=True, restart=True)
 

@@ -274,7 +274,8 @@ class _Body:
             self._reusable = False
 
     def drain(self) -> Drain | None:
-        """A drain for a long body of known length on a connection that can lend its socket, else None."""
+        """A drain for a body of known length (``DRAIN_MIN`` or more) on a connection that can lend its socket, else
+        None."""
         stream = self._stream
         if self._length is None or self._length < DRAIN_MIN or not getattr(stream, "plain", False):
             return None

@@ -1,5 +1,6 @@
-"""Long bodies drained by a thread of their own straight from the socket, against real sockets on 127.0.0.1; and
-the engine's use of them: a large blob stays in one stream while the link keeps up, and is split when it does not."""
+"""Bodies drained straight from the socket, by threads of their own (long ones) or by the process's shared
+receiving thread (shorter ones), against real sockets on 127.0.0.1; and the engine's use of them: a large blob
+stays in one stream while the link keeps up, and is split when it does not."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import httpx2
 import pytest
 
 from ollama_pull import engine, pull
-from ollama_pull.drain import DRAIN, DRAIN_MIN, Drain
+from ollama_pull.drain import DRAIN, DRAIN_MIN, OWN_THREADS_MIN, Drain
 from ollama_pull.engine import _LinkProbe
 from ollama_pull.errors import StorageError
 from ollama_pull.network import make_client
@@ -31,7 +32,15 @@ pytestmark = pytest.mark.anyio
 __all__ = ["connects"]
 
 MIB = 1024 * 1024
-BODY = os.urandom(DRAIN_MIN + 3 * MIB + 12345)
+# A body for threads of its own, and one for the shared receiving thread that takes more than one of its reads.
+LONG = os.urandom(OWN_THREADS_MIN + 3 * MIB + 12345)
+SHORT = os.urandom(3 * DRAIN_MIN + 12345)
+
+
+@pytest.fixture(params=[LONG, SHORT], ids=["own-threads", "shared-thread"])
+def body(request: pytest.FixtureRequest) -> bytes:
+    data: bytes = request.param
+    return data
 
 
 class Collected:
@@ -40,9 +49,17 @@ class Collected:
     def __init__(self, fail_after: int | None = None) -> None:
         self.data = bytearray()
         self.reported = 0
+        # Set once the drain has returned: nothing may be written after that.
+        self.sealed = False
+        self.late = 0
+        # The threads that wrote.
+        self.writers: set[str] = set()
         self._fail_after = fail_after
 
     def write(self, pieces: Sequence[memoryview]) -> None:
+        self.writers.add(threading.current_thread().name)
+        if self.sealed:
+            self.late += 1
         if self._fail_after is not None and len(self.data) >= self._fail_after:
             raise OSError(28, "No space left on device")
         for piece in pieces:
@@ -56,21 +73,50 @@ def drain_threads() -> list[threading.Thread]:
     return [thread for thread in threading.enumerate() if thread.name.startswith("ollama-pull-drain")]
 
 
+def receivers() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == "ollama-pull-receiver"]
+
+
 def head(length: int) -> bytes:
     return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % length
 
 
-async def test_a_long_body_is_drained_whole_and_its_connection_reused(connects: list[tuple[str, int]]) -> None:
-    async with serving(answering(BODY)) as port, make_client(insecure=True) as client:
+async def test_a_body_is_drained_whole_and_its_connection_reused(connects: list[tuple[str, int]], body: bytes) -> None:
+    async with serving(answering(body)) as port, make_client(insecure=True) as client:
         for _ in range(2):
             async with client.stream("GET", f"http://127.0.0.1:{port}/blob") as response:
                 drain = response.extensions[DRAIN]
                 assert isinstance(drain, Drain)
                 collected = Collected()
                 await drain.into(collected.write, collected.progress)
-            assert collected.data == BODY
-            assert collected.reported == len(BODY) == drain.received
+            assert collected.data == body
+            assert collected.reported == len(body) == drain.received
+            if body is SHORT:
+                assert collected.writers == {"ollama-pull-receiver"}
+            else:
+                assert "ollama-pull-receiver" not in collected.writers
     assert len(connects) == 1
+    assert not drain_threads()
+
+
+async def test_bodies_drained_at_once_share_one_receiving_thread() -> None:
+    bodies = [os.urandom(DRAIN_MIN + 1000 * number) for number in range(1, 9)]
+    async with make_client(insecure=True) as client:
+
+        async def fetch(data: bytes) -> bytes:
+            async with (
+                serving(answering(data)) as port,
+                client.stream("GET", f"http://127.0.0.1:{port}/blob") as response,
+            ):
+                collected = Collected()
+                await response.extensions[DRAIN].into(collected.write, collected.progress)
+                assert collected.writers == {"ollama-pull-receiver"}
+                return bytes(collected.data)
+
+        async with asyncio.TaskGroup() as group:
+            fetched = [group.create_task(fetch(data)) for data in bodies]
+    assert [task.result() for task in fetched] == bodies
+    assert len(receivers()) == 1
     assert not drain_threads()
 
 
@@ -84,26 +130,26 @@ async def test_short_bodies_are_read_by_the_event_loop() -> None:
         assert len(await response.aread()) == DRAIN_MIN - 1
 
 
-def cut_after(sent: int) -> Handler:
+def cut_after(body: bytes, sent: int) -> Handler:
     """A server that sends ``sent`` bytes of the body, then closes the connection."""
 
     async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
-        writer.write(head(len(BODY)) + BODY[:sent])
+        writer.write(head(len(body)) + body[:sent])
         await writer.drain()
         writer.close()
 
     return cut
 
 
-async def test_a_body_cut_short_fails_after_writing_what_came(connects: list[tuple[str, int]]) -> None:
-    sent = DRAIN_MIN + MIB
-    async with serving(cut_after(sent)) as port, make_client(insecure=True) as client:
+async def test_a_body_cut_short_fails_after_writing_what_came(connects: list[tuple[str, int]], body: bytes) -> None:
+    sent = len(body) * 2 // 3
+    async with serving(cut_after(body, sent)) as port, make_client(insecure=True) as client:
         async with client.stream("GET", f"http://127.0.0.1:{port}/blob") as response:
             collected = Collected()
-            with pytest.raises(httpx2.RemoteProtocolError, match=f"received {sent} bytes, expected {len(BODY)}"):
+            with pytest.raises(httpx2.RemoteProtocolError, match=f"received {sent} bytes, expected {len(body)}"):
                 await response.extensions[DRAIN].into(collected.write, collected.progress)
-        assert collected.data == BODY[:sent]
+        assert collected.data == body[:sent]
         assert collected.reported == sent
         # Not reusable: the next request opens a connection of its own.
         async with client.stream("GET", f"http://127.0.0.1:{port}/blob"):
@@ -111,9 +157,9 @@ async def test_a_body_cut_short_fails_after_writing_what_came(connects: list[tup
     assert len(connects) == 2
 
 
-async def test_a_body_whose_connection_closed_before_the_drain_fails_after_writing_what_came() -> None:
+async def test_a_body_whose_connection_closed_before_the_drain_fails_after_writing_what_came(body: bytes) -> None:
     sent = 64 * 1024
-    async with serving(cut_after(sent)) as port, make_client(insecure=True) as client:
+    async with serving(cut_after(body, sent)) as port, make_client(insecure=True) as client:
         async with client.stream("GET", f"http://127.0.0.1:{port}/blob") as response:
             drain = response.extensions[DRAIN]
             # The event loop sees the end of the connection before the body is lent: no socket is left to lend.
@@ -126,48 +172,66 @@ async def test_a_body_whose_connection_closed_before_the_drain_fails_after_writi
             collected = Collected()
             with pytest.raises(httpx2.RemoteProtocolError, match=f"received {sent} bytes"):
                 await drain.into(collected.write, collected.progress)
-        assert collected.data == BODY[:sent]
+        assert collected.data == body[:sent]
 
 
-async def silent_after(count: int) -> tuple[Callable[..., Awaitable[None]], asyncio.Event]:
-    """A server that sends ``count`` bytes of the body, then nothing until the event is set."""
+async def silent_after(body: bytes, count: int) -> tuple[Callable[..., Awaitable[None]], asyncio.Event]:
+    """A server that sends ``count`` bytes of the body, then nothing until the event is set, then the rest."""
     release = asyncio.Event()
 
     async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
-        writer.write(head(len(BODY)) + BODY[:count])
+        writer.write(head(len(body)) + body[:count])
         await writer.drain()
         await release.wait()
+        writer.write(body[count:])
+        await writer.drain()
         writer.close()
 
     return hold, release
 
 
-async def test_a_cancelled_drain_stops_its_threads_before_it_returns() -> None:
-    hold, release = await silent_after(MIB)
-    async with serving(hold) as port, make_client(insecure=True) as client:
-        async with client.stream("GET", f"http://127.0.0.1:{port}/blob") as response:
-            collected = Collected()
-            task = asyncio.create_task(response.extensions[DRAIN].into(collected.write, collected.progress))
-            while collected.reported < MIB:
-                await asyncio.sleep(0.01)
-            assert drain_threads()
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await asyncio.wait_for(task, 5)
-            # Nothing runs behind the caller's back: it may close or truncate the file at once.
-            assert not drain_threads()
-            assert collected.data == BODY[:MIB]
-        release.set()
-
-
-async def test_a_write_that_fails_ends_the_drain_with_its_error() -> None:
+async def test_a_cancelled_drain_stops_its_threads_before_it_returns(body: bytes) -> None:
+    count = len(body) // 3
+    hold, release = await silent_after(body, count)
     async with (
-        serving(answering(BODY)) as port,
+        serving(hold) as port,
         make_client(insecure=True) as client,
         client.stream("GET", f"http://127.0.0.1:{port}/blob") as response,
     ):
-        collected = Collected(fail_after=DRAIN_MIN)
+        collected = Collected()
+        task = asyncio.create_task(response.extensions[DRAIN].into(collected.write, collected.progress))
+        while collected.reported < count:
+            await asyncio.sleep(0.01)
+        assert drain_threads() if body is LONG else receivers()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 5)
+        # Nothing runs behind the caller's back: it may close or truncate the file at once.
+        collected.sealed = True
+        assert not drain_threads()
+        assert collected.data == body[:count]
+        # The rest of the body arrives; another body goes through the shared thread after it: neither
+        # reaches the cancelled drain's writer.
+        release.set()
+        async with (
+            serving(answering(SHORT)) as other,
+            client.stream("GET", f"http://127.0.0.1:{other}/") as following,
+        ):
+            after = Collected()
+            await following.extensions[DRAIN].into(after.write, after.progress)
+        assert after.data == SHORT
+        assert collected.late == 0
+
+
+async def test_a_write_that_fails_ends_the_drain_with_its_error(body: bytes) -> None:
+    async with (
+        serving(answering(body)) as port,
+        make_client(insecure=True) as client,
+        client.stream("GET", f"http://127.0.0.1:{port}/blob") as response,
+    ):
+        # The first write goes through, the next fails.
+        collected = Collected(fail_after=1)
         with pytest.raises(OSError, match="No space left"):
             await asyncio.wait_for(response.extensions[DRAIN].into(collected.write, collected.progress), 10)
     assert not drain_threads()
@@ -190,12 +254,13 @@ def registry() -> Iterator[FaultRegistry]:
         yield server
 
 
-# Large blobs: over the split size and long enough to be drained; chunks of a quarter of it.
-SPLIT = dataclasses.replace(FAST, split_min_size=DRAIN_MIN, chunk_size=2 * MIB, streams_per_blob=4)
+# Large blobs: over the split size and long enough for threads of their own; chunks of an eighth of it, drained
+# by the shared thread.
+SPLIT = dataclasses.replace(FAST, split_min_size=OWN_THREADS_MIN, chunk_size=2 * MIB, streams_per_blob=4)
 
 
 def big_blob_model(registry: FaultRegistry) -> tuple[str, str, bytes]:
-    data = os.urandom(4 * DRAIN_MIN + 777)
+    data = os.urandom(4 * OWN_THREADS_MIN + 777)
     model = registry.add_model("ns/big", layers=[("application/vnd.ollama.image.model", data, None)])
     return f"{registry.host}/ns/big:latest", model.layer_digests[0], data
 

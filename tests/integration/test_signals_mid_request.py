@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ollama_pull.drain import DRAIN_MIN
+from ollama_pull.drain import DRAIN_MIN, OWN_THREADS_MIN
 from tests.fault_registry import Fault, FaultRegistry
 
 from .conftest import interrupted_once_bytes_land, partial_files, reference, start_cli, stop_with, wait_for
@@ -97,16 +97,17 @@ def test_a_signal_mid_request_stops_at_once_and_leaves_nothing(
     assert not (models / "blobs").exists() or not any((models / "blobs").iterdir())
 
 
+@pytest.mark.parametrize("size", [OWN_THREADS_MIN * 2, DRAIN_MIN * 2], ids=["own-threads", "shared-thread"])
 @pytest.mark.parametrize(("signum", "code"), SIGNALS)
 def test_a_signal_while_a_thread_drains_a_body_stops_at_once_and_leaves_nothing(
-    models: Path, signum: signal.Signals, code: int
+    models: Path, signum: signal.Signals, code: int, size: int
 ) -> None:
     with FaultRegistry() as registry:
-        # Long enough to be drained by a thread of its own (ollama_pull.drain), which the server leaves waiting
-        # half way.
+        # Long enough to be drained by a thread of its own, or short enough for the shared receiving thread
+        # (ollama_pull.drain); the server leaves it waiting half way.
         model = registry.add_model(
             "library/big",
-            layers=[("application/vnd.ollama.image.model", random.Random(7).randbytes(DRAIN_MIN * 2), None)],
+            layers=[("application/vnd.ollama.image.model", random.Random(7).randbytes(size), None)],
         )
         registry.inject(model.layer_digests[0], Fault("stall_during", at=0.5, seconds=30))
         returncode, stderr, stopped = interrupted_once_bytes_land(
