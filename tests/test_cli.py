@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import io
 import json
 import os
@@ -238,6 +239,34 @@ def test_rich_renderer_shows_overall_and_a_few_blob_bars() -> None:
     output = console.file.getvalue()  # type: ignore[attr-defined]
     # The summary comes after the last frame of the bars.
     assert "pulled m:latest" in output.rstrip().splitlines()[-1]
+
+
+def test_the_console_script_leaves_without_the_interpreters_teardown() -> None:
+    # Its output is flushed and its exit code kept; nothing registered to run at the interpreter's exit runs.
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        probe = (
+            "import atexit, sys\n"
+            "from ollama_pull.cli import entry\n"
+            "atexit.register(lambda: print('torn down', file=sys.stderr))\n"
+            # Waits in the stream's buffer (a pipe's) until something flushes it.
+            "sys.stdout.write('before ')\n"
+            f"sys.argv = ['ollama-pull', *{list(args)!r}]\n"
+            "entry()\n"
+        )
+        environment = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+        return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=environment)
+
+    version = run("--version")
+    assert version.returncode == 0, version.stderr
+    assert version.stdout == f"before ollama-pull {__version__}\n"
+    assert "torn down" not in version.stderr
+    refused = run("a/b/c/d/e")
+    assert refused.returncode == ExitCode.USAGE
+    assert refused.stdout == "before "
+    assert "invalid model reference" in refused.stderr
+    assert "torn down" not in refused.stderr
+    scripts = importlib.metadata.entry_points(group="console_scripts")
+    assert scripts["ollama-pull"].value == "ollama_pull.cli:entry"
 
 
 def test_the_cli_freezes_what_it_loaded_and_collects_the_youngest_objects_less_often() -> None:
