@@ -700,8 +700,11 @@ class Downloader:
         on another core. One batch is in flight per stream, so memory stays bounded.
         """
         drain = response.extensions.get(DRAIN)
-        if isinstance(drain, Drain) and self._limiter is None:
-            await self._drain(drain, watch, room, write, landed, too_much=too_much, probe=probe)
+        # A body that declares more than there is room for is read as it arrives, like one that declares nothing:
+        # what comes decides between too many bytes (an integrity failure) and a connection closed early, whatever
+        # the body's length.
+        if isinstance(drain, Drain) and self._limiter is None and drain.length <= room:
+            await self._drain(drain, watch, write, landed, probe=probe)
             return
         if probe is not None:
             # A redirect took the blob where no drain reaches (TLS, say): the rest comes in chunks.
@@ -760,17 +763,13 @@ class Downloader:
         self,
         drain: Drain,
         watch: _Watch,
-        room: int,
         write: Callable[[Pieces], None],
         landed: Callable[[], None],
         *,
-        too_much: str,
         probe: _LinkProbe | None,
     ) -> None:
         """A body written straight from the socket by a thread, not the event loop (:mod:`ollama_pull.drain`); what
         it receives reaches the watchdog and the progress a tenth of a second at a time."""
-        if drain.length > room:
-            raise _AttemptFailed(too_much, integrity=True, restart=True)
 
         def received(count: int) -> None:
             self._took(watch, count)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from ollama_pull.drain import DRAIN_MIN
 from tests.fault_registry import Fault, FaultRegistry, ModelFixture
 
 from .conftest import assert_store_holds, cli_command, cli_env, reference, run_cli
@@ -178,3 +179,16 @@ def test_a_thousand_blobs_survive_random_faults(
         f"soak: {len(model.blobs)} blobs, {len(gets)} blob requests in {elapsed:.1f}s, "
         f"{survived} faults survived ({shown}), {sum(retries.values())} retries",
     )
+
+
+def test_drained_bodies_survive_random_faults(registry: FaultRegistry, models: Path) -> None:
+    # Bodies long enough for the shared receiving thread (ollama_pull.drain), many at once, a quarter of their
+    # requests faulted: stalls the client ends, resets, cuts, wrong bytes, 503s.
+    model = random_model(registry, "library/drained", blobs=60, low=DRAIN_MIN, high=3 * DRAIN_MIN)
+    registry.inject_random(rate=0.25, kinds=SOAK_KINDS, seed=SEED, stall_seconds=3.0)
+    run = run_cli(models, "--insecure", "--stall-timeout", "0.3", "--json", reference(registry, model), timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert_store_holds(models, registry, model)
+    applied = registry.faults_applied
+    assert sum(applied.values()) >= 8
+    assert {"stall_during", "truncate", "corrupt"} <= set(applied)

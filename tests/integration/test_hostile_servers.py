@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from ollama_pull.drain import DRAIN_MIN
 from tests.fault_registry import Fault, FaultRegistry, ModelFixture
 
 from .conftest import Run, assert_store_holds, interrupted_large_pull, reference, run_cli
@@ -75,8 +76,12 @@ def assert_one_line_error(run: Run, code: int, *fragments: str) -> str:
     return lines[0]
 
 
-def small_model(registry: FaultRegistry) -> ModelFixture:
-    return registry.add_synthetic_model("library/demo", blobs=3, blob_size=64 * 1024)
+def small_model(registry: FaultRegistry, blob_size: int = 64 * 1024) -> ModelFixture:
+    return registry.add_synthetic_model("library/demo", blobs=3, blob_size=blob_size)
+
+
+# Read by the event loop, and drained by the shared receiving thread (ollama_pull.drain).
+BLOB_SIZES = [pytest.param(64 * 1024, id="loop"), pytest.param(DRAIN_MIN + 44 * 1024, id="drained")]
 
 
 # --- hostile blob responses ------------------------------------------------------------------------------------
@@ -102,11 +107,12 @@ BLOB_CASES = [
 ]
 
 
+@pytest.mark.parametrize("blob_size", BLOB_SIZES)
 @pytest.mark.parametrize(("fault", "code", "message"), BLOB_CASES)
 def test_a_hostile_blob_response(
-    registry: FaultRegistry, models: Path, tally: Tally, fault: Fault, code: int, message: str | None
+    registry: FaultRegistry, models: Path, tally: Tally, fault: Fault, code: int, message: str | None, blob_size: int
 ) -> None:
-    model = small_model(registry)
+    model = small_model(registry, blob_size)
     bad = model.layer_digests[1]
     registry.inject(bad, fault)
     started = time.monotonic()
