@@ -363,6 +363,9 @@ class Bench:
         log(f"\n== resume: {model.describe()}, killed at ~50%, {count} runs")
         blob = max(model.blobs, key=lambda b: b.size)
         for index in range(1, count + 1):
+            # As before every run: a blob nginx reads from disk is slower than the link, and the first pull's
+            # probe then splits it into chunks, which a resume re-downloads differently.
+            warm(served_files(self.nginx.root, model))
             out = self.fresh_dir("resume")
             partial = out / "blobs" / f"sha256-{blob.hex}-partial"
             argv = ollama_pull_command(model, out, self.scratch, self.nginx.port)
