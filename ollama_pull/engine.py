@@ -707,7 +707,8 @@ class Downloader:
             await self._drain(drain, watch, write, landed, probe=probe)
             return
         if probe is not None:
-            # A redirect took the blob where no drain reaches (TLS, say): the rest comes in chunks.
+            # No drain to judge the link (a redirect to TLS, say, or a body longer than the blob): the rest comes in
+            # chunks.
             raise _SplitWanted
         batch: list[bytes] = []
         batched = 0
