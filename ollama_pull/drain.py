@@ -39,6 +39,9 @@ from .worker import settle_soon
 
 # The response extension that carries a body's drain.
 DRAIN = "ollama_pull.drain"
+# A drain reads a duplicate of the connection's socket descriptor. On Windows a socket is a handle, which os.dup
+# cannot duplicate (and select.poll is missing): there, bodies stay on the event loop.
+SUPPORTED = os.name == "posix"
 # Bodies at least this long are offered. A shorter one arrives in one or two of the event loop's reads (256 KiB),
 # often with its head: handing 64 KiB bodies to the shared thread cost 4,096 blobs of them x1.06 wall and 8% more
 # CPU (4 alternated runs).

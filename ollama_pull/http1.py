@@ -23,7 +23,7 @@ from typing import cast
 
 import httpcore2
 
-from .drain import DRAIN, DRAIN_MIN, Drain, Lender
+from .drain import DRAIN, DRAIN_MIN, SUPPORTED, Drain, Lender
 
 # The most a response head may take, as h11 bounds it (its max_incomplete_event_size): a server that sends more
 # without ending its head is not speaking HTTP.
@@ -277,7 +277,7 @@ class _Body:
         """A drain for a body of known length (``DRAIN_MIN`` or more) on a connection that can lend its socket, else
         None."""
         stream = self._stream
-        if self._length is None or self._length < DRAIN_MIN or not getattr(stream, "plain", False):
+        if not SUPPORTED or self._length is None or self._length < DRAIN_MIN or not getattr(stream, "plain", False):
             return None
         return Drain(cast(Lender, stream), self._rest, self._length, self._drained)
 

@@ -13,6 +13,7 @@ import httpx2
 
 from .auth import UNKNOWN, RegistryAuth
 from .credentials import PASSWORD_VARIABLE, USERNAME_VARIABLE
+from .drain import SUPPORTED
 from .errors import (
     AuthenticationError,
     ClientTooOld,
@@ -148,7 +149,7 @@ class RegistryClient:
         """Whether the bodies of the repository's blobs can come through a drain (:mod:`ollama_pull.drain`): our
         own transport, to a registry (and mirror) over plain HTTP, such as a cache host next to the machine."""
         transport = self.client.blob_transport if isinstance(self.client, PullClient) else None
-        if not isinstance(transport, DirectTransport):
+        if not SUPPORTED or not isinstance(transport, DirectTransport):
             return False
         urls = [self.repository_url(reference), self._mirror_url(reference) or ""]
         return all(url.startswith("http://") for url in urls if url)

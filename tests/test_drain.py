@@ -15,7 +15,8 @@ from pathlib import Path
 import httpx2
 import pytest
 
-from ollama_pull import engine, pull
+import ollama_pull.registry
+from ollama_pull import engine, http1, pull
 from ollama_pull.drain import DRAIN, DRAIN_MIN, OWN_THREADS_MIN, Drain
 from ollama_pull.engine import _LinkProbe
 from ollama_pull.errors import StorageError
@@ -118,6 +119,25 @@ async def test_bodies_drained_at_once_share_one_receiving_thread() -> None:
     assert [task.result() for task in fetched] == bodies
     assert len(receivers()) == 1
     assert not drain_threads()
+
+
+async def test_where_a_socket_cannot_be_lent_a_large_blob_comes_in_chunks_from_the_event_loop(
+    registry: FaultRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Windows: no descriptor to duplicate. No body is offered a drain, and with nothing to judge the link by, a
+    # large blob comes in chunks from the start, as over TLS.
+    monkeypatch.setattr(http1, "SUPPORTED", False)
+    monkeypatch.setattr(ollama_pull.registry, "SUPPORTED", False)
+    reference, digest, data = big_blob_model(registry)
+    async with make_client(insecure=True) as client:
+        async with client.stream("GET", f"{registry.url}/v2/ns/big/blobs/{digest}") as response:
+            assert DRAIN not in response.extensions
+        registry.reset_log()
+        await pull(reference, models_dir=tmp_path, insecure=True, settings=SPLIT, client=client)
+    assert Store(tmp_path).blob_path(digest).read_bytes() == data
+    ranges = [request.range for request in registry.blob_requests(digest)]
+    assert len(ranges) == -(-len(data) // SPLIT.chunk_size)
+    assert all(ranges)
 
 
 async def test_short_bodies_are_read_by_the_event_loop() -> None:
