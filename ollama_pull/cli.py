@@ -836,13 +836,16 @@ def entry() -> NoReturn:
     Every command has done its work, closed its files and synced what it must by the time :func:`main` exits, so
     only the standard streams are flushed here. The interpreter's own shutdown, which tears down every module and
     collects what a pull loaded after the freeze, took 24-40 ms at the end of a 1 s pull of 256 blobs, against
-    3-5 ms for the process's own exit (bench/PROFILE.md). :func:`main` itself exits as a Python function does,
-    for callers that go on afterwards."""
+    3-5 ms for the process's own exit (bench/PROFILE.md). Under a profiler or a tracer (cProfile, coverage), which
+    write what they saw at that shutdown, it runs as usual. :func:`main` exits as a Python function does, for
+    callers that go on afterwards."""
     code: str | int | None = 0
     try:
         main()
     except SystemExit as exc:
         code = exc.code
+    if sys.getprofile() is not None or sys.gettrace() is not None:
+        sys.exit(code)
     if isinstance(code, str):
         sys.stderr.write(f"{code}\n")
         code = 1

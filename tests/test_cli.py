@@ -269,6 +269,30 @@ def test_the_console_script_leaves_without_the_interpreters_teardown() -> None:
     assert scripts["ollama-pull"].value == "ollama_pull.cli:entry"
 
 
+def test_profilers_still_see_the_end_of_a_command(tmp_path: Path) -> None:
+    # cProfile writes its file at the interpreter's shutdown (python -m cProfile -m ollama_pull, as bench/PROFILE.md
+    # runs it), and coverage its data: under a profiler or a tracer the command keeps that shutdown.
+    written = tmp_path / "module.prof"
+    subprocess.run(
+        [sys.executable, "-m", "cProfile", "-o", str(written), "-m", "ollama_pull", "--version"],
+        capture_output=True,
+        check=True,
+    )
+    assert written.stat().st_size > 0
+    for hook in ("sys.setprofile", "sys.settrace"):
+        probe = (
+            "import atexit, sys\n"
+            "from ollama_pull.cli import entry\n"
+            "atexit.register(lambda: print('torn down', file=sys.stderr))\n"
+            f"{hook}(lambda *args: None)\n"
+            "sys.argv = ['ollama-pull', '--version']\n"
+            "entry()\n"
+        )
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert done.stderr.strip() == "torn down"
+
+
 def test_the_cli_freezes_what_it_loaded_and_collects_the_youngest_objects_less_often() -> None:
     probe = (
         "import gc, sys\n"
