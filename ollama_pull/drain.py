@@ -139,7 +139,7 @@ class Drain:
 
     @property
     def elapsed(self) -> float:
-        """Seconds since the receiving thread started."""
+        """Seconds since the drain began."""
         return 0.0 if self._started is None else time.monotonic() - self._started
 
     def _tell(self, progress: Callable[[int], None]) -> None:
@@ -180,17 +180,12 @@ class Drain:
                 while remaining:
                     if stop.is_set():
                         raise _Stop
-                    try:
-                        got = sock.recv_into(buffer, min(remaining, _BUFFER))
-                    except BlockingIOError:
+                    got = self._recv_into(sock, buffer, remaining)
+                    if got is None:
                         began = time.monotonic()
                         poller.poll(_WAIT * 1000)
                         self.waited += time.monotonic() - began
                         continue
-                    except OSError as exc:
-                        raise httpx2.ReadError(str(exc) or type(exc).__name__) from exc
-                    if not got:
-                        raise self._cut_short(remaining)
                     remaining -= got
                     self.received += got
                     buffer = writer.send(buffer, got, stop)
@@ -222,6 +217,19 @@ class Drain:
             raise httpx2.ReadError(str(exc) or type(exc).__name__) from exc
         sock.setblocking(False)
         return sock
+
+    def _recv_into(self, sock: socket.socket, buffer: memoryview, remaining: int) -> int | None:
+        """One receive of at most ``remaining`` bytes into ``buffer``: how many came, or None when none are
+        waiting. A connection that ends before the body does, or fails, raises."""
+        try:
+            got = sock.recv_into(buffer, min(remaining, _BUFFER))
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            raise httpx2.ReadError(str(exc) or type(exc).__name__) from exc
+        if not got:
+            raise self._cut_short(remaining)
+        return got
 
     def _cut_short(self, remaining: int) -> httpx2.RemoteProtocolError:
         return httpx2.RemoteProtocolError(
@@ -371,14 +379,9 @@ class _SharedReceiver:
     def _receive(self, body: _Body) -> None:
         """One read, once the socket has something: the selector reports it again while more is waiting."""
         assert body.sock is not None
-        try:
-            got = body.sock.recv_into(self._buffer, min(body.remaining, _BUFFER))
-        except BlockingIOError:
+        got = body.drain._recv_into(body.sock, self._buffer, body.remaining)
+        if got is None:
             return
-        except OSError as exc:
-            raise httpx2.ReadError(str(exc) or type(exc).__name__) from exc
-        if not got:
-            raise body.drain._cut_short(body.remaining)
         body.write([self._buffer[:got]])
         body.remaining -= got
         body.drain.received += got
