@@ -8,7 +8,9 @@ of the event loop's time; on a 1 GiB blob h11's receive buffer copied every byte
 connection writes the request head at once and hands the response body over as the transport received it,
 framed as RFC 9112 section 6 says: no body (HEAD, 1xx, 204, 304), chunked transfer coding, ``Content-Length``, or
 everything until the server closes. A connection goes back to the pool only after a complete response that
-leaves nothing unread; anything else closes it.
+leaves nothing unread; anything else closes it. The pool and its connections take a :class:`Request` and give a
+:class:`Response` of their own, and fail with httpx2's exceptions, so that a pull over plain HTTP never loads
+httpcore2 (:mod:`ollama_pull.network`).
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ import re
 import ssl
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
-from typing import cast
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
 
-import httpcore2
+import httpx2
 
 from .drain import DRAIN, DRAIN_MIN, SUPPORTED, Drain, Lender
 
@@ -37,6 +40,95 @@ _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _HEX = re.compile(rb"[0-9A-Fa-f]+")
 
 
+@dataclass(frozen=True)
+class Origin:
+    """Where a connection goes: a pool keeps connections to one origin apart from another's."""
+
+    scheme: bytes
+    host: bytes
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.scheme.decode('ascii')}://{self.host.decode('ascii')}:{self.port}"
+
+
+@dataclass(frozen=True)
+class URL:
+    """A request's URL in the pieces HTTP/1.1 sends; no port means the scheme's own."""
+
+    scheme: bytes
+    host: bytes
+    port: int | None
+    target: bytes
+
+    @property
+    def origin(self) -> Origin:
+        return Origin(self.scheme, self.host, self.port or (443 if self.scheme == b"https" else 80))
+
+
+class Request:
+    """A request as the pool and its connections take it: httpx2's, in bytes, with httpx2's extensions (the
+    timeouts, ``sni_hostname``). It has the attributes of httpcore's request, so that respx's httpcore mocker
+    can stand in for the pool in tests."""
+
+    __slots__ = ("extensions", "headers", "method", "stream", "url")
+
+    def __init__(
+        self,
+        method: bytes,
+        url: URL,
+        headers: list[tuple[bytes, bytes]],
+        stream: AsyncIterable[bytes],
+        extensions: dict[str, Any],
+    ) -> None:
+        self.method = method
+        self.url = url
+        self.headers = headers
+        self.stream = stream
+        self.extensions = extensions
+
+
+class Response:
+    """A response's status and headers, and its body (``stream``), which is read as it arrives."""
+
+    __slots__ = ("extensions", "headers", "status", "stream")
+
+    def __init__(
+        self,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        stream: AsyncIterable[bytes],
+        extensions: dict[str, Any],
+    ) -> None:
+        self.status = status
+        self.headers = headers
+        self.stream = stream
+        self.extensions = extensions
+
+
+class Stream(Protocol):
+    """A connection's bytes, plain or TLS (:class:`ollama_pull.network.AsyncioStream`). Failures are httpx2's
+    exceptions: ``ReadError``, ``ReadTimeout`` and so on."""
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes: ...
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    async def start_tls(
+        self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
+    ) -> Stream: ...
+
+    def get_extra_info(self, info: str) -> Any: ...
+
+
+class Backend(Protocol):
+    """How a connection opens its stream (:class:`ollama_pull.network.AsyncioBackend`)."""
+
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None) -> Stream: ...
+
+
 class _State(enum.Enum):
     NEW = "new"
     ACTIVE = "active"
@@ -50,11 +142,11 @@ class Http1Connection:
 
     def __init__(
         self,
-        origin: httpcore2.Origin,
+        origin: Origin,
         *,
-        ssl_context: ssl.SSLContext | None,
+        ssl_context: Callable[[], ssl.SSLContext],
         keepalive_expiry: float | None,
-        backend: httpcore2.AsyncNetworkBackend,
+        backend: Backend,
         returned: Callable[[Http1Connection], Awaitable[None]],
     ) -> None:
         self._origin = origin
@@ -62,17 +154,17 @@ class Http1Connection:
         self._ssl_context = ssl_context
         self._keepalive_expiry = keepalive_expiry
         self._backend = backend
-        self._stream: httpcore2.AsyncNetworkStream | None = None
+        self._stream: Stream | None = None
         self._state = _State.NEW
         self._expire_at: float | None = None
         self._requests = 0
 
-    async def handle_async_request(self, request: httpcore2.Request) -> httpcore2.Response:
+    async def handle_async_request(self, request: Request) -> Response:
         if request.url.origin != self._origin:
             raise RuntimeError(f"a request to {request.url.origin} on a connection to {self._origin}")
         # No await between the check and the claim: on one event loop nobody else can claim it in between.
         if self._state not in (_State.NEW, _State.IDLE):
-            raise httpcore2.ConnectionNotAvailable()
+            raise RuntimeError(f"a request on a connection that is {self._state.value}")
         self._state = _State.ACTIVE
         self._expire_at = None
         self._requests += 1
@@ -82,7 +174,7 @@ class Http1Connection:
                 self._stream = await self._connect(request, timeouts.get("connect"))
             # A server may answer and close before it has read the whole request (a 401 or a 413 to an upload):
             # its response says more than the write error, so read it, as httpcore2 does.
-            with contextlib.suppress(httpcore2.WriteError):
+            with contextlib.suppress(httpx2.WriteError):
                 await _send(self._stream, request, timeouts.get("write"))
             head = await _Head.receive(self._stream, timeouts.get("read"))
             body = _Body(self, self._stream, request, head, timeouts.get("read"))
@@ -93,14 +185,14 @@ class Http1Connection:
         drain = body.drain()
         if drain is not None:
             extensions[DRAIN] = drain
-        return httpcore2.Response(status=head.status, headers=head.headers, content=body, extensions=extensions)
+        return Response(head.status, head.headers, body, extensions)
 
-    async def _connect(self, request: httpcore2.Request, timeout: float | None) -> httpcore2.AsyncNetworkStream:
+    async def _connect(self, request: Request, timeout: float | None) -> Stream:
         host = self._origin.host.decode("ascii")
         stream = await self._backend.connect_tcp(host, self._origin.port, timeout=timeout)
         if self._origin.scheme != b"https":
             return stream
-        context = self._ssl_context or httpcore2.default_ssl_context()
+        context = self._ssl_context()
         server_hostname = request.extensions.get("sni_hostname") or host
         try:
             return await stream.start_tls(context, server_hostname=server_hostname, timeout=timeout)
@@ -119,7 +211,7 @@ class Http1Connection:
         await self._returned(self)
 
     @property
-    def origin(self) -> httpcore2.Origin:
+    def origin(self) -> Origin:
         return self._origin
 
     async def aclose(self) -> None:
@@ -148,20 +240,20 @@ class Http1Connection:
         return f"<{type(self).__name__} [{self._origin}, HTTP/1.1, {self._state.name}, {self._requests} requests]>"
 
 
-async def _send(stream: httpcore2.AsyncNetworkStream, request: httpcore2.Request, timeout: float | None) -> None:
+async def _send(stream: Stream, request: Request, timeout: float | None) -> None:
     """The request head in one write, then its body, framed as its headers say."""
     lines = [b"%s %s HTTP/1.1\r\n" % (request.method, request.url.target)]
     chunked = False
     declared: int | None = None
     for name, value in request.headers:
         if not _TOKEN.fullmatch(name) or b"\r" in value or b"\n" in value or b"\0" in value:
-            raise httpcore2.LocalProtocolError(f"an invalid request header: {name!r}")
+            raise httpx2.LocalProtocolError(f"an invalid request header: {name!r}")
         lowered = name.lower()
         if lowered == b"transfer-encoding":
             chunked = value.strip().lower().endswith(b"chunked")
         elif lowered == b"content-length":
             if not value.isdigit():
-                raise httpcore2.LocalProtocolError(f"an invalid Content-Length: {value!r}")
+                raise httpx2.LocalProtocolError(f"an invalid Content-Length: {value!r}")
             declared = int(value)
         lines.append(b"%s: %s\r\n" % (name, value))
     lines.append(b"\r\n")
@@ -175,12 +267,12 @@ async def _send(stream: httpcore2.AsyncNetworkStream, request: httpcore2.Request
         if chunked:
             piece = b"%x\r\n%s\r\n" % (len(piece), piece)
         elif declared is None or sent > declared:
-            raise httpcore2.LocalProtocolError("a request body longer than its Content-Length, or without one")
+            raise httpx2.LocalProtocolError("a request body longer than its Content-Length, or without one")
         await stream.write(piece, timeout=timeout)
     if chunked:
         await stream.write(b"0\r\n\r\n", timeout=timeout)
     elif declared is not None and sent != declared:
-        raise httpcore2.LocalProtocolError(f"a request body of {sent} bytes for a Content-Length of {declared}")
+        raise httpx2.LocalProtocolError(f"a request body of {sent} bytes for a Content-Length of {declared}")
 
 
 class _Head:
@@ -198,40 +290,40 @@ class _Head:
         self.rest = rest
 
     @classmethod
-    async def receive(cls, stream: httpcore2.AsyncNetworkStream, timeout: float | None) -> _Head:
+    async def receive(cls, stream: Stream, timeout: float | None) -> _Head:
         """The final response's head; informational (1xx) responses before it are read and passed over."""
         buffer = b""
         while True:
             head = await _read_head(stream, buffer, timeout)
             buffer = head.rest
             if head.status == 101:
-                raise httpcore2.RemoteProtocolError("the server switched protocols, which nobody asked it to")
+                raise httpx2.RemoteProtocolError("the server switched protocols, which nobody asked it to")
             if head.status >= 200:
                 return head
 
 
-async def _read_head(stream: httpcore2.AsyncNetworkStream, buffer: bytes, timeout: float | None) -> _Head:
+async def _read_head(stream: Stream, buffer: bytes, timeout: float | None) -> _Head:
     searched = 0
     while (end := _HEAD_END.search(buffer, searched)) is None:
         if len(buffer) > MAX_HEAD:
-            raise httpcore2.RemoteProtocolError(f"a response head of more than {MAX_HEAD} bytes")
+            raise httpx2.RemoteProtocolError(f"a response head of more than {MAX_HEAD} bytes")
         # A head's end may straddle two reads: search again from a little before the new bytes.
         searched = max(0, len(buffer) - 3)
         data = await stream.read(_READ, timeout=timeout)
         if not data:
-            raise httpcore2.RemoteProtocolError(
+            raise httpx2.RemoteProtocolError(
                 "Server disconnected without sending a response." if not buffer else "the response head was cut short"
             )
         buffer += data
     lines = buffer[: end.start()].split(b"\n")
     status = _STATUS_LINE.fullmatch(lines[0].rstrip(b"\r"))
     if status is None:
-        raise httpcore2.RemoteProtocolError(f"not an HTTP/1.1 status line: {lines[0][:80]!r}")
+        raise httpx2.RemoteProtocolError(f"not an HTTP/1.1 status line: {lines[0][:80]!r}")
     headers: list[tuple[bytes, bytes]] = []
     for line in lines[1:]:
         name, colon, value = line.rstrip(b"\r").partition(b":")
         if not colon or not _TOKEN.fullmatch(name):
-            raise httpcore2.RemoteProtocolError(f"an invalid response header line: {line[:80]!r}")
+            raise httpx2.RemoteProtocolError(f"an invalid response header line: {line[:80]!r}")
         headers.append((name, value.strip(b" \t")))
     version, code, reason = status.groups()
     return _Head(version, int(code), reason or b"", headers, buffer[end.end() :])
@@ -243,8 +335,8 @@ class _Body:
     def __init__(
         self,
         connection: Http1Connection,
-        stream: httpcore2.AsyncNetworkStream,
-        request: httpcore2.Request,
+        stream: Stream,
+        request: Request,
         head: _Head,
         timeout: float | None,
     ) -> None:
@@ -268,7 +360,7 @@ class _Body:
             self._reusable = self._reusable and self._chunked and not lengths
         elif lengths:
             if len(lengths) > 1 or not all(value.isdigit() for value in lengths):
-                raise httpcore2.RemoteProtocolError(f"an invalid Content-Length: {sorted(lengths)!r}")
+                raise httpx2.RemoteProtocolError(f"an invalid Content-Length: {sorted(lengths)!r}")
             self._length = int(lengths.pop())
         else:
             self._reusable = False
@@ -305,7 +397,7 @@ class _Body:
         while remaining:
             data = await self._read()
             if not data:
-                raise httpcore2.RemoteProtocolError(
+                raise httpx2.RemoteProtocolError(
                     "peer closed connection without sending complete message body: "
                     f"received {length - remaining} bytes, expected {length}"
                 )
@@ -329,7 +421,7 @@ class _Body:
             size_line = await self._line()
             size = size_line.split(b";", 1)[0].strip()
             if not _HEX.fullmatch(size):
-                raise httpcore2.RemoteProtocolError(f"an invalid chunk size: {size_line[:80]!r}")
+                raise httpx2.RemoteProtocolError(f"an invalid chunk size: {size_line[:80]!r}")
             remaining = int(size, 16)
             if remaining == 0:
                 # Trailer fields, if any, up to the empty line that ends the message; we have no use for them.
@@ -340,22 +432,22 @@ class _Body:
             while remaining:
                 data = await self._read()
                 if not data:
-                    raise httpcore2.RemoteProtocolError("peer closed connection in the middle of a chunk")
+                    raise httpx2.RemoteProtocolError("peer closed connection in the middle of a chunk")
                 piece, self._rest = data[:remaining], data[remaining:]
                 remaining -= len(piece)
                 yield piece
             if await self._line():
-                raise httpcore2.RemoteProtocolError("a chunk longer than its size")
+                raise httpx2.RemoteProtocolError("a chunk longer than its size")
 
     async def _line(self) -> bytes:
         """The next line of the chunked framing, without its line ending."""
         buffer = b""
         while (end := buffer.find(b"\n")) < 0:
             if len(buffer) > MAX_HEAD:
-                raise httpcore2.RemoteProtocolError("a chunk header line that never ends")
+                raise httpx2.RemoteProtocolError("a chunk header line that never ends")
             data = await self._read()
             if not data:
-                raise httpcore2.RemoteProtocolError("peer closed connection in the chunked framing")
+                raise httpx2.RemoteProtocolError("peer closed connection in the chunked framing")
             buffer += data
         self._rest = buffer[end + 1 :]
         return buffer[:end].rstrip(b"\r")

@@ -7,15 +7,17 @@ bench/PROFILE.md). Here the event loop's transport buffers what arrives, and a r
 without waiting at all, one received chunk at a time.
 
 httpx2's own transport has no parameter for the network backend, so ``DirectTransport`` does what it does
-with public API only: it owns the pool, builds httpcore2's request from httpx2's, and httpx2's response and
-exceptions from httpcore2's. Only this module, :mod:`ollama_pull.pool` and :mod:`ollama_pull.http1` (its
-connections) import httpcore2 (a ruff banned-api rule).
+with public API only: it owns the pool, builds the pool's request from httpx2's, and httpx2's response from the
+pool's. The pool, its connections and this backend fail with httpx2's exceptions, so nothing here imports
+httpcore2: 25-33 ms of the start-up of a pull over plain HTTP, where httpx2 itself loads it only to make a TLS
+context or a transport of its own (through a proxy). A ruff banned-api rule keeps it out of the package.
 ``make_client`` builds the client a pull uses: TLS, proxies and the choice of transport.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 import urllib.request
 import warnings
@@ -24,12 +26,12 @@ from collections.abc import AsyncIterable, AsyncIterator
 from pathlib import Path
 from typing import Any, cast
 
-import httpcore2
 import httpx2
 
 from . import __version__
 from .auth import RegistryAuth
 from .errors import RegistryError
+from .http1 import URL, Request
 from .huggingface import HuggingFaceToken
 from .pool import ConnectionPool
 
@@ -130,17 +132,17 @@ class _Receiver(asyncio.Protocol):
                 self._resume()
             return data
         if self._error is not None:
-            raise httpcore2.ReadError(str(self._error) or type(self._error).__name__) from self._error
+            raise httpx2.ReadError(str(self._error) or type(self._error).__name__) from self._error
         return b""
 
-    async def changed(self, timeout: float | None, timed_out: type[httpcore2.TimeoutException]) -> None:
+    async def changed(self, timeout: float | None, timed_out: type[httpx2.TimeoutException]) -> None:
         """Wait until data, the end of the connection, or room to write arrives; ``timed_out`` after ``timeout``."""
         # A connection carries one request at a time, reading or writing: there is one waiter at most. A plain
         # timer, not asyncio.timeout(), whose task bookkeeping on every wait was 5% of the event loop's time on a
         # 1 GiB blob.
         loop = asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()
-        timer = None if timeout is None else loop.call_later(timeout, _expire, waiter, timed_out)
+        timer = None if timeout is None else loop.call_later(timeout, _expire, waiter, timed_out(f"{timeout:g} s"))
         try:
             await waiter
         finally:
@@ -153,14 +155,14 @@ class _Receiver(asyncio.Protocol):
             self._waiter.set_result(None)
 
 
-def _expire(waiter: asyncio.Future[None], timed_out: type[httpcore2.TimeoutException]) -> None:
+def _expire(waiter: asyncio.Future[None], timed_out: httpx2.TimeoutException) -> None:
     if not waiter.done():
-        waiter.set_exception(timed_out())
+        waiter.set_exception(timed_out)
 
 
-class AsyncioStream(httpcore2.AsyncNetworkStream):
-    """One connection, plain or TLS, as httpcore2 sees it. A plain one lends its socket to a body's drain
-    (:mod:`ollama_pull.drain`)."""
+class AsyncioStream:
+    """One connection, plain or TLS, as our connections use it (:class:`ollama_pull.http1.Stream`). A plain one
+    lends its socket to a body's drain (:mod:`ollama_pull.drain`)."""
 
     def __init__(self, transport: asyncio.Transport, receiver: _Receiver, *, plain: bool = True) -> None:
         self._transport = transport
@@ -178,19 +180,19 @@ class AsyncioStream(httpcore2.AsyncNetworkStream):
         self._receiver.take_back()
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        # ``max_bytes`` (httpcore2 asks for 64 KiB) is taken as a hint: a received chunk, at most the 256 KiB the
-        # transport reads at once, is handed over whole. Splitting it would only add trips through httpcore2 and
-        # h11 for the same bytes, and those trips are the cost this backend exists to cut.
+        # ``max_bytes`` (our connections ask for 64 KiB) is taken as a hint: a received chunk, at most the 256 KiB
+        # the transport reads at once, is handed over whole. Splitting it would only add trips through the
+        # framing for the same bytes, and those trips are the cost this backend exists to cut.
         if not self._receiver.readable:
-            await self._receiver.changed(timeout, httpcore2.ReadTimeout)
+            await self._receiver.changed(timeout, httpx2.ReadTimeout)
         return self._receiver.take()
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
         if self._transport.is_closing():
-            raise httpcore2.WriteError("the connection is closed")
+            raise httpx2.WriteError("the connection is closed")
         self._transport.write(buffer)
         while self._receiver.writing_paused and not self._transport.is_closing():
-            await self._receiver.changed(timeout, httpcore2.WriteTimeout)
+            await self._receiver.changed(timeout, httpx2.WriteTimeout)
 
     async def aclose(self) -> None:
         self._transport.close()
@@ -200,7 +202,7 @@ class AsyncioStream(httpcore2.AsyncNetworkStream):
         ssl_context: ssl.SSLContext,
         server_hostname: str | None = None,
         timeout: float | None = None,
-    ) -> httpcore2.AsyncNetworkStream:
+    ) -> AsyncioStream:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout):
@@ -209,89 +211,46 @@ class AsyncioStream(httpcore2.AsyncNetworkStream):
                 )
         except TimeoutError as exc:
             self._transport.abort()
-            raise httpcore2.ConnectTimeout() from exc
+            raise httpx2.ConnectTimeout(f"no TLS handshake within {timeout:g} s") from exc
         except (OSError, EOFError) as exc:
             self._transport.abort()
-            raise httpcore2.ConnectError(str(exc) or type(exc).__name__) from exc
+            raise httpx2.ConnectError(str(exc) or type(exc).__name__) from exc
         if transport is None:
-            raise httpcore2.ConnectError("the connection closed during the TLS handshake")
+            raise httpx2.ConnectError("the connection closed during the TLS handshake")
         self._receiver.switch(transport)
         return AsyncioStream(transport, self._receiver, plain=False)
 
     def get_extra_info(self, info: str) -> Any:
         if info == "is_readable":
-            # httpcore2 asks before reusing an idle connection: readable then means the server closed it.
+            # Asked before an idle connection is reused: readable then means the server closed it.
             return self._receiver.readable
         return self._transport.get_extra_info({"client_addr": "sockname", "server_addr": "peername"}.get(info, info))
 
 
-class AsyncioBackend(httpcore2.AsyncNetworkBackend):
-    """Connections on the running event loop's transports."""
+class AsyncioBackend:
+    """Connections on the running event loop's transports (:class:`ollama_pull.http1.Backend`)."""
 
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Any = None,
-    ) -> httpcore2.AsyncNetworkStream:
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None) -> AsyncioStream:
         loop = asyncio.get_running_loop()
-        local = (local_address, 0) if local_address else None
         try:
             async with asyncio.timeout(timeout):
-                transport, receiver = await loop.create_connection(_Receiver, host, port, local_addr=local)
+                transport, receiver = await loop.create_connection(_Receiver, host, port)
         except TimeoutError as exc:
-            raise httpcore2.ConnectTimeout() from exc
+            raise httpx2.ConnectTimeout(f"no connection within {timeout:g} s") from exc
         except OSError as exc:
-            raise httpcore2.ConnectError(str(exc) or type(exc).__name__) from exc
-        sock = transport.get_extra_info("socket")
-        for option in socket_options or ():
-            sock.setsockopt(*option)
+            raise httpx2.ConnectError(str(exc) or type(exc).__name__) from exc
         return AsyncioStream(transport, receiver)
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
-
-
-# httpcore2's exceptions and httpx2's, most specific first, so that the first match is the one to raise.
-_EXCEPTIONS: tuple[tuple[type[Exception], type[httpx2.TransportError]], ...] = (
-    (httpcore2.ConnectTimeout, httpx2.ConnectTimeout),
-    (httpcore2.ReadTimeout, httpx2.ReadTimeout),
-    (httpcore2.WriteTimeout, httpx2.WriteTimeout),
-    (httpcore2.PoolTimeout, httpx2.PoolTimeout),
-    (httpcore2.TimeoutException, httpx2.TimeoutException),
-    (httpcore2.ConnectError, httpx2.ConnectError),
-    (httpcore2.ReadError, httpx2.ReadError),
-    (httpcore2.WriteError, httpx2.WriteError),
-    (httpcore2.NetworkError, httpx2.NetworkError),
-    (httpcore2.ProxyError, httpx2.ProxyError),
-    (httpcore2.UnsupportedProtocol, httpx2.UnsupportedProtocol),
-    (httpcore2.LocalProtocolError, httpx2.LocalProtocolError),
-    (httpcore2.RemoteProtocolError, httpx2.RemoteProtocolError),
-    (httpcore2.ProtocolError, httpx2.ProtocolError),
-)
-_CORE_ERRORS = tuple(core for core, _ in _EXCEPTIONS)
-
-
-def _translated(exc: Exception) -> httpx2.TransportError:
-    """httpx2's exception for one of httpcore2's, with its message (the caller chains it)."""
-    ours = next(ours for core, ours in _EXCEPTIONS if isinstance(exc, core))
-    return ours(str(exc))
 
 
 class _ResponseStream(httpx2.AsyncByteStream):
-    """A response body from the pool, with httpcore2's exceptions translated."""
+    """A response body from the pool, as httpx2's responses take one."""
 
     def __init__(self, stream: AsyncIterable[bytes]) -> None:
         self._stream = stream
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in self._stream:
-                yield chunk
-        except _CORE_ERRORS as exc:
-            raise _translated(exc) from exc
+        async for chunk in self._stream:
+            yield chunk
 
     async def aclose(self) -> None:
         aclose = getattr(self._stream, "aclose", None)
@@ -306,28 +265,37 @@ class DirectTransport(httpx2.AsyncBaseTransport):
     KEEPALIVE_EXPIRY = 5.0
 
     def __init__(self, connections: int, *, verify: bool | ssl.SSLContext) -> None:
-        context = httpx2.create_ssl_context(verify=verify)
-        # Our connections speak HTTP/1.1 only; a server must not pick h2 for them.
-        context.set_alpn_protocols(["http/1.1"])
+        self._verify = verify
+        self._ssl_context: ssl.SSLContext | None = None
         self.pool = ConnectionPool(
-            size=connections, ssl_context=context, keepalive_expiry=self.KEEPALIVE_EXPIRY, backend=AsyncioBackend()
+            size=connections,
+            ssl_context=self._context,
+            keepalive_expiry=self.KEEPALIVE_EXPIRY,
+            backend=AsyncioBackend(),
         )
+
+    def _context(self) -> ssl.SSLContext:
+        """The TLS context, made for the first TLS connection: httpx2 imports httpcore2 to make one, 25-40 ms of
+        start-up that a pull over plain HTTP has no use for (:func:`make_client` passes the context it has made
+        when it verifies)."""
+        if self._ssl_context is None:
+            context = httpx2.create_ssl_context(verify=self._verify)
+            # Our connections speak HTTP/1.1 only; a server must not pick h2 for them.
+            context.set_alpn_protocols(["http/1.1"])
+            self._ssl_context = context
+        return self._ssl_context
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         assert isinstance(request.stream, httpx2.AsyncByteStream)
         url = request.url
-        core = httpcore2.Request(
-            method=request.method,
-            url=httpcore2.URL(scheme=url.raw_scheme, host=url.raw_host, port=url.port, target=url.raw_path),
-            headers=request.headers.raw,
-            content=request.stream,
-            extensions=request.extensions,
+        ours = Request(
+            request.method.encode("ascii"),
+            URL(url.raw_scheme, url.raw_host, url.port, url.raw_path),
+            request.headers.raw,
+            request.stream,
+            request.extensions,
         )
-        try:
-            response = await self.pool.handle_async_request(core)
-        except _CORE_ERRORS as exc:
-            raise _translated(exc) from exc
-        assert isinstance(response.stream, AsyncIterable)
+        response = await self.pool.handle_async_request(ours)
         return httpx2.Response(
             status_code=response.status,
             headers=response.headers,
@@ -370,9 +338,10 @@ def make_client(
     system's store (OpenSSL's on Linux, through truststore on macOS and Windows), or instead the bundle that
     ``SSL_CERT_FILE`` (or the directory ``SSL_CERT_DIR``) names; ``ca_cert`` adds a CA to those.
     """
-    verify: bool | ssl.SSLContext = not insecure
-    if ca_cert is not None and not insecure:
-        verify = httpx2.create_ssl_context()
+    # Verifying, the context is made now rather than at the first TLS connection: a pull over HTTPS needs it at
+    # once, and helpers forked before their first request share it instead of loading the CAs again (25-40 ms).
+    verify: bool | ssl.SSLContext = False if insecure else _verifying_context()
+    if ca_cert is not None and isinstance(verify, ssl.SSLContext):
         try:
             verify.load_verify_locations(cafile=ca_cert)
         except (OSError, ssl.SSLError) as exc:
@@ -387,6 +356,18 @@ def make_client(
         limits=limits,
         transport=transport or _direct_transport(concurrency + 4, verify),
     )
+
+
+def _verifying_context() -> ssl.SSLContext:
+    """httpx2's context for verifying servers; a bundle that ``SSL_CERT_FILE`` names and OpenSSL cannot load is
+    an error that says so (the only way making it fails)."""
+    try:
+        return httpx2.create_ssl_context()
+    except (OSError, ssl.SSLError) as exc:
+        raise RegistryError(
+            f"cannot use the CA certificates SSL_CERT_FILE names ({os.environ.get('SSL_CERT_FILE')}): {exc}; "
+            "point SSL_CERT_FILE at a PEM bundle, or unset it"
+        ) from exc
 
 
 class PullClient(httpx2.AsyncClient):

@@ -14,50 +14,45 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
-import httpcore2
+import httpx2
 
-from .http1 import Http1Connection
+from .http1 import Backend, Http1Connection, Origin, Request, Response
 
 # A request waiting for a connection: the origin it is for, and where the connection is handed to it.
-_Turn = tuple[httpcore2.Origin, "asyncio.Future[Http1Connection]"]
-# httpcore2's origins compare equal but do not hash.
-_Key = tuple[bytes, bytes, int]
-
-
-def _key(origin: httpcore2.Origin) -> _Key:
-    return (origin.scheme, origin.host, origin.port)
+_Turn = tuple[Origin, "asyncio.Future[Http1Connection]"]
 
 
 class ConnectionPool:
     """HTTP/1.1 connections (:mod:`ollama_pull.http1`) to any origin, ``size`` at most, as httpcore2's pools
-    serve httpx2's transports: ``handle_async_request`` takes httpcore2's request and returns its response, and
-    closing the response's body gives the connection back."""
+    serve httpx2's transports: ``handle_async_request`` takes a request and returns its response, and closing the
+    response's body gives the connection back. ``ssl_context`` is asked for the TLS context when a connection
+    needs one."""
 
     def __init__(
         self,
         *,
         size: int,
-        ssl_context: ssl.SSLContext | None,
+        ssl_context: Callable[[], ssl.SSLContext],
         keepalive_expiry: float | None,
-        backend: httpcore2.AsyncNetworkBackend,
+        backend: Backend,
     ) -> None:
         self._size = size
         self._new_connection = (ssl_context, keepalive_expiry, backend)
         # Every connection the pool holds, in use or idle; the idle ones by origin, the most recently used last.
         self._connections: set[Http1Connection] = set()
-        self._idle: dict[_Key, list[Http1Connection]] = {}
+        self._idle: dict[Origin, list[Http1Connection]] = {}
         self._waiting: deque[_Turn] = deque()
 
     @property
     def connections(self) -> list[Http1Connection]:
         return list(self._connections)
 
-    async def handle_async_request(self, request: httpcore2.Request) -> httpcore2.Response:
+    async def handle_async_request(self, request: Request) -> Response:
         url = request.url
         if url.scheme not in (b"http", b"https"):
-            raise httpcore2.UnsupportedProtocol(f"Request URL has an unsupported protocol {url.scheme.decode()!r}.")
+            raise httpx2.UnsupportedProtocol(f"Request URL has an unsupported protocol {url.scheme.decode()!r}.")
         retired: list[Http1Connection] = []
         try:
             # _wait_for puts the request in line before it awaits anything, so that no connection given back
@@ -74,11 +69,11 @@ class ConnectionPool:
             await self._returned(connection)
             raise
 
-    def _take(self, origin: httpcore2.Origin, retired: list[Http1Connection]) -> Http1Connection | None:
+    def _take(self, origin: Origin, retired: list[Http1Connection]) -> Http1Connection | None:
         """An idle connection to ``origin``, else a new one if there is room, made if need be by retiring the
         longest idle connection to another origin; None when every connection is in use. Connections found
         expired are retired too: the caller closes what ``retired`` holds."""
-        idle = self._idle.get(_key(origin))
+        idle = self._idle.get(origin)
         while idle:
             connection = idle.pop()
             if not connection.has_expired():
@@ -100,7 +95,7 @@ class ConnectionPool:
         self._connections.discard(connection)
         retired.append(connection)
 
-    async def _wait_for(self, origin: httpcore2.Origin, timeout: float | None) -> Http1Connection:
+    async def _wait_for(self, origin: Origin, timeout: float | None) -> Http1Connection:
         """A connection for ``origin`` once one is handed over, in the order the requests came; PoolTimeout after
         ``timeout``."""
         turn: asyncio.Future[Http1Connection] = asyncio.get_running_loop().create_future()
@@ -116,13 +111,13 @@ class ConnectionPool:
             else:
                 self._waiting.remove(entry)
             if isinstance(exc, TimeoutError):
-                raise httpcore2.PoolTimeout(f"no connection came free within {timeout} s") from exc
+                raise httpx2.PoolTimeout(f"no connection came free within {timeout} s") from exc
             raise
 
     async def _returned(self, connection: Http1Connection) -> None:
         """``connection`` carries no request any more: it waits for the next one, or it has closed."""
         if connection.is_idle():
-            self._idle.setdefault(_key(connection.origin), []).append(connection)
+            self._idle.setdefault(connection.origin, []).append(connection)
         else:
             self._connections.discard(connection)
         await self._serve()

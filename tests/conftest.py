@@ -9,7 +9,7 @@ import pytest
 import respx
 
 # respx's httpcore2 mocker (registered by pytest-httpx2) patches httpcore2's pools; a pull's direct connections go
-# through a pool of ours, which takes and returns httpcore2's requests and responses in the same shape.
+# through a pool of ours, whose requests and responses have the attributes of httpcore's that the mocker uses.
 respx.mocks.Mocker.registry["httpcore2"].add_targets("ollama_pull.pool.ConnectionPool")
 
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy")

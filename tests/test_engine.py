@@ -13,8 +13,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import httpcore2
 import httpx
+import httpx2
 import pytest
 import respx
 
@@ -200,9 +200,9 @@ async def test_a_blob_that_never_verifies_fails_with_an_integrity_error(store: S
         # Each row: the first answer for the blob, and the reason the retry event must give.
         (httpx.Response(503, headers={"Retry-After": "0"}), "HTTP 503"),
         (httpx.Response(404), "HTTP 404"),
-        (httpcore2.ReadError("reset by peer"), "connection reset"),
-        (httpcore2.RemoteProtocolError("peer closed connection"), "connection closed early"),
-        (httpcore2.ConnectError("refused"), "connection failed"),
+        (httpx2.ReadError("reset by peer"), "connection reset"),
+        (httpx2.RemoteProtocolError("peer closed connection"), "connection closed early"),
+        (httpx2.ConnectError("refused"), "connection failed"),
         (httpx.Response(200, stream=ChunkStream(b"x" * 50_000)), "more than the manifest's 40000 bytes"),
         (httpx.Response(200, stream=ChunkStream(b"x" * 1000)), "the body ended after 1000 of 40000 bytes"),
         (httpx.Response(200, headers={"Content-Encoding": "gzip"}, stream=ChunkStream(gzip.compress(b"x"))), "gzip"),

@@ -6,7 +6,6 @@ import asyncio
 import re
 from collections.abc import AsyncIterator
 
-import httpcore2
 import httpx
 import httpx2
 import pytest
@@ -92,7 +91,7 @@ async def test_429_and_5xx_are_retried_honouring_retry_after() -> None:
             side_effect=[
                 httpx.Response(429, headers={"Retry-After": "3"}),
                 httpx.Response(503),
-                httpcore2.ConnectError("refused"),
+                httpx2.ConnectError("refused"),
                 httpx.Response(200, content=model.manifest.raw),
             ]
         )
@@ -341,7 +340,7 @@ async def test_a_token_service_down_for_a_moment_is_retried_like_the_manifest() 
         token = router.get("https://auth.test/token").mock(
             side_effect=[
                 httpx.Response(503),
-                httpcore2.ConnectError("refused"),
+                httpx2.ConnectError("refused"),
                 httpx.Response(200, json={"token": "t"}),
             ]
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime
 import ipaddress
@@ -11,6 +12,7 @@ import ssl
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx2
 import pytest
@@ -21,7 +23,7 @@ from cryptography.x509.oid import NameOID
 
 from ollama_pull import pull as api_pull
 from ollama_pull.drain import DRAIN, DRAIN_MIN
-from ollama_pull.network import make_client
+from ollama_pull.network import DirectTransport, PullClient, make_client
 from ollama_pull.store import Store
 from tests.fakes import FAST
 from tests.fault_registry import FaultRegistry
@@ -130,6 +132,55 @@ def test_ssl_cert_file_trusts_the_ca(https_registry: tuple[FaultRegistry, Path],
     run = pull(models, reference(registry, model), SSL_CERT_FILE=str(ca_path))
     assert run.returncode == 0, run.stderr
     assert_store_holds(models, registry, model)
+
+
+@pytest.mark.parametrize("bundle", ["missing", "not PEM"])
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_a_bundle_that_ssl_cert_file_names_and_that_cannot_be_loaded_is_a_one_line_error(
+    https_registry: tuple[FaultRegistry, Path], models: Path, tmp_path: Path, bundle: str, dry_run: bool
+) -> None:
+    registry, _ = https_registry
+    model = registry.add_synthetic_model("library/demo", blobs=2, blob_size=4096)
+    path = tmp_path / "bundle.pem"
+    if bundle == "not PEM":
+        path.write_text("not a certificate\n")
+    run = pull(models, *(["--dry-run"] if dry_run else []), reference(registry, model), SSL_CERT_FILE=str(path))
+    assert run.returncode == 1
+    [line] = run.stderr.strip().splitlines()
+    assert line.startswith(f"error: cannot use the CA certificates SSL_CERT_FILE names ({path}): ")
+    assert line.endswith("point SSL_CERT_FILE at a PEM bundle, or unset it")
+    assert not models.exists()
+
+
+@pytest.mark.anyio
+async def test_without_verifying_the_tls_context_is_made_for_the_first_tls_connection(
+    https_registry: tuple[FaultRegistry, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Making one loads httpcore2 (and, to verify, the system's CAs): a pull over plain HTTP never needs one.
+    registry, _ = https_registry
+    made: list[ssl.SSLContext] = []
+    create = httpx2.create_ssl_context
+
+    def counting(*args: Any, **kwargs: Any) -> ssl.SSLContext:
+        made.append(create(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(httpx2, "create_ssl_context", counting)
+    with FaultRegistry() as plain:
+        async with make_client(insecure=True) as client:
+            assert (await client.get(f"{plain.url}/v2/")).status_code == 200
+            assert made == []
+            # Two requests at once, on two connections: one context.
+            responses = await asyncio.gather(*(client.get(f"{registry.url}/v2/") for _ in range(2)))
+            assert [response.status_code for response in responses] == [200, 200]
+            assert isinstance(client, PullClient)
+            assert isinstance(client.blob_transport, DirectTransport)
+            assert len(client.blob_transport.pool.connections) == 3
+            assert len(made) == 1
+    # Verifying, it is made with the client, before any request: a pull over HTTPS needs it at once, and helpers
+    # forked before their first request share it.
+    async with make_client():
+        assert len(made) == 2
 
 
 @pytest.mark.anyio
