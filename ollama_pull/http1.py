@@ -9,8 +9,8 @@ connection writes the request head at once and hands the response body over as t
 framed as RFC 9112 section 6 says: no body (HEAD, 1xx, 204, 304), chunked transfer coding, ``Content-Length``, or
 everything until the server closes. A connection goes back to the pool only after a complete response that
 leaves nothing unread; anything else closes it. The pool and its connections take a :class:`Request` and give a
-:class:`Response` of their own, and fail with httpx2's exceptions, so that a pull over plain HTTP never loads
-httpcore2 (:mod:`ollama_pull.network`).
+:class:`Response` of their own, and fail with httpx2's exceptions, so that a pull that does not verify TLS
+never loads httpcore2 (:mod:`ollama_pull.network`).
 """
 
 from __future__ import annotations
@@ -189,10 +189,11 @@ class Http1Connection:
 
     async def _connect(self, request: Request, timeout: float | None) -> Stream:
         host = self._origin.host.decode("ascii")
+        # The TLS context before the socket: making it may fail, and then there is no socket to close.
+        context = self._ssl_context() if self._origin.scheme == b"https" else None
         stream = await self._backend.connect_tcp(host, self._origin.port, timeout=timeout)
-        if self._origin.scheme != b"https":
+        if context is None:
             return stream
-        context = self._ssl_context()
         server_hostname = request.extensions.get("sni_hostname") or host
         try:
             return await stream.start_tls(context, server_hostname=server_hostname, timeout=timeout)

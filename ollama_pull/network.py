@@ -9,8 +9,9 @@ without waiting at all, one received chunk at a time.
 httpx2's own transport has no parameter for the network backend, so ``DirectTransport`` does what it does
 with public API only: it owns the pool, builds the pool's request from httpx2's, and httpx2's response from the
 pool's. The pool, its connections and this backend fail with httpx2's exceptions, so nothing here imports
-httpcore2: 25-33 ms of the start-up of a pull over plain HTTP, where httpx2 itself loads it only to make a TLS
-context or a transport of its own (through a proxy). A ruff banned-api rule keeps it out of the package.
+httpcore2: 25-33 ms of the start-up of a pull that does not verify TLS (``--insecure``), where httpx2 itself
+loads it only to make a TLS context or a transport of its own (through a proxy). A ruff banned-api rule keeps
+it out of the package.
 ``make_client`` builds the client a pull uses: TLS, proxies and the choice of transport.
 """
 
@@ -142,7 +143,7 @@ class _Receiver(asyncio.Protocol):
         # 1 GiB blob.
         loop = asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()
-        timer = None if timeout is None else loop.call_later(timeout, _expire, waiter, timed_out(f"{timeout:g} s"))
+        timer = None if timeout is None else loop.call_later(timeout, _expire, waiter, timed_out, timeout)
         try:
             await waiter
         finally:
@@ -155,9 +156,15 @@ class _Receiver(asyncio.Protocol):
             self._waiter.set_result(None)
 
 
-def _expire(waiter: asyncio.Future[None], timed_out: httpx2.TimeoutException) -> None:
+def _after(timeout: float | None) -> str:
+    """How long a wait that timed out lasted, for its message. The message of a ``TimeoutError`` that came with
+    no timeout of ours set is the kernel's (ETIMEDOUT), so the callers prefer an exception's own message."""
+    return "" if timeout is None else f" after {timeout:g} s"
+
+
+def _expire(waiter: asyncio.Future[None], timed_out: type[httpx2.TimeoutException], timeout: float) -> None:
     if not waiter.done():
-        waiter.set_exception(timed_out)
+        waiter.set_exception(timed_out(f"timed out{_after(timeout)}"))
 
 
 class AsyncioStream:
@@ -211,7 +218,7 @@ class AsyncioStream:
                 )
         except TimeoutError as exc:
             self._transport.abort()
-            raise httpx2.ConnectTimeout(f"no TLS handshake within {timeout:g} s") from exc
+            raise httpx2.ConnectTimeout(str(exc) or f"no TLS handshake{_after(timeout)}") from exc
         except (OSError, EOFError) as exc:
             self._transport.abort()
             raise httpx2.ConnectError(str(exc) or type(exc).__name__) from exc
@@ -236,7 +243,7 @@ class AsyncioBackend:
             async with asyncio.timeout(timeout):
                 transport, receiver = await loop.create_connection(_Receiver, host, port)
         except TimeoutError as exc:
-            raise httpx2.ConnectTimeout(f"no connection within {timeout:g} s") from exc
+            raise httpx2.ConnectTimeout(str(exc) or f"no connection{_after(timeout)}") from exc
         except OSError as exc:
             raise httpx2.ConnectError(str(exc) or type(exc).__name__) from exc
         return AsyncioStream(transport, receiver)
@@ -277,9 +284,13 @@ class DirectTransport(httpx2.AsyncBaseTransport):
     def _context(self) -> ssl.SSLContext:
         """The TLS context, made for the first TLS connection: httpx2 imports httpcore2 to make one, 25-40 ms of
         start-up that a pull over plain HTTP has no use for (:func:`make_client` passes the context it has made
-        when it verifies)."""
+        when it verifies). A CA bundle that cannot be loaded fails the request as :class:`httpx2.ConnectError`."""
         if self._ssl_context is None:
-            context = httpx2.create_ssl_context(verify=self._verify)
+            try:
+                context = httpx2.create_ssl_context(verify=self._verify)
+            except (OSError, ssl.SSLError) as exc:
+                # Only a verifying transport can fail here; make_client hands over a context it made already.
+                raise httpx2.ConnectError(_unusable_bundle(exc)) from exc
             # Our connections speak HTTP/1.1 only; a server must not pick h2 for them.
             context.set_alpn_protocols(["http/1.1"])
             self._ssl_context = context
@@ -364,10 +375,14 @@ def _verifying_context() -> ssl.SSLContext:
     try:
         return httpx2.create_ssl_context()
     except (OSError, ssl.SSLError) as exc:
-        raise RegistryError(
-            f"cannot use the CA certificates SSL_CERT_FILE names ({os.environ.get('SSL_CERT_FILE')}): {exc}; "
-            "point SSL_CERT_FILE at a PEM bundle, or unset it"
-        ) from exc
+        raise RegistryError(_unusable_bundle(exc)) from exc
+
+
+def _unusable_bundle(exc: Exception) -> str:
+    return (
+        f"cannot use the CA certificates SSL_CERT_FILE names ({os.environ.get('SSL_CERT_FILE')}): {exc}; "
+        "point SSL_CERT_FILE at a PEM bundle, or unset it"
+    )
 
 
 class PullClient(httpx2.AsyncClient):

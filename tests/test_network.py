@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 import struct
 import subprocess
@@ -10,6 +11,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import NoReturn
 
 import httpx2
 import pytest
@@ -263,16 +265,20 @@ def test_a_command_loads_neither_cryptography_nor_pydantic_nor_rich_in_a_pipe(tm
     assert result.stderr.strip().splitlines()[-1] == "[]"
 
 
-def test_a_pull_over_plain_http_loads_no_tls_context_and_no_httpcore2(tmp_path: Path) -> None:
+def test_a_pull_with_insecure_loads_no_tls_context_and_no_httpcore2(tmp_path: Path) -> None:
     # httpcore2, with h11, anyio and truststore, was 25-33 ms of a pull's start-up, and the system's CAs another
-    # 25-40 ms: a pull over plain HTTP needs neither. httpx2 makes a TLS context through httpcore2, so with
-    # httpcore2 unloaded, no context was made either. Checked after a whole pull, helpers and all.
+    # 25-40 ms: a pull over plain HTTP that does not verify TLS needs neither. httpx2 makes a TLS context through
+    # httpcore2, so with httpcore2 unloaded, no context was made either. An audit hook sees every import, in the
+    # command and in the helper it forks (which leaves with os._exit, past any atexit hook).
     with FaultRegistry() as registry:
         model = registry.add_synthetic_model("library/demo", blobs=MIN_BLOBS + 4, blob_size=4096)
         code = (
-            "import atexit, sys\n"
+            "import os, sys\n"
             "unwanted = {'httpcore2', 'h11', 'anyio', 'truststore'}\n"
-            "atexit.register(lambda: print(sorted(unwanted & set(sys.modules)), file=sys.stderr))\n"
+            "def seen(event, args):\n"
+            "    if event == 'import' and args[0] in unwanted or event == 'os.fork':\n"
+            "        os.write(2, f'{event} {args[0] if args else \"\"}\\n'.encode())\n"
+            "sys.addaudithook(seen)\n"
             "from ollama_pull.cli import main\n"
             "sys.argv = ['ollama-pull', '--insecure', '-q', '--models-dir', sys.argv[1], sys.argv[2]]\n"
             "main()\n"
@@ -282,5 +288,35 @@ def test_a_pull_over_plain_http_loads_no_tls_context_and_no_httpcore2(tmp_path: 
             [sys.executable, "-c", code, str(tmp_path / "models"), reference], capture_output=True, text=True
         )
     assert result.returncode == 0, result.stderr
-    assert result.stderr.strip().splitlines()[-1] == "[]"
+    # A helper was forked, and nothing unwanted was imported by either process.
+    assert result.stderr.splitlines() == ["os.fork "]
     assert len(list((tmp_path / "models" / "blobs").iterdir())) == MIN_BLOBS + 4 + 1
+
+
+async def test_a_verifying_transport_whose_ca_bundle_cannot_be_loaded_fails_before_it_connects(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, connects: list[tuple[str, int]]
+) -> None:
+    # The context is made at the first TLS connection: a failure there is the transport's error, an httpx2 one,
+    # and leaves no socket behind.
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "missing.pem"))
+    async with (
+        serving(answering(b"ok")) as port,
+        httpx2.AsyncClient(transport=DirectTransport(8, verify=True)) as client,
+    ):
+        with pytest.raises(httpx2.ConnectError, match="point SSL_CERT_FILE at a PEM bundle, or unset it"):
+            await client.get(f"https://127.0.0.1:{port}/")
+    assert connects == []
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_the_kernels_connect_timeout_is_a_connect_timeout_with_its_message(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # ETIMEDOUT is a TimeoutError too, the only one there is when no connect timeout of ours is set.
+    async def timing_out(*args: object, **kwargs: object) -> NoReturn:
+        raise TimeoutError(errno.ETIMEDOUT, "Connection timed out")
+
+    monkeypatch.setattr(asyncio.get_running_loop(), "create_connection", timing_out)
+    async with httpx2.AsyncClient(transport=DirectTransport(8, verify=False)) as client:
+        with pytest.raises(httpx2.ConnectTimeout, match="Connection timed out"):
+            await client.get("http://127.0.0.1:9/", timeout=None)
