@@ -330,8 +330,9 @@ async def _read_head(stream: Stream, buffer: bytes, timeout: float | None) -> _H
     return _Head(version, int(code), reason or b"", headers, buffer[end.end() :])
 
 
-class _Body:
-    """A response body, handed over as it arrives; closing it gives the connection back or closes it."""
+class _Body(httpx2.AsyncByteStream):
+    """A response body, handed over as it arrives; closing it gives the connection back or closes it. It is
+    httpx2's stream type itself, so that the transport hands it over without a generator around it."""
 
     def __init__(
         self,
