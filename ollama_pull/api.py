@@ -12,6 +12,7 @@ import functools
 import gc
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from .events import (
     ignore_event,
 )
 from .manifest import Layer, Manifest
-from .network import make_client
+from .network import PullClient, make_client
 from .processes import Helper, HelperJob, divided, download_shared, helpers_for, start_helpers
 from .reference import ModelReference, parse_reference
 from .registry import RegistryClient
@@ -113,6 +114,16 @@ class Puller:
             stall_timeout=settings.stall_timeout,
         )
 
+    def prepare(self, references: Iterable[str | ModelReference]) -> None:
+        """Make now what pulling ``references`` needs at its first request: the TLS context, when the registry
+        of one of them, or the mirror, is reached over HTTPS. A CA bundle that cannot be loaded is then a
+        :class:`RegistryError` here, before any work, and processes forked afterwards share the context.
+        :meth:`pull` and :meth:`resolve` do it for their own reference."""
+        if isinstance(self.client, PullClient) and any(
+            self.registry.uses_tls(_reference(reference)) for reference in references
+        ):
+            self.client.prepare_tls()
+
     async def __aenter__(self) -> Puller:
         return self
 
@@ -123,6 +134,7 @@ class Puller:
     async def resolve(self, reference: str | ModelReference, *, on_event: EventCallback = ignore_event) -> Plan:
         """Fetch and validate the manifest and compare it with the store; write nothing."""
         ref = _reference(reference)
+        self.prepare([ref])
         return _compare(ref, await self._fetch_manifest(ref, on_event), self.store)
 
     async def pull(self, reference: str | ModelReference, *, on_event: EventCallback = ignore_event) -> PullResult:

@@ -319,7 +319,7 @@ def pull(
         session.finish(_prune(session, dry_run=dry_run))
     settings = _settings(concurrency, retries, stall_timeout, max_rate, processes)
     references = session.references(models, file)
-    puller = session.puller(settings, insecure=insecure, mirror=mirror, ca_cert=ca_cert)
+    puller = session.puller(settings, references, insecure=insecure, mirror=mirror, ca_cert=ca_cert)
     from .processes import forked_helpers, helpers_for
 
     # The event loop's module is loaded before the fork, so that a spare shares it instead of loading its own
@@ -564,13 +564,24 @@ class _Session:
                 references.append(reference)
         return references
 
-    def puller(self, settings: DownloadSettings, *, insecure: bool, mirror: str | None, ca_cert: Path | None) -> Puller:
+    def puller(
+        self,
+        settings: DownloadSettings,
+        references: list[ModelReference],
+        *,
+        insecure: bool,
+        mirror: str | None,
+        ca_cert: Path | None,
+    ) -> Puller:
+        """The puller for ``references``, ready for them before the spares are forked (:meth:`Puller.prepare`)."""
         from .api import Puller
 
         try:
-            return Puller(
+            puller = Puller(
                 models_dir=self.models_dir, insecure=insecure, settings=settings, mirror=mirror, ca_cert=ca_cert
             )
+            puller.prepare(references)
+            return puller
         except OllamaPullError as exc:
             self.fail(exc)
             self.finish()

@@ -9,9 +9,9 @@ without waiting at all, one received chunk at a time.
 httpx2's own transport has no parameter for the network backend, so ``DirectTransport`` does what it does
 with public API only: it owns the pool, builds the pool's request from httpx2's, and httpx2's response from the
 pool's. The pool, its connections and this backend fail with httpx2's exceptions, so nothing here imports
-httpcore2: 25-33 ms of the start-up of a pull that does not verify TLS (``--insecure``), where httpx2 itself
-loads it only to make a TLS context or a transport of its own (through a proxy). A ruff banned-api rule keeps
-it out of the package.
+httpcore2: 25-33 ms of the start-up of a pull over plain HTTP, where httpx2 itself loads it only to make a TLS
+context or a transport of its own (through a proxy); the context is made when the first TLS connection, or a
+pull that needs one at once, asks for it. A ruff banned-api rule keeps it out of the package.
 ``make_client`` builds the client a pull uses: TLS, proxies and the choice of transport.
 """
 
@@ -272,30 +272,36 @@ class DirectTransport(httpx2.AsyncBaseTransport):
     # httpx2's default: an idle connection older than this may have been dropped by the server.
     KEEPALIVE_EXPIRY = 5.0
 
-    def __init__(self, connections: int, *, verify: bool | ssl.SSLContext) -> None:
+    def __init__(self, connections: int, *, verify: bool | ssl.SSLContext, ca_cert: Path | None = None) -> None:
         self._verify = verify
+        self._ca_cert = ca_cert
         self._ssl_context: ssl.SSLContext | None = None
         self.pool = ConnectionPool(
             size=connections,
-            ssl_context=self._context,
+            ssl_context=self._connection_context,
             keepalive_expiry=self.KEEPALIVE_EXPIRY,
             backend=AsyncioBackend(),
         )
 
-    def _context(self) -> ssl.SSLContext:
-        """The TLS context, made for the first TLS connection: httpx2 imports httpcore2 to make one, 25-40 ms of
-        start-up that a pull over plain HTTP has no use for (:func:`make_client` passes the context it has made
-        when it verifies). A CA bundle that cannot be loaded fails the request as :class:`httpx2.ConnectError`."""
+    def tls_context(self) -> ssl.SSLContext:
+        """The TLS context, made the first time it is asked for: at the first TLS connection, or before it
+        (:meth:`PullClient.prepare_tls`). Making one imports httpcore2 and, to verify, loads the system's CAs:
+        35-70 ms of start-up that a pull over plain HTTP has no use for (bench/PROFILE.md). ``ca_cert`` is
+        trusted besides those. A CA bundle or certificate that cannot be loaded is a :class:`RegistryError` that
+        says which."""
         if self._ssl_context is None:
-            try:
-                context = httpx2.create_ssl_context(verify=self._verify)
-            except (OSError, ssl.SSLError) as exc:
-                # Only a verifying transport can fail here; make_client hands over a context it made already.
-                raise httpx2.ConnectError(_unusable_bundle(exc)) from exc
+            context = _tls_context(self._verify, self._ca_cert)
             # Our connections speak HTTP/1.1 only; a server must not pick h2 for them.
             context.set_alpn_protocols(["http/1.1"])
             self._ssl_context = context
         return self._ssl_context
+
+    def _connection_context(self) -> ssl.SSLContext:
+        # What the pool asks for a TLS connection; its failures are httpx2's, as every transport's are.
+        try:
+            return self.tls_context()
+        except RegistryError as exc:
+            raise httpx2.ConnectError(str(exc)) from exc
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         assert isinstance(request.stream, httpx2.AsyncByteStream)
@@ -350,16 +356,14 @@ def make_client(
     ``transport`` is the seam for tests (``httpx2.MockTransport``) and for custom networking. Proxies come from
     ``HTTP(S)_PROXY``/``ALL_PROXY``/``NO_PROXY``, through httpx2. The CAs trusted are httpx2's: the operating
     system's store (OpenSSL's on Linux, through truststore on macOS and Windows), or instead the bundle that
-    ``SSL_CERT_FILE`` (or the directory ``SSL_CERT_DIR``) names; ``ca_cert`` adds a CA to those.
+    ``SSL_CERT_FILE`` (or the directory ``SSL_CERT_DIR``) names; ``ca_cert`` adds a CA to those. Our transport
+    loads them for its first TLS connection, or when :meth:`PullClient.prepare_tls` asks.
     """
-    # Verifying, the context is made now rather than at the first TLS connection: a pull over HTTPS needs it at
-    # once, and helpers forked before their first request share it instead of loading the CAs again (25-40 ms).
-    verify: bool | ssl.SSLContext = False if insecure else _verifying_context()
-    if ca_cert is not None and isinstance(verify, ssl.SSLContext):
-        try:
-            verify.load_verify_locations(cafile=ca_cert)
-        except (OSError, ssl.SSLError) as exc:
-            raise RegistryError(f"cannot use the CA certificate {ca_cert}: {exc}") from exc
+    chosen = transport or _direct_transport(concurrency + 4, verify=not insecure, ca_cert=ca_cert)
+    verify: bool | ssl.SSLContext = not insecure
+    if chosen is None and verify:
+        # Through a proxy httpx2 builds its transports itself, and they take the context now.
+        verify = _tls_context(True, ca_cert)
     limits = httpx2.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     return PullClient(
         auth=RegistryAuth(preset=HuggingFaceToken()),
@@ -368,24 +372,27 @@ def make_client(
         headers={"User-Agent": USER_AGENT},
         timeout=httpx2.Timeout(30.0, read=read_timeout, pool=None),
         limits=limits,
-        transport=transport or _direct_transport(concurrency + 4, verify),
+        transport=chosen,
     )
 
 
-def _verifying_context() -> ssl.SSLContext:
-    """httpx2's context for verifying servers; a bundle that ``SSL_CERT_FILE`` names and OpenSSL cannot load is
-    an error that says so (the only way making it fails)."""
+def _tls_context(verify: bool | ssl.SSLContext, ca_cert: Path | None) -> ssl.SSLContext:
+    """httpx2's context for ``verify``, trusting ``ca_cert`` too when it verifies. A bundle that ``SSL_CERT_FILE``
+    names and OpenSSL cannot load (the only way making httpx2's fails), or a ``ca_cert`` it cannot, is a
+    :class:`RegistryError` that says which."""
     try:
-        return httpx2.create_ssl_context()
+        context = httpx2.create_ssl_context(verify=verify)
     except (OSError, ssl.SSLError) as exc:
-        raise RegistryError(_unusable_bundle(exc)) from exc
-
-
-def _unusable_bundle(exc: Exception) -> str:
-    return (
-        f"cannot use the CA certificates SSL_CERT_FILE names ({os.environ.get('SSL_CERT_FILE')}): {exc}; "
-        "point SSL_CERT_FILE at a PEM bundle, or unset it"
-    )
+        raise RegistryError(
+            f"cannot use the CA certificates SSL_CERT_FILE names ({os.environ.get('SSL_CERT_FILE')}): {exc}; "
+            "point SSL_CERT_FILE at a PEM bundle, or unset it"
+        ) from exc
+    if ca_cert is not None and verify is not False:
+        try:
+            context.load_verify_locations(cafile=ca_cert)
+        except (OSError, ssl.SSLError) as exc:
+            raise RegistryError(f"cannot use the CA certificate {ca_cert}: {exc}") from exc
+    return context
 
 
 class PullClient(httpx2.AsyncClient):
@@ -395,11 +402,19 @@ class PullClient(httpx2.AsyncClient):
         super().__init__(transport=transport, **options)
         self.blob_transport = transport
 
+    def prepare_tls(self) -> None:
+        """Make the TLS context of our transport now, not at its first TLS connection, for a client that will
+        connect over TLS at once: a CA bundle that cannot be loaded is then a :class:`RegistryError` here rather
+        than a failed connection, and processes forked afterwards share the context instead of loading the CAs
+        again. Through a proxy it was made with the client."""
+        if isinstance(self.blob_transport, DirectTransport):
+            self.blob_transport.tls_context()
 
-def _direct_transport(connections: int, verify: bool | ssl.SSLContext) -> httpx2.AsyncBaseTransport | None:
-    """Sharded pools for direct connections; with a proxy in the environment, None, because httpx2 applies
+
+def _direct_transport(connections: int, *, verify: bool, ca_cert: Path | None) -> DirectTransport | None:
+    """Our transport for direct connections; with a proxy in the environment, None, because httpx2 applies
     HTTP(S)_PROXY/ALL_PROXY/NO_PROXY only when it builds the transports itself."""
     proxies = urllib.request.getproxies()
     if any(proxies.get(scheme) for scheme in ("http", "https", "all")):
         return None
-    return DirectTransport(connections, verify=verify)
+    return DirectTransport(connections, verify=verify, ca_cert=ca_cert)

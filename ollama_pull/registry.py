@@ -149,10 +149,12 @@ class RegistryClient:
         """Whether the bodies of the repository's blobs can come through a drain (:mod:`ollama_pull.drain`): our
         own transport, to a registry (and mirror) over plain HTTP, such as a cache host next to the machine."""
         transport = self.client.blob_transport if isinstance(self.client, PullClient) else None
-        if not SUPPORTED or not isinstance(transport, DirectTransport):
-            return False
+        return SUPPORTED and isinstance(transport, DirectTransport) and not self.uses_tls(reference)
+
+    def uses_tls(self, reference: ModelReference) -> bool:
+        """Whether the repository's registry, or the mirror asked first, is reached over HTTPS."""
         urls = [self.repository_url(reference), self._mirror_url(reference) or ""]
-        return all(url.startswith("http://") for url in urls if url)
+        return any(url.startswith("https://") for url in urls)
 
     def _mirror_url(self, reference: ModelReference) -> str | None:
         return None if self.mirror is None or self.mirror_failure else f"{self.mirror}/v2/{reference.repository}"

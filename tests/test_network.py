@@ -78,12 +78,12 @@ async def test_a_pull_client_talks_through_the_asyncio_backend(connects: list[tu
 
 
 def test_direct_connections_go_through_one_pool_of_ours(monkeypatch: pytest.MonkeyPatch) -> None:
-    transport = _direct_transport(68, True)
+    transport = _direct_transport(68, verify=True, ca_cert=None)
     assert isinstance(transport, DirectTransport)
     assert isinstance(transport.pool, ConnectionPool)
     # With a proxy configured, httpx2 must build the transports itself to honour it and NO_PROXY.
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:1")
-    assert _direct_transport(68, True) is None
+    assert _direct_transport(68, verify=True, ca_cert=None) is None
 
 
 def test_the_transports_old_name_still_works_and_says_its_new_one() -> None:
@@ -265,11 +265,13 @@ def test_a_command_loads_neither_cryptography_nor_pydantic_nor_rich_in_a_pipe(tm
     assert result.stderr.strip().splitlines()[-1] == "[]"
 
 
-def test_a_pull_with_insecure_loads_no_tls_context_and_no_httpcore2(tmp_path: Path) -> None:
+@pytest.mark.parametrize("plain", ["--insecure", "http://"])
+def test_a_pull_over_plain_http_loads_no_tls_context_and_no_httpcore2(tmp_path: Path, plain: str) -> None:
     # httpcore2, with h11, anyio and truststore, was 25-33 ms of a pull's start-up, and the system's CAs another
-    # 25-40 ms: a pull over plain HTTP that does not verify TLS needs neither. httpx2 makes a TLS context through
-    # httpcore2, so with httpcore2 unloaded, no context was made either. An audit hook sees every import, in the
-    # command and in the helper it forks (which leaves with os._exit, past any atexit hook).
+    # 25-40 ms: a pull over plain HTTP needs neither, whether --insecure or an http:// reference (which verifies
+    # any TLS it is redirected to) says so. httpx2 makes a TLS context through httpcore2, so with httpcore2
+    # unloaded, no context was made either. An audit hook sees every import, in the command and in the helper
+    # it forks (which leaves with os._exit, past any atexit hook).
     with FaultRegistry() as registry:
         model = registry.add_synthetic_model("library/demo", blobs=MIN_BLOBS + 4, blob_size=4096)
         code = (
@@ -280,12 +282,13 @@ def test_a_pull_with_insecure_loads_no_tls_context_and_no_httpcore2(tmp_path: Pa
             "        os.write(2, f'{event} {args[0] if args else \"\"}\\n'.encode())\n"
             "sys.addaudithook(seen)\n"
             "from ollama_pull.cli import main\n"
-            "sys.argv = ['ollama-pull', '--insecure', '-q', '--models-dir', sys.argv[1], sys.argv[2]]\n"
+            "sys.argv = ['ollama-pull', *sys.argv[3:], '-q', '--models-dir', sys.argv[1], sys.argv[2]]\n"
             "main()\n"
         )
-        reference = f"{registry.host}/{model.name}:{model.tag}"
+        name = f"{registry.host}/{model.name}:{model.tag}"
+        arguments = [name, "--insecure"] if plain == "--insecure" else [f"http://{name}"]
         result = subprocess.run(
-            [sys.executable, "-c", code, str(tmp_path / "models"), reference], capture_output=True, text=True
+            [sys.executable, "-c", code, str(tmp_path / "models"), *arguments], capture_output=True, text=True
         )
     assert result.returncode == 0, result.stderr
     # A helper was forked, and nothing unwanted was imported by either process.

@@ -316,3 +316,21 @@ async def test_an_upload_body_cancelled_while_its_thread_reads_closes_the_reader
     await cancel_while_in_thread(reading, go_on, body.__anext__())
     await body.aclose()
     assert closed.wait(5)
+
+
+async def test_a_ca_cert_that_cannot_be_loaded_fails_a_push_over_https_before_it_asks_anything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    models = stocked(tmp_path, make_model(1000))
+    bad = tmp_path / "ca.pem"
+    bad.write_text("not a certificate\n")
+    connects: list[object] = []
+
+    async def connecting(*args: object, **kwargs: object) -> None:
+        connects.append(args)
+        raise OSError("no connection in this test")
+
+    monkeypatch.setattr(asyncio.get_running_loop(), "create_connection", connecting)
+    with pytest.raises(RegistryError, match=f"^cannot use the CA certificate {bad}: "):
+        await push(SOURCE, "dest.test/team/copy:v1", models_dir=models, ca_cert=bad, settings=FAST, sleep=no_sleep)
+    assert connects == []

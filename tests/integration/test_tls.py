@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from ollama_pull import Puller
 from ollama_pull import pull as api_pull
 from ollama_pull.drain import DRAIN, DRAIN_MIN
 from ollama_pull.network import DirectTransport, PullClient, make_client
@@ -152,12 +153,38 @@ def test_a_bundle_that_ssl_cert_file_names_and_that_cannot_be_loaded_is_a_one_li
     assert not models.exists()
 
 
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_a_ca_cert_that_cannot_be_loaded_is_a_one_line_error_before_any_request(
+    https_registry: tuple[FaultRegistry, Path], models: Path, tmp_path: Path, dry_run: bool
+) -> None:
+    registry, _ = https_registry
+    model = registry.add_synthetic_model("library/demo", blobs=2, blob_size=4096)
+    path = tmp_path / "ca.pem"
+    path.write_text("not a certificate\n")
+    requests = len(registry.requests)
+    run = pull(models, *(["--dry-run"] if dry_run else []), "--ca-cert", str(path), reference(registry, model))
+    assert run.returncode == 1
+    [line] = run.stderr.strip().splitlines()
+    assert line.startswith(f"error: cannot use the CA certificate {path}: ")
+    assert len(registry.requests) == requests
+    assert not models.exists()
+
+
+def test_a_pull_over_plain_http_never_loads_the_bundle_ssl_cert_file_names(models: Path, tmp_path: Path) -> None:
+    # The context is made only for TLS, so a bundle that cannot be loaded fails only what needs it.
+    with FaultRegistry() as plain:
+        model = plain.add_synthetic_model("library/demo", blobs=2, blob_size=4096)
+        run = pull(models, f"http://{reference(plain, model)}", SSL_CERT_FILE=str(tmp_path / "missing.pem"))
+        assert run.returncode == 0, run.stderr
+        assert_store_holds(models, plain, model)
+
+
 @pytest.mark.anyio
-async def test_without_verifying_the_tls_context_is_made_for_the_first_tls_connection(
-    https_registry: tuple[FaultRegistry, Path], monkeypatch: pytest.MonkeyPatch
+async def test_the_tls_context_is_made_for_the_first_tls_connection_or_when_a_pull_needs_it(
+    https_registry: tuple[FaultRegistry, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     # Making one loads httpcore2 (and, to verify, the system's CAs): a pull over plain HTTP never needs one.
-    registry, _ = https_registry
+    registry, ca_path = https_registry
     made: list[ssl.SSLContext] = []
     create = httpx2.create_ssl_context
 
@@ -167,20 +194,34 @@ async def test_without_verifying_the_tls_context_is_made_for_the_first_tls_conne
 
     monkeypatch.setattr(httpx2, "create_ssl_context", counting)
     with FaultRegistry() as plain:
-        async with make_client(insecure=True) as client:
-            assert (await client.get(f"{plain.url}/v2/")).status_code == 200
+        for insecure in (True, False):
+            made.clear()
+            async with make_client(insecure=insecure, ca_cert=ca_path) as client:
+                assert (await client.get(f"{plain.url}/v2/")).status_code == 200
+                assert made == []
+                # Two requests at once, on two connections: one context.
+                responses = await asyncio.gather(*(client.get(f"{registry.url}/v2/") for _ in range(2)))
+                assert [response.status_code for response in responses] == [200, 200]
+                assert isinstance(client, PullClient)
+                assert isinstance(client.blob_transport, DirectTransport)
+                assert len(client.blob_transport.pool.connections) == 3
+                assert len(made) == 1
+        # A puller makes it before its first request to a registry over HTTPS (and the CLI before it forks its
+        # spares, which then share it), not for one over plain HTTP.
+        plain_model = plain.add_synthetic_model("library/demo", blobs=1, blob_size=64)
+        secure_model = registry.add_synthetic_model("library/demo", blobs=1, blob_size=64)
+        made.clear()
+        async with Puller(models_dir=tmp_path / "models", ca_cert=ca_path) as puller:
+            puller.prepare([f"http://{reference(plain, plain_model)}"])
+            await puller.resolve(f"http://{reference(plain, plain_model)}")
             assert made == []
-            # Two requests at once, on two connections: one context.
-            responses = await asyncio.gather(*(client.get(f"{registry.url}/v2/") for _ in range(2)))
-            assert [response.status_code for response in responses] == [200, 200]
-            assert isinstance(client, PullClient)
-            assert isinstance(client.blob_transport, DirectTransport)
-            assert len(client.blob_transport.pool.connections) == 3
+            puller.prepare([f"http://{reference(plain, plain_model)}", reference(registry, secure_model)])
             assert len(made) == 1
-    # Verifying, it is made with the client, before any request: a pull over HTTPS needs it at once, and helpers
-    # forked before their first request share it.
-    async with make_client():
-        assert len(made) == 2
+            await puller.resolve(reference(registry, secure_model))
+            assert len(made) == 1
+        async with Puller(models_dir=tmp_path / "models", ca_cert=ca_path) as puller:
+            await puller.resolve(reference(registry, secure_model))
+            assert len(made) == 2
 
 
 @pytest.mark.anyio
