@@ -30,7 +30,7 @@ from .events import (
     ignore_event,
 )
 from .manifest import Layer, Manifest
-from .network import PullClient, make_client
+from .network import make_client
 from .processes import Helper, HelperJob, divided, download_shared, helpers_for, start_helpers
 from .reference import ModelReference, parse_reference
 from .registry import RegistryClient
@@ -117,12 +117,9 @@ class Puller:
     def prepare(self, references: Iterable[str | ModelReference]) -> None:
         """Make now what pulling ``references`` needs at its first request: the TLS context, when the registry
         of one of them, or the mirror, is reached over HTTPS. A CA bundle that cannot be loaded is then a
-        :class:`RegistryError` here, before any work, and processes forked afterwards share the context.
-        :meth:`pull` and :meth:`resolve` do it for their own reference."""
-        if isinstance(self.client, PullClient) and any(
-            self.registry.uses_tls(_reference(reference)) for reference in references
-        ):
-            self.client.prepare_tls()
+        :class:`RegistryError` here, before any work, and processes forked afterwards have httpcore2 loaded
+        already (each makes its own context). :meth:`pull` and :meth:`resolve` do it for their own reference."""
+        self.registry.prepare_tls([_reference(reference) for reference in references])
 
     async def __aenter__(self) -> Puller:
         return self

@@ -573,7 +573,8 @@ class _Session:
         mirror: str | None,
         ca_cert: Path | None,
     ) -> Puller:
-        """The puller for ``references``, ready for them before the spares are forked (:meth:`Puller.prepare`)."""
+        """The puller for ``references``, with what they need at once made before the spares are forked
+        (:meth:`Puller.prepare`)."""
         from .api import Puller
 
         try:

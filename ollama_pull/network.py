@@ -278,7 +278,7 @@ class DirectTransport(httpx2.AsyncBaseTransport):
         self._ssl_context: ssl.SSLContext | None = None
         self.pool = ConnectionPool(
             size=connections,
-            ssl_context=self._connection_context,
+            ssl_context=self.tls_context,
             keepalive_expiry=self.KEEPALIVE_EXPIRY,
             backend=AsyncioBackend(),
         )
@@ -288,20 +288,14 @@ class DirectTransport(httpx2.AsyncBaseTransport):
         (:meth:`PullClient.prepare_tls`). Making one imports httpcore2 and, to verify, loads the system's CAs:
         35-70 ms of start-up that a pull over plain HTTP has no use for (bench/PROFILE.md). ``ca_cert`` is
         trusted besides those. A CA bundle or certificate that cannot be loaded is a :class:`RegistryError` that
-        says which."""
+        says which, raised before any connection; for a request that needed the context too, and not as an
+        httpx2 error, which a pull would retry: no retry can get past it."""
         if self._ssl_context is None:
             context = _tls_context(self._verify, self._ca_cert)
             # Our connections speak HTTP/1.1 only; a server must not pick h2 for them.
             context.set_alpn_protocols(["http/1.1"])
             self._ssl_context = context
         return self._ssl_context
-
-    def _connection_context(self) -> ssl.SSLContext:
-        # What the pool asks for a TLS connection; its failures are httpx2's, as every transport's are.
-        try:
-            return self.tls_context()
-        except RegistryError as exc:
-            raise httpx2.ConnectError(str(exc)) from exc
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         assert isinstance(request.stream, httpx2.AsyncByteStream)
@@ -404,9 +398,9 @@ class PullClient(httpx2.AsyncClient):
 
     def prepare_tls(self) -> None:
         """Make the TLS context of our transport now, not at its first TLS connection, for a client that will
-        connect over TLS at once: a CA bundle that cannot be loaded is then a :class:`RegistryError` here rather
-        than a failed connection, and processes forked afterwards share the context instead of loading the CAs
-        again. Through a proxy it was made with the client."""
+        connect over TLS at once: a CA bundle that cannot be loaded is then a :class:`RegistryError` before the
+        first request, and processes forked afterwards have httpcore2 loaded already (each makes its own
+        context). Through a proxy it was made with the client."""
         if isinstance(self.blob_transport, DirectTransport):
             self.blob_transport.tls_context()
 

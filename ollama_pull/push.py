@@ -44,7 +44,7 @@ from .events import (
     ignore_event,
 )
 from .manifest import Layer, Manifest
-from .network import PullClient, make_client
+from .network import make_client
 from .reference import ModelReference, parse_reference
 from .registry import RegistryClient, auth_hint
 from .retry import RETRYABLE_STATUS, Backoff, describe_transport_error, retry_after
@@ -189,9 +189,8 @@ class _Pusher:
         self.target = target
         registry = RegistryClient(http, insecure=insecure)
         self.base = registry.repository_url(target)
-        if isinstance(http, PullClient) and registry.uses_tls(target):
-            # A CA bundle that cannot be loaded is an error now, not a failed connection later.
-            http.prepare_tls()
+        # A CA bundle that cannot be loaded is an error now, before the first request.
+        registry.prepare_tls([target])
         self.settings = settings
         self.on_event = on_event
         self._sleep = sleep

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, TypeVar
 
@@ -152,9 +152,16 @@ class RegistryClient:
         return SUPPORTED and isinstance(transport, DirectTransport) and not self.uses_tls(reference)
 
     def uses_tls(self, reference: ModelReference) -> bool:
-        """Whether the repository's registry, or the mirror asked first, is reached over HTTPS."""
+        """Whether the repository's registry, or the mirror asked first, is reached over anything but plain
+        HTTP."""
         urls = [self.repository_url(reference), self._mirror_url(reference) or ""]
-        return any(url.startswith("https://") for url in urls)
+        return any(url and not url.startswith("http://") for url in urls)
+
+    def prepare_tls(self, references: Iterable[ModelReference]) -> None:
+        """Make the client's TLS context now when one of ``references`` is reached over TLS
+        (:meth:`PullClient.prepare_tls`), rather than at its first TLS connection."""
+        if isinstance(self.client, PullClient) and any(self.uses_tls(reference) for reference in references):
+            self.client.prepare_tls()
 
     def _mirror_url(self, reference: ModelReference) -> str | None:
         return None if self.mirror is None or self.mirror_failure else f"{self.mirror}/v2/{reference.repository}"

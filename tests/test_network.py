@@ -17,6 +17,7 @@ import httpx2
 import pytest
 
 from ollama_pull import network
+from ollama_pull.errors import RegistryError
 from ollama_pull.network import AsyncioBackend, AsyncioStream, DirectTransport, _direct_transport, make_client
 from ollama_pull.pool import ConnectionPool
 from ollama_pull.processes import MIN_BLOBS
@@ -299,16 +300,20 @@ def test_a_pull_over_plain_http_loads_no_tls_context_and_no_httpcore2(tmp_path: 
 async def test_a_verifying_transport_whose_ca_bundle_cannot_be_loaded_fails_before_it_connects(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, connects: list[tuple[str, int]]
 ) -> None:
-    # The context is made at the first TLS connection: a failure there is the transport's error, an httpx2 one,
-    # and leaves no socket behind.
+    # The context is made at the first TLS connection: a failure there is ours, not an httpx2 error that a pull
+    # would retry (no retry can get past it), and it leaves no socket behind.
     monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "missing.pem"))
     async with (
         serving(answering(b"ok")) as port,
         httpx2.AsyncClient(transport=DirectTransport(8, verify=True)) as client,
     ):
-        with pytest.raises(httpx2.ConnectError, match="point SSL_CERT_FILE at a PEM bundle, or unset it"):
-            await client.get(f"https://127.0.0.1:{port}/")
-    assert connects == []
+        # More than the pool holds.
+        for _ in range(9):
+            with pytest.raises(RegistryError, match="point SSL_CERT_FILE at a PEM bundle, or unset it"):
+                await client.get(f"https://127.0.0.1:{port}/")
+        # The pool is not left holding the place of a connection that never was.
+        assert (await client.get(f"http://127.0.0.1:{port}/")).status_code == 200
+    assert connects == [("127.0.0.1", port)]
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])

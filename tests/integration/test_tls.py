@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime
+import http.server
 import ipaddress
 import os
 import platform
 import ssl
 import subprocess
+import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +29,7 @@ from ollama_pull import Puller
 from ollama_pull import pull as api_pull
 from ollama_pull.drain import DRAIN, DRAIN_MIN
 from ollama_pull.network import DirectTransport, PullClient, make_client
+from ollama_pull.processes import MIN_BLOBS
 from ollama_pull.store import Store
 from tests.fakes import FAST
 from tests.fault_registry import FaultRegistry
@@ -177,6 +182,66 @@ def test_a_pull_over_plain_http_never_loads_the_bundle_ssl_cert_file_names(model
         run = pull(models, f"http://{reference(plain, model)}", SSL_CERT_FILE=str(tmp_path / "missing.pem"))
         assert run.returncode == 0, run.stderr
         assert_store_holds(models, plain, model)
+
+
+@contextlib.contextmanager
+def redirecting(target: FaultRegistry, ca_path: Path, *, manifests: bool) -> Iterator[str]:
+    """A registry over plain HTTP that sends every request on to ``target`` (with a 307), or every request but a
+    manifest's, which it fetches from ``target`` itself; yields its host:port."""
+    trusted = ssl.create_default_context(cafile=str(ca_path))
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if not manifests and "/manifests/" in self.path:
+                asked = urllib.request.Request(target.url + self.path, headers={"Accept": self.headers["Accept"]})
+                with urllib.request.urlopen(asked, context=trusted) as answer:
+                    body, kind = answer.read(), answer.headers["Content-Type"]
+                headers = [("Content-Type", kind), ("Content-Length", str(len(body)))]
+                self.send_response(200)
+            else:
+                body, headers = b"", [("Location", target.url + self.path), ("Content-Length", "0")]
+                self.send_response(307)
+            for name, value in headers:
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    class Server(http.server.ThreadingHTTPServer):
+        def handle_error(self, request: object, client_address: object) -> None:
+            # A client that went away mid-answer is no news here.
+            pass
+
+    server = Server(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.mark.parametrize("manifests", [True, False])
+def test_a_plain_http_registry_that_sends_the_pull_to_tls_with_an_unusable_bundle_is_one_line_and_no_retry(
+    https_registry: tuple[FaultRegistry, Path], models: Path, tmp_path: Path, manifests: bool
+) -> None:
+    # The context is made at that first TLS connection; no retry can get past a bundle that cannot be loaded.
+    registry, ca_path = https_registry
+    model = registry.add_synthetic_model("library/demo", blobs=MIN_BLOBS, blob_size=4096)
+    path = tmp_path / "missing.pem"
+    with redirecting(registry, ca_path, manifests=manifests) as host:
+        run = pull(models, f"http://{host}/{model.name}:{model.tag}", SSL_CERT_FILE=str(path))
+    assert run.returncode == 1
+    lines = run.stderr.strip().splitlines()
+    assert [line for line in lines if "retry" in line] == []
+    [error] = [line for line in lines if line.startswith("error: ")]
+    assert f"cannot use the CA certificates SSL_CERT_FILE names ({path}): " in error
+    assert error.endswith("point SSL_CERT_FILE at a PEM bundle, or unset it")
+    assert not (models / "manifests").exists()
 
 
 @pytest.mark.anyio
