@@ -66,44 +66,28 @@ class URL:
         return Origin(self.scheme, self.host, self.port or (443 if self.scheme == b"https" else 80))
 
 
+@dataclass(slots=True, eq=False)
 class Request:
     """A request as the pool and its connections take it: httpx2's, in bytes, with httpx2's extensions (the
     timeouts, ``sni_hostname``). It has the attributes of httpcore's request, so that respx's httpcore mocker
-    can stand in for the pool in tests."""
+    can stand in for the pool in tests. Like a response, it is compared and hashed as itself, as any request
+    object is."""
 
-    __slots__ = ("extensions", "headers", "method", "stream", "url")
-
-    def __init__(
-        self,
-        method: bytes,
-        url: URL,
-        headers: list[tuple[bytes, bytes]],
-        stream: AsyncIterable[bytes],
-        extensions: dict[str, Any],
-    ) -> None:
-        self.method = method
-        self.url = url
-        self.headers = headers
-        self.stream = stream
-        self.extensions = extensions
+    method: bytes
+    url: URL
+    headers: list[tuple[bytes, bytes]]
+    stream: AsyncIterable[bytes]
+    extensions: dict[str, Any]
 
 
+@dataclass(slots=True, eq=False)
 class Response:
     """A response's status and headers, and its body (``stream``), which is read as it arrives."""
 
-    __slots__ = ("extensions", "headers", "status", "stream")
-
-    def __init__(
-        self,
-        status: int,
-        headers: list[tuple[bytes, bytes]],
-        stream: AsyncIterable[bytes],
-        extensions: dict[str, Any],
-    ) -> None:
-        self.status = status
-        self.headers = headers
-        self.stream = stream
-        self.extensions = extensions
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    stream: AsyncIterable[bytes]
+    extensions: dict[str, Any]
 
 
 class Stream(Protocol):

@@ -285,11 +285,11 @@ class DirectTransport(httpx2.AsyncBaseTransport):
 
     def tls_context(self) -> ssl.SSLContext:
         """The TLS context, made the first time it is asked for: at the first TLS connection, or before it
-        (:meth:`PullClient.prepare_tls`). Making one imports httpcore2 and, to verify, loads the system's CAs:
-        35-70 ms of start-up that a pull over plain HTTP has no use for (bench/PROFILE.md). ``ca_cert`` is
-        trusted besides those. A CA bundle or certificate that cannot be loaded is a :class:`RegistryError` that
-        says which, raised before any connection; for a request that needed the context too, and not as an
-        httpx2 error, which a pull would retry: no retry can get past it."""
+        (:meth:`ollama_pull.registry.RegistryClient.prepare_tls`). Making one imports httpcore2 and, to verify,
+        loads the system's CAs: 35-70 ms of start-up that a pull over plain HTTP has no use for
+        (bench/PROFILE.md). ``ca_cert`` is trusted besides those. A CA bundle or certificate that cannot be
+        loaded is a :class:`RegistryError` that says which, before any connection is opened, and not an httpx2
+        error: a pull would retry that, and no retry can get past it."""
         if self._ssl_context is None:
             context = _tls_context(self._verify, self._ca_cert)
             # Our connections speak HTTP/1.1 only; a server must not pick h2 for them.
@@ -351,13 +351,11 @@ def make_client(
     ``HTTP(S)_PROXY``/``ALL_PROXY``/``NO_PROXY``, through httpx2. The CAs trusted are httpx2's: the operating
     system's store (OpenSSL's on Linux, through truststore on macOS and Windows), or instead the bundle that
     ``SSL_CERT_FILE`` (or the directory ``SSL_CERT_DIR``) names; ``ca_cert`` adds a CA to those. Our transport
-    loads them for its first TLS connection, or when :meth:`PullClient.prepare_tls` asks.
+    loads them for its first TLS connection, or when :meth:`DirectTransport.tls_context` is asked first.
     """
     chosen = transport or _direct_transport(concurrency + 4, verify=not insecure, ca_cert=ca_cert)
-    verify: bool | ssl.SSLContext = not insecure
-    if chosen is None and verify:
-        # Through a proxy httpx2 builds its transports itself, and they take the context now.
-        verify = _tls_context(True, ca_cert)
+    # Through a proxy httpx2 builds its transports itself, and they take the context now.
+    verify = _tls_context(True, ca_cert) if chosen is None and not insecure else not insecure
     limits = httpx2.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     return PullClient(
         auth=RegistryAuth(preset=HuggingFaceToken()),
@@ -395,14 +393,6 @@ class PullClient(httpx2.AsyncClient):
     def __init__(self, *, transport: httpx2.AsyncBaseTransport | None, **options: Any) -> None:
         super().__init__(transport=transport, **options)
         self.blob_transport = transport
-
-    def prepare_tls(self) -> None:
-        """Make the TLS context of our transport now, not at its first TLS connection, for a client that will
-        connect over TLS at once: a CA bundle that cannot be loaded is then a :class:`RegistryError` before the
-        first request, and processes forked afterwards have httpcore2 loaded already (each makes its own
-        context). Through a proxy it was made with the client."""
-        if isinstance(self.blob_transport, DirectTransport):
-            self.blob_transport.tls_context()
 
 
 def _direct_transport(connections: int, *, verify: bool, ca_cert: Path | None) -> DirectTransport | None:

@@ -130,6 +130,8 @@ class RegistryClient:
         transport = client.blob_transport if isinstance(client, PullClient) else None
         auth = client.auth
         self._blob_gets = BlobGets(client, transport, auth) if transport and isinstance(auth, RegistryAuth) else None
+        # Our own transport, when the client has it: what drains bodies and makes its TLS context when asked.
+        self._direct = transport if isinstance(transport, DirectTransport) else None
 
     def repository_url(self, reference: ModelReference) -> str:
         return f"{reference.scheme or self.scheme}://{reference.host}/v2/{reference.repository}"
@@ -148,8 +150,7 @@ class RegistryClient:
     def drains_blobs(self, reference: ModelReference) -> bool:
         """Whether the bodies of the repository's blobs can come through a drain (:mod:`ollama_pull.drain`): our
         own transport, to a registry (and mirror) over plain HTTP, such as a cache host next to the machine."""
-        transport = self.client.blob_transport if isinstance(self.client, PullClient) else None
-        return SUPPORTED and isinstance(transport, DirectTransport) and not self.uses_tls(reference)
+        return SUPPORTED and self._direct is not None and not self.uses_tls(reference)
 
     def uses_tls(self, reference: ModelReference) -> bool:
         """Whether the repository's registry, or the mirror asked first, is reached over anything but plain
@@ -158,10 +159,12 @@ class RegistryClient:
         return any(url and not url.startswith("http://") for url in urls)
 
     def prepare_tls(self, references: Iterable[ModelReference]) -> None:
-        """Make the client's TLS context now when one of ``references`` is reached over TLS
-        (:meth:`PullClient.prepare_tls`), rather than at its first TLS connection."""
-        if isinstance(self.client, PullClient) and any(self.uses_tls(reference) for reference in references):
-            self.client.prepare_tls()
+        """Make the TLS context of our transport now, not at its first TLS connection, when one of
+        ``references`` is reached over TLS at once: a CA bundle that cannot be loaded is then a
+        :class:`RegistryError` before the first request, and processes forked afterwards have httpcore2 loaded
+        already (each makes its own context). Through a proxy it was made with the client."""
+        if self._direct is not None and any(self.uses_tls(reference) for reference in references):
+            self._direct.tls_context()
 
     def _mirror_url(self, reference: ModelReference) -> str | None:
         return None if self.mirror is None or self.mirror_failure else f"{self.mirror}/v2/{reference.repository}"
